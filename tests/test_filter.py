@@ -1,0 +1,183 @@
+"""vsstreamdiffvsr.upscale through the Python API (in-process VapourSynth core)."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import vapoursynth as vs
+
+import vsstreamdiffvsr
+from vsstreamdiffvsr import filter as vsfilter
+
+from .vsclips import expected_run, make_source
+
+core = vs.core
+
+
+def out_tensor(clip: vs.VideoNode, n: int) -> torch.Tensor:
+    f = clip.get_frame(n)
+    return torch.stack([torch.from_numpy(np.array(f[p], dtype=np.float32)) for p in range(3)])[None]
+
+
+def assert_close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-6) -> None:
+    assert a.shape == b.shape
+    err = float((a - b).abs().max())
+    assert err <= tol, err
+
+
+def test_in_order_equals_pipeline_and_odd_size_is_exact(tiny_ckpt: Path, pipe) -> None:
+    src = make_source(34, 33, 5)  # not multiples of 4: padded inside, cropped back
+    out = vsstreamdiffvsr.upscale(src, model_dir=tiny_ckpt, device="cpu")
+    assert (out.width, out.height, out.num_frames, out.format.id) == (136, 132, 5, vs.RGBS)
+    expected = expected_run(pipe, src, range(5))
+    for n in range(5):
+        assert_close(out_tensor(out, n), expected[n])
+
+
+def test_out_of_order_requests_are_caught_up_exactly(tiny_ckpt: Path, pipe) -> None:
+    src = make_source(32, 32, 8)
+    out = vsstreamdiffvsr.upscale(src, model_dir=tiny_ckpt, device="cpu", max_gap=8)
+    expected = expected_run(pipe, src, range(8))
+    order = list(range(8))
+    random.Random(1).shuffle(order)
+    got = {n: out_tensor(out, n) for n in order}
+    for n in range(8):
+        assert_close(got[n], expected[n])
+
+
+def test_seeks_cold_start_and_warmup(tiny_ckpt: Path, pipe) -> None:
+    src = make_source(32, 32, 40)
+    out = vsstreamdiffvsr.upscale(src, model_dir=tiny_ckpt, device="cpu", max_gap=4)
+    run0 = expected_run(pipe, src, range(4))
+    for n in (2, 0, 1, 3):
+        assert_close(out_tensor(out, n), run0[n])
+    # 30 is more than max_gap ahead: cold start at 30, then a new run from there
+    run30 = expected_run(pipe, src, range(30, 33))
+    assert_close(out_tensor(out, 30), run30[0])
+    assert_close(out_tensor(out, 32), run30[2])
+    assert_close(out_tensor(out, 31), run30[1])
+    # backward jump: cold start at 10
+    run10 = expected_run(pipe, src, range(10, 12))
+    assert_close(out_tensor(out, 10), run10[0])
+    assert_close(out_tensor(out, 11), run10[1])
+    # the cold start differs from the uninterrupted run (the seek is visible, by design)
+    full = expected_run(pipe, src, range(0, 11))
+    assert float((full[10] - run10[0]).abs().max()) > 1e-3
+
+    warm = vsstreamdiffvsr.upscale(src, model_dir=tiny_ckpt, device="cpu", max_gap=2, warmup=3)
+    warm.get_frame(0)
+    run = expected_run(pipe, src, range(17, 21))
+    assert_close(out_tensor(warm, 20), run[3])
+
+
+def test_scene_change_starts_a_new_run(tiny_ckpt: Path, pipe) -> None:
+    src = make_source(32, 32, 6, cuts={3})
+    out = vsstreamdiffvsr.upscale(src, model_dir=tiny_ckpt, device="cpu")
+    before, after = expected_run(pipe, src, range(0, 3)), expected_run(pipe, src, range(3, 6))
+    got = [out_tensor(out, n) for n in range(6)]
+    for n in range(3):
+        assert_close(got[n], before[n])
+    for n in range(3, 6):
+        assert_close(got[n], after[n - 3])
+    no_reset = vsstreamdiffvsr.upscale(src, model_dir=tiny_ckpt, device="cpu", reset_on_scene_change=False)
+    assert_close(out_tensor(no_reset, 4), expected_run(pipe, src, range(0, 5))[4])
+
+
+def test_each_frame_carries_its_own_props(tiny_ckpt: Path) -> None:
+    src = make_source(32, 32, 8, cuts={2})
+    src = core.std.SetFrameProp(src, prop="Custom", data="x")
+    out = vsstreamdiffvsr.upscale(src, model_dir=tiny_ckpt, device="cpu")
+    for n in (6, 1, 3, 0, 7, 2):  # 6 first: frames 0..5 are produced early, by frame 6's request
+        props = out.get_frame(n).props
+        assert props["SrcIndex"] == n
+        assert props["_SceneChangePrev"] == int(n == 2)
+        assert props["Custom"] == b"x" or props["Custom"] == "x"
+
+
+def test_rgbh_in_rgbh_out(tiny_ckpt: Path, pipe) -> None:
+    src = make_source(32, 36, 3, fmt=vs.RGBH)
+    out = vsstreamdiffvsr.upscale(src, model_dir=tiny_ckpt, device="cpu")
+    assert out.format.id == vs.RGBH and (out.width, out.height) == (128, 144)
+    expected = expected_run(pipe, src, range(3))
+    for n in range(3):
+        assert_close(out_tensor(out, n), expected[n], tol=1e-3)  # float16 output rounding
+
+
+def test_one_model_load_shared_by_calls(tiny_ckpt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    loads = []
+    real = vsstreamdiffvsr.StreamDiffVSR.from_pretrained.__func__
+
+    def counting(cls, *a, **k):
+        loads.append(1)
+        return real(cls, *a, **k)
+
+    monkeypatch.setattr(vsfilter, "_PIPES", {})
+    monkeypatch.setattr(vsstreamdiffvsr.StreamDiffVSR, "from_pretrained", classmethod(counting))
+    a = vsstreamdiffvsr.upscale(make_source(32, 32, 2), model_dir=tiny_ckpt, device="cpu")
+    b = vsstreamdiffvsr.upscale(make_source(40, 32, 2), model_dir=tiny_ckpt, device="cpu", seed=3)
+    a.get_frame(1), b.get_frame(1)
+    assert len(loads) == 1
+
+
+def test_seed_changes_the_noise(tiny_ckpt: Path) -> None:
+    src = make_source(32, 32, 1)
+    a = out_tensor(vsstreamdiffvsr.upscale(src, model_dir=tiny_ckpt, device="cpu", seed=0), 0)
+    b = out_tensor(vsstreamdiffvsr.upscale(src, model_dir=tiny_ckpt, device="cpu", seed=1), 0)
+    c = out_tensor(vsstreamdiffvsr.upscale(src, model_dir=tiny_ckpt, device="cpu", seed=0), 0)
+    assert torch.equal(a, c) and not torch.equal(a, b)
+
+
+def test_nothing_reaches_stdout(tiny_ckpt: Path, capfd: pytest.CaptureFixture[str], monkeypatch) -> None:
+    monkeypatch.setattr(vsfilter, "_PIPES", {})  # include the model load
+    out = vsstreamdiffvsr.upscale(make_source(32, 32, 3), model_dir=tiny_ckpt, device="cpu")
+    for n in (2, 0, 1):
+        out.get_frame(n)
+    captured = capfd.readouterr()
+    assert captured.out == ""
+
+
+@pytest.mark.parametrize(
+    ("make", "kwargs", "needles"),
+    [
+        (lambda: core.std.BlankClip(format=vs.YUV420P8, width=64, height=64), {},
+         ["RGBS", "core.resize.Bicubic(clip, format=vs.RGBS, matrix_in_s=\"709\")", "_Matrix"]),
+        (lambda: core.std.BlankClip(format=vs.RGB24, width=64, height=64), {}, ["RGB24", "RGBS"]),
+        (lambda: core.std.BlankClip(format=vs.GRAYS, width=64, height=64), {}, ["GrayS", "RGB"]),
+        (lambda: core.std.Splice([core.std.BlankClip(format=vs.RGBS, width=64, height=64, length=1),
+                                  core.std.BlankClip(format=vs.RGBH, width=64, height=64, length=1)], mismatch=True),
+         {}, ["constant format"]),
+        (lambda: core.std.Splice([core.std.BlankClip(format=vs.RGBS, width=64, height=64, length=1),
+                                  core.std.BlankClip(format=vs.RGBS, width=48, height=64, length=1)], mismatch=True),
+         {}, ["constant frame size"]),
+        (lambda: core.std.BlankClip(format=vs.RGBS, width=31, height=64), {}, ["at least 32x32", "31x64"]),
+        (lambda: core.std.BlankClip(format=vs.RGBS, width=64, height=20), {}, ["at least 32x32"]),
+        (lambda: "not a clip", {}, ["vs.VideoNode"]),
+        (lambda: core.std.BlankClip(format=vs.RGBS, width=64, height=64), {"max_gap": 0}, ["max_gap"]),
+        (lambda: core.std.BlankClip(format=vs.RGBS, width=64, height=64), {"warmup": -1}, ["warmup"]),
+        (lambda: core.std.BlankClip(format=vs.RGBS, width=64, height=64), {"seed": 1.5}, ["seed"]),
+        (lambda: core.std.BlankClip(format=vs.RGBS, width=64, height=64), {"device": "cuda"}, ["CUDA"]),
+        (lambda: core.std.BlankClip(format=vs.RGBS, width=64, height=64), {"device": "cpu", "dtype": "int8"},
+         ["dtype"]),
+    ],
+)
+def test_bad_input_gets_a_clear_error(make, kwargs, needles, tiny_ckpt: Path) -> None:
+    with pytest.raises(vs.Error) as info:
+        vsstreamdiffvsr.upscale(make(), **{"model_dir": tiny_ckpt, "device": "cpu", **kwargs})
+    msg = str(info.value)
+    assert msg.startswith("upscale: ")
+    for needle in needles:
+        assert needle in msg, msg
+    assert "Traceback" not in msg
+
+
+def test_missing_weights_error_names_the_file_and_fix(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(vsfilter, "_PIPES", {})
+    clip = core.std.BlankClip(format=vs.RGBS, width=64, height=64)
+    with pytest.raises(vs.Error) as info:
+        vsstreamdiffvsr.upscale(clip, model_dir=tmp_path / "nowhere", device="cpu")
+    assert "nowhere" in str(info.value) and "python -m vsstreamdiffvsr download" in str(info.value)
+    assert "\n" not in str(info.value)

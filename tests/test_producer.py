@@ -1,0 +1,161 @@
+"""The ordered producer's rules, without VapourSynth or a model (a toy recurrence stands in)."""
+
+from __future__ import annotations
+
+import random
+import threading
+
+import pytest
+import torch
+
+from vsstreamdiffvsr.producer import OrderedProducer, SourceFrame, frame_noise, frame_seed
+from vsstreamdiffvsr.state import StreamState
+
+
+def toy_step(log: list[int]):
+    """out[i] = (run start, i); the 'state' remembers the run start in frame_count arithmetic."""
+
+    def step(i: int, payload: int, state: StreamState):
+        log.append(i)
+        start = i if state.is_cold else i - state.frame_count
+        hq = torch.zeros(1, 3, 4, 4)
+        new = StreamState(hq, torch.zeros(1, 3, 1, 1), state.frame_count + 1)
+        return (start, i, payload), new
+
+    return step
+
+
+def fetch_with_cuts(cuts=()):
+    return lambda i: SourceFrame(payload=i * 10, scene_cut=i in cuts)
+
+
+def test_in_order_is_one_run() -> None:
+    log: list[int] = []
+    p = OrderedProducer(toy_step(log), max_gap=4)
+    outs = [p.get(n, fetch_with_cuts()) for n in range(10)]
+    assert outs == [(0, n, n * 10) for n in range(10)]
+    assert log == list(range(10)) and p.seeks == 0
+
+
+def test_first_burst_is_a_catch_up_from_zero() -> None:
+    log: list[int] = []
+    p = OrderedProducer(toy_step(log), max_gap=8)
+    for n in (3, 0, 7, 1, 2, 6, 5, 4):
+        assert p.get(n, fetch_with_cuts()) == (0, n, n * 10)
+    assert log == list(range(8))  # each frame computed once
+
+
+def test_jump_beyond_max_gap_and_backward_are_seeks() -> None:
+    log: list[int] = []
+    p = OrderedProducer(toy_step(log), max_gap=4)
+    for n in range(3):
+        p.get(n, fetch_with_cuts())
+    assert p.get(7, fetch_with_cuts()) == (7, 7, 70)   # 7 - 2 = 5 > max_gap: seek, cold start at 7
+    assert p.seeks == 1
+    assert p.get(8, fetch_with_cuts()) == (7, 8, 80)
+    assert p.get(12, fetch_with_cuts()) == (7, 12, 120)  # 12 - 8 = 4: caught up
+    assert p.get(9, fetch_with_cuts()) == (7, 9, 90)    # cached from the catch-up
+    log.clear()
+    p2 = OrderedProducer(toy_step(log), max_gap=2)       # cache of 4
+    for n in range(10):
+        p2.get(n, fetch_with_cuts())
+    assert p2.get(1, fetch_with_cuts()) == (1, 1, 10)    # evicted long ago: backward seek, cold at 1
+    assert p2.seeks == 1
+
+
+def test_seek_landing_exactly_max_gap_ahead_is_caught_up() -> None:
+    p = OrderedProducer(toy_step([]), max_gap=4)
+    p.get(0, fetch_with_cuts())
+    assert p.get(4, fetch_with_cuts()) == (0, 4, 40)
+    assert p.get(9, fetch_with_cuts()) == (5 + 4, 9, 90)  # 9 - 4 = 5 > 4 -> seek: cold at 9
+    assert p.seeks == 1
+
+
+def test_warmup_frames_are_computed_and_discarded() -> None:
+    log: list[int] = []
+    p = OrderedProducer(toy_step(log), max_gap=2, warmup=3)
+    p.get(0, fetch_with_cuts())
+    log.clear()
+    assert p.get(20, fetch_with_cuts()) == (17, 20, 200)
+    assert log == [17, 18, 19, 20]
+    log.clear()
+    assert p.get(19, fetch_with_cuts()) == (16, 19, 190)  # warm-up frames were not cached: a seek
+    assert p.get(1, fetch_with_cuts()) == (0, 1, 10)      # warmup clipped at frame 0
+
+
+def test_scene_cut_starts_a_new_run() -> None:
+    p = OrderedProducer(toy_step([]), max_gap=4)
+    outs = [p.get(n, fetch_with_cuts({3, 6})) for n in range(8)]
+    assert [o[0] for o in outs] == [0, 0, 0, 3, 3, 3, 6, 6]
+    p = OrderedProducer(toy_step([]), max_gap=4, reset_on_scene_change=False)
+    assert [p.get(n, fetch_with_cuts({3}))[0] for n in range(5)] == [0] * 5
+    # a seek's warm-up stops at a cut inside it
+    p = OrderedProducer(toy_step([]), max_gap=2, warmup=5)
+    p.get(0, fetch_with_cuts({18}))
+    assert p.get(20, fetch_with_cuts({18})) == (18, 20, 200)
+
+
+def test_cache_is_bounded_and_keeps_undelivered_frames() -> None:
+    p = OrderedProducer(toy_step([]), max_gap=4)
+    assert p.cache_size == 8
+    for base in range(0, 200, 4):
+        p.get(base + 3, fetch_with_cuts())  # produce 4 frames, deliver only the last
+        for k in range(3):
+            assert p.get(base + k, fetch_with_cuts()) == (0, base + k, (base + k) * 10)
+        assert len(p._cache) <= 8
+    assert p.seeks == 0
+
+
+def test_error_mid_catch_up_leaves_a_consistent_producer() -> None:
+    log: list[int] = []
+    inner = toy_step(log)
+
+    def flaky(i, payload, state):
+        if i == 3 and not getattr(flaky, "failed", False):
+            flaky.failed = True
+            raise RuntimeError("boom")
+        return inner(i, payload, state)
+
+    p = OrderedProducer(flaky, max_gap=8)
+    with pytest.raises(RuntimeError):
+        p.get(5, fetch_with_cuts())
+    assert p.last_produced == 2
+    assert p.get(5, fetch_with_cuts()) == (0, 5, 50)  # resumes exactly where it stopped
+
+
+def test_threads_in_any_order_give_the_sequential_result() -> None:
+    truth_producer = OrderedProducer(toy_step([]), max_gap=8)
+    truth = [truth_producer.get(n, fetch_with_cuts({11})) for n in range(40)]
+    for trial in range(5):
+        log: list[int] = []
+        p = OrderedProducer(toy_step(log), max_gap=8)
+        results: dict[int, tuple] = {}
+        rng = random.Random(trial)
+        # emulate vspipe -r 8: windows of 8 in-flight frames, requested in shuffled order by 4 threads
+        for base in range(0, 40, 8):
+            batch = list(range(base, base + 8))
+            rng.shuffle(batch)
+            threads = [threading.Thread(target=lambda n=n: results.__setitem__(n, p.get(n, fetch_with_cuts({11}))))
+                       for n in batch]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(10)
+        assert [results[n] for n in range(40)] == truth
+        assert sorted(log) == list(range(40))
+
+
+def test_frame_noise_is_a_pure_function_of_seed_and_index() -> None:
+    a = frame_noise(0, 5, (1, 4, 8, 8))
+    assert torch.equal(a, frame_noise(0, 5, (1, 4, 8, 8)))
+    assert not torch.equal(a, frame_noise(0, 6, (1, 4, 8, 8)))
+    assert not torch.equal(a, frame_noise(1, 5, (1, 4, 8, 8)))
+    assert frame_seed(0, 5) != frame_seed(5, 0)
+    assert abs(float(frame_noise(3, 9, (1, 4, 64, 64)).std()) - 1.0) < 0.05
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(ValueError):
+        OrderedProducer(toy_step([]), max_gap=0)
+    with pytest.raises(ValueError):
+        OrderedProducer(toy_step([]), warmup=-1)

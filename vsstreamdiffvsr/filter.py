@@ -1,0 +1,204 @@
+"""VapourSynth glue: ``vsstreamdiffvsr.upscale(clip, ...)``.
+
+Frames <-> tensors, padding, props, validation with plain messages, one model per process, and one
+:class:`~vsstreamdiffvsr.producer.OrderedProducer` per call that keeps the recurrence exact under
+VapourSynth's parallel, out-of-order requests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import threading
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import vapoursynth as vs
+
+from .pipeline import MIN_LR_SIDE, StreamDiffVSR, parse_device, parse_dtype
+from .producer import OrderedProducer, SourceFrame, frame_noise
+from .state import StreamState
+
+__all__ = ["upscale", "get_pipeline"]
+
+core = vs.core
+
+_PIPES: dict[tuple[str, str, str], StreamDiffVSR] = {}
+_PIPES_LOCK = threading.Lock()
+_RUN_LOCKS: dict[int, threading.Lock] = {}
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """Send anything written to fd 1 (vspipe's y4m stream) to stderr while loading models."""
+    try:
+        sys.stdout.flush() if sys.stdout is not None else None
+        saved = os.dup(1)
+    except (OSError, ValueError, AttributeError):
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+        return
+    try:
+        os.dup2(2, 1)
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        try:
+            sys.stderr.flush()
+        except (OSError, ValueError, AttributeError):
+            pass
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def get_pipeline(model_dir: str | os.PathLike[str] | None, device: torch.device, dtype: torch.dtype) -> StreamDiffVSR:
+    """The process-wide pipeline for (model folder, device, dtype): loaded once, shared by every clip."""
+    from .weights import resolve_model_dir
+
+    key = (str(resolve_model_dir(model_dir)), str(device), str(dtype))
+    with _PIPES_LOCK:
+        pipe = _PIPES.get(key)
+        if pipe is None:
+            with _stdout_to_stderr():
+                pipe = StreamDiffVSR.from_pretrained(key[0], device=device, dtype=dtype)
+            _PIPES[key] = pipe
+            _RUN_LOCKS[id(pipe)] = threading.Lock()
+        return pipe
+
+
+_FORMAT_FIX = {
+    vs.YUV: 'convert first, e.g. core.resize.Bicubic(clip, format=vs.RGBS, matrix_in_s="709") (the source '
+            "matrix must be known: use the clip's _Matrix prop or name it, as here)",
+    vs.GRAY: "convert first, e.g. core.resize.Point(clip, format=vs.RGBS) after making it RGB",
+}
+
+
+def _check_clip(clip: Any) -> None:
+    if not isinstance(clip, vs.VideoNode):
+        raise vs.Error("upscale: clip must be a vs.VideoNode")
+    fmt = clip.format
+    if fmt is None or fmt.id == vs.PresetVideoFormat.NONE or fmt.color_family == vs.UNDEFINED:
+        raise vs.Error("upscale: clip must have a constant format; convert with core.resize.Bicubic(clip, "
+                       "format=vs.RGBS, ...) first")
+    if fmt.id not in (vs.RGBS, vs.RGBH):
+        fix = _FORMAT_FIX.get(fmt.color_family,
+                              "convert first, e.g. core.resize.Point(clip, format=vs.RGBS)")
+        raise vs.Error(f"upscale: only RGBS and RGBH clips are supported, got {fmt.name}; {fix}")
+    if clip.width == 0 or clip.height == 0:
+        raise vs.Error("upscale: clip must have a constant frame size; resize it to one size first")
+    if clip.width < MIN_LR_SIDE or clip.height < MIN_LR_SIDE:
+        raise vs.Error(f"upscale: clip must be at least {MIN_LR_SIDE}x{MIN_LR_SIDE} (RAFT needs "
+                       f"{4 * MIN_LR_SIDE} px after x4), got {clip.width}x{clip.height}")
+
+
+def _frame_to_tensor(frame: vs.VideoFrame, device: torch.device) -> torch.Tensor:
+    # one small copy of the LR planes (source frames are read-only; rows may be padded)
+    x = torch.from_numpy(np.stack([np.asarray(frame[p]) for p in range(3)]))[None].to(device=device, dtype=torch.float32, non_blocking=True)
+    # RGB from YUV conversions overshoots slightly; the model was trained on [0, 1] images.
+    return x.clamp_(0.0, 1.0)
+
+
+def _tensor_to_frame(hq: torch.Tensor, blank: vs.VideoFrame, props: Any) -> vs.VideoFrame:
+    out = blank.copy()
+    dtype = np.float16 if blank.format.bytes_per_sample == 2 else np.float32
+    data = hq[0].to("cpu", torch.float32).numpy()
+    for p in range(3):
+        np.copyto(np.asarray(out[p]), data[p].astype(dtype, copy=False))
+    out.props.clear()
+    out.props.update(props)
+    return out
+
+
+def upscale(clip: vs.VideoNode, *, model_dir: str | os.PathLike[str] | None = None, device: str = "cuda",
+            dtype: torch.dtype | str | None = None, seed: int = 0, max_gap: int = 16, warmup: int = 0,
+            reset_on_scene_change: bool = True) -> vs.VideoNode:
+    """Stream-DiffVSR x4 super-resolution of an RGBS/RGBH clip.
+
+    Args:
+        clip: constant-format, constant-size RGBS or RGBH, at least 32x32; values are clamped to [0, 1].
+            Sizes that are not multiples of 4 are padded (edge replicate) and the output cropped back.
+        model_dir: the model folder (default ``$VSSTREAMDIFFVSR_MODEL_DIR`` or the per-user cache;
+            fill it with ``python -m vsstreamdiffvsr download``).
+        device: ``"cuda"``, ``"cuda:N"`` or ``"cpu"``.
+        dtype: U-Net/ControlNet precision; None = bfloat16 on CUDA, float32 elsewhere.
+        seed: noise seed; frame n's noise is a pure function of (seed, n).
+        max_gap: requests up to this many frames ahead of the last produced frame are caught up
+            exactly; keep it >= vspipe's ``-r`` and ``core.num_threads``.
+        warmup: frames computed and discarded before a seek target.
+        reset_on_scene_change: a frame with ``_SceneChangePrev`` = 1 starts a new run.
+
+    Returns:
+        The same format at exactly 4x width and height; each frame carries its own source frame's props.
+
+    Rules (frame n): output n is the pipeline run over frames s..n, where s is the start of the current
+    run: frame 0, the last scene cut, or a seek point. Playing forward (any thread count, any
+    ``vspipe -r`` up to ``max_gap``) therefore gives the same bytes as one uninterrupted run. A request
+    behind the last produced frame, or more than ``max_gap`` ahead, is a seek: the recurrence restarts
+    cold at n (as frame 0 does), after ``warmup`` frames, so the picture right after a seek lacks the
+    temporal detail built up by the previous frames and differs from an uninterrupted run. For
+    reproducible chunked encodes, trim in the script (``clip[a:b]``: the chunk's first frame is its
+    natural start) or cut at scene changes (``_SceneChangePrev``), which are pure functions of n.
+    """
+    _check_clip(clip)
+    for name, value, lo in (("max_gap", max_gap, 1), ("warmup", warmup, 0)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < lo:
+            raise vs.Error(f"upscale: {name} must be an integer >= {lo}, got {value!r}")
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise vs.Error(f"upscale: seed must be an integer, got {seed!r}")
+    try:
+        dev = parse_device(device)
+        dt = parse_dtype(dtype if dtype is not None else (torch.bfloat16 if dev.type == "cuda" else torch.float32))
+    except ValueError as exc:
+        raise vs.Error(f"upscale: {exc}") from None
+    try:
+        pipe = get_pipeline(model_dir, dev, dt)
+    except Exception as exc:  # ModelFilesError and friends: one clear line
+        raise vs.Error(f"upscale: {exc}") from None
+    run_lock = _RUN_LOCKS[id(pipe)]
+
+    if core.num_threads > max_gap:
+        warnings.warn(f"upscale: core.num_threads ({core.num_threads}) > max_gap ({max_gap}): parallel requests "
+                      "may arrive further ahead than max_gap and be treated as seeks; raise max_gap", stacklevel=2)
+
+    w, h = clip.width, clip.height
+    pw, ph = -w % 4, -h % 4
+    lat_shape = (1, pipe.latent_channels, (h + ph), (w + pw))
+    window = max(0, min(max_gap, clip.num_frames - 1))
+
+    template: list[vs.VideoFrame] = []  # a blank 4x frame to copy outputs into (all blank frames are equal)
+
+    def step(i: int, frame: vs.VideoFrame, state: StreamState) -> tuple[vs.VideoFrame, StreamState]:
+        x = _frame_to_tensor(frame, dev)
+        if pw or ph:
+            x = F.pad(x, (0, pw, 0, ph), mode="replicate")
+        try:
+            with run_lock:
+                hq, state = pipe.process_frame(x, state, noise=frame_noise(seed, i, lat_shape))
+        except ValueError as exc:
+            raise vs.Error(f"upscale: frame {i}: {exc}") from None
+        return _tensor_to_frame(hq[..., : 4 * h, : 4 * w], template[0], frame.props), state
+
+    producer: OrderedProducer[vs.VideoFrame, vs.VideoFrame] = OrderedProducer(
+        step, max_gap=max_gap, warmup=warmup, reset_on_scene_change=reset_on_scene_change)
+    # shifted[k][n] == clip[n - k]: the frames a catch-up needs arrive with the request (no blocking fetch)
+    shifted = [clip] + [core.std.Splice([clip[0] * k, clip[:-k]]) for k in range(1, window + 1)]
+    blank_clip = clip.std.BlankClip(width=4 * w, height=4 * h, keep=True)
+
+    def selector(n: int, f: list[vs.VideoFrame]) -> vs.VideoFrame:
+        def fetch(i: int) -> SourceFrame[vs.VideoFrame]:
+            k = n - i
+            frame = f[k] if 0 <= k <= window else clip.get_frame(i)
+            return SourceFrame(frame, scene_cut=bool(frame.props.get("_SceneChangePrev", 0)))
+
+        if not template:
+            template.append(f[-1])
+        with contextlib.redirect_stdout(sys.stderr), torch.inference_mode():
+            return producer.get(n, fetch)
+
+    # One ModifyFrame node, never wrapped in FrameEval: VapourSynth then runs one callback at a time.
+    return blank_clip.std.ModifyFrame([*shifted, blank_clip], selector)
