@@ -13,19 +13,38 @@ One call of :meth:`StreamDiffVSR.process_frame` is one frame of the reference pi
 
 from __future__ import annotations
 
+import copy
 import os
+import sys
+import threading
+import warnings
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from .models.flow import MIN_FLOW_SIDE, bicubic_x4, warp
 from .state import StreamState
+from .tiling import Tile, feather_weight, parse_tile, tile_layout
 
-__all__ = ["StreamDiffVSR", "MIN_LR_SIDE", "NUM_INFERENCE_STEPS"]
+__all__ = ["StreamDiffVSR", "MIN_LR_SIDE", "NUM_INFERENCE_STEPS", "PrecisionFallbackWarning", "TilingFallbackWarning"]
 
 #: The smallest LR side: RAFT runs at 4x and needs 128 px.
 MIN_LR_SIDE = MIN_FLOW_SIDE // 4
 NUM_INFERENCE_STEPS = 4
+
+FLOW_MODES = ("hr", "lr")
+#: LR tile used when a frame does not fit in GPU memory and no tile size was given (720p output per tile).
+AUTO_TILE = (192, 320)
+
+
+class PrecisionFallbackWarning(RuntimeWarning):
+    """A half-precision frame produced NaN/Inf and was recomputed in float32."""
+
+
+class TilingFallbackWarning(RuntimeWarning):
+    """A frame ran out of GPU memory and was recomputed in tiles."""
+
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
@@ -61,17 +80,31 @@ def parse_device(device: torch.device | str) -> torch.device:
 class StreamDiffVSR:
     """Stream-DiffVSR x4 video super-resolution, one frame at a time.
 
-    Build with :meth:`from_pretrained`; run with :meth:`process_frame`. An instance holds only weights
-    (the recurrent state lives in :class:`StreamState`), so one instance serves any number of streams.
+    Build with :meth:`from_pretrained`; run with :meth:`process_frame`. An instance holds only weights and
+    settings (the recurrent state lives in :class:`StreamState`), so one instance serves any number of
+    streams; calls are serialised by an internal lock.
     """
 
     def __init__(self, *, unet: torch.nn.Module, controlnet: torch.nn.Module, vae: torch.nn.Module,
                  scheduler: Any, raft: torch.nn.Module, prompt_embeds: torch.Tensor, device: torch.device,
-                 dtype: torch.dtype, num_inference_steps: int = NUM_INFERENCE_STEPS) -> None:
+                 dtype: torch.dtype, num_inference_steps: int = NUM_INFERENCE_STEPS, flow: str = "hr",
+                 channels_last: bool | None = None, tile: int | tuple[int, int] | None = None,
+                 tile_overlap: int = 16, oom_fallback: bool = True, nan_fallback: bool = True) -> None:
+        if flow not in FLOW_MODES:
+            raise ValueError(f"flow must be one of {FLOW_MODES}, got {flow!r}")
+        if not isinstance(tile_overlap, int) or tile_overlap < 0 or tile_overlap % 4:
+            raise ValueError(f"tile_overlap must be a non-negative multiple of 4 (LR pixels), got {tile_overlap!r}")
         self.device = device
         self.dtype = dtype
-        self.unet = unet.to(device)
-        self.controlnet = controlnet.to(device)
+        self.flow_mode = flow
+        self.tile = parse_tile(tile)
+        self.tile_overlap = tile_overlap
+        self.oom_fallback = oom_fallback
+        self.nan_fallback = nan_fallback
+        self.channels_last = (device.type == "cuda") if channels_last is None else bool(channels_last)
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        self.unet = unet.to(device, memory_format=fmt)
+        self.controlnet = controlnet.to(device, memory_format=fmt)
         self.vae = vae.to(device)
         self.raft = raft.to(device)
         self.scheduler = scheduler
@@ -79,13 +112,26 @@ class StreamDiffVSR:
         self.timesteps: list[int] = [int(t) for t in self.scheduler.timesteps]
         self._t_tensors = [torch.tensor(t, dtype=torch.long, device=device) for t in self.timesteps]
         self.prompt_embeds = prompt_embeds.to(device=device, dtype=dtype)
+        self._prompt_fp32 = prompt_embeds.to(device=device, dtype=torch.float32)
         self.latent_channels = int(self.unet.config.out_channels)
         self.model_dir: str | None = None
+        self.lock = threading.RLock()
+        self._step_cold = self._eager_step_cold
+        self._step_warm = self._eager_step_warm
+        self._decode = self.vae.decode
+        self._fp32_twin: StreamDiffVSR | None = None
+        self.compiled = False
+        #: counters for diagnostics and tests
+        self.stats = {"frames": 0, "tiled_frames": 0, "nan_fallbacks": 0, "oom_fallbacks": 0, "lr_flow_fallbacks": 0}
 
     # ------------------------------------------------------------------------------------------ loading
     @classmethod
     def from_pretrained(cls, model_dir: str | os.PathLike[str] | None = None, device: torch.device | str = "cuda",
-                        dtype: torch.dtype | str = torch.bfloat16) -> "StreamDiffVSR":
+                        dtype: torch.dtype | str = torch.bfloat16, *, flow: str = "hr",
+                        channels_last: bool | None = None, compile: bool = False, compile_mode: str = "default",
+                        compile_cache_dir: str | os.PathLike[str] | None = None,
+                        tile: int | tuple[int, int] | None = None, tile_overlap: int = 16,
+                        oom_fallback: bool = True, nan_fallback: bool = True) -> "StreamDiffVSR":
         """Load from a model folder in the Hugging Face layout (see :mod:`vsstreamdiffvsr.weights`).
 
         Args:
@@ -93,10 +139,20 @@ class StreamDiffVSR:
             device: where to run (``"cuda"``, ``"cuda:1"``, ``"cpu"``).
             dtype: U-Net and ControlNet precision. ``float32`` is the exact reference path; with bfloat16
                 or float16 the DDIM maths, the optical flow and the tiny VAE stay in float32.
+            flow: ``"hr"`` (reference: RAFT on the bicubic x4 frames) or ``"lr"`` (faster deviation: RAFT
+                on the LR frames, flow upsampled x4 with values x4; needs LR >= 128 px per side).
+            channels_last: NHWC weights/activations for U-Net and ControlNet (default: on CUDA).
+            compile: ``torch.compile`` the denoising step (U-Net + ControlNet) and the decoder.
+            compile_mode: torch.compile mode (``"default"``, ``"reduce-overhead"`` = CUDA graphs, ``"max-autotune"``).
+            compile_cache_dir: on-disk cache of compiled kernels (default ``<user cache>/inductor``).
+            tile: LR tile size (int or (h, w), multiples of 8) for diffusion + decoding; None = whole frame.
+            tile_overlap: LR pixels shared by neighbouring tiles (feathered), a multiple of 4.
+            oom_fallback: on CUDA out-of-memory, recompute the frame in tiles (and keep tiling).
+            nan_fallback: a half-precision frame with NaN/Inf is recomputed in float32 (one warning).
 
         Raises:
             ModelFilesError: a file is missing, truncated, corrupt or does not match its config.
-            ValueError: a bad device or dtype.
+            ValueError: a bad device, dtype or option.
         """
         from . import weights
 
@@ -106,9 +162,56 @@ class StreamDiffVSR:
         pipe = cls(unet=weights.load_unet(root, dt), controlnet=weights.load_controlnet(root, dt),
                    vae=weights.load_vae(root, torch.float32), scheduler=weights.load_scheduler(root),
                    raft=weights.load_raft(root), prompt_embeds=weights.empty_prompt_embedding(root),
-                   device=dev, dtype=dt)
+                   device=dev, dtype=dt, flow=flow, channels_last=channels_last, tile=tile,
+                   tile_overlap=tile_overlap, oom_fallback=oom_fallback, nan_fallback=nan_fallback)
         pipe.model_dir = str(root)
+        if compile:
+            pipe.enable_compile(mode=compile_mode, cache_dir=compile_cache_dir)
         return pipe
+
+    def with_options(self, *, flow: str | None = None, tile: int | tuple[int, int] | None | str = "keep",
+                     tile_overlap: int | None = None, oom_fallback: bool | None = None,
+                     nan_fallback: bool | None = None, compile: bool = False, compile_mode: str = "default",
+                     compile_cache_dir: str | os.PathLike[str] | None = None) -> "StreamDiffVSR":
+        """A pipeline sharing this one's weights (no reload) with other run-time settings."""
+        view = copy.copy(self)
+        view.stats = dict.fromkeys(self.stats, 0)
+        view._fp32_twin = None
+        if flow is not None:
+            if flow not in FLOW_MODES:
+                raise ValueError(f"flow must be one of {FLOW_MODES}, got {flow!r}")
+            view.flow_mode = flow
+        if tile != "keep":
+            view.tile = parse_tile(tile)  # type: ignore[arg-type]
+        if tile_overlap is not None:
+            if not isinstance(tile_overlap, int) or tile_overlap < 0 or tile_overlap % 4:
+                raise ValueError(f"tile_overlap must be a non-negative multiple of 4, got {tile_overlap!r}")
+            view.tile_overlap = tile_overlap
+        if oom_fallback is not None:
+            view.oom_fallback = oom_fallback
+        if nan_fallback is not None:
+            view.nan_fallback = nan_fallback
+        if compile and not self.compiled:
+            view.enable_compile(mode=compile_mode, cache_dir=compile_cache_dir)
+        return view
+
+    def enable_compile(self, mode: str = "default", cache_dir: str | os.PathLike[str] | None = None,
+                       backend: str = "inductor") -> None:
+        """``torch.compile`` the cold and warm denoising steps and the decoder (static shapes).
+
+        Kernels are cached on disk (``cache_dir``, default ``<user cache>/inductor``), so only the first
+        run on a machine pays the full compile time.
+        """
+        from .accel import compile_cache
+
+        compile_cache(cache_dir)
+        opts = dict(mode=mode, dynamic=False, backend=backend, fullgraph=False)
+        if backend != "inductor":
+            opts.pop("mode")
+        self._step_cold = torch.compile(self._eager_step_cold, **opts)
+        self._step_warm = torch.compile(self._eager_step_warm, **opts)
+        self._decode = torch.compile(self.vae.decode, **opts)
+        self.compiled = True
 
     # ---------------------------------------------------------------------------------------- checks
     def _check_lq(self, lq: Any) -> torch.Tensor:
@@ -125,6 +228,8 @@ class StreamDiffVSR:
             raise ValueError(f"lq must be at least {MIN_LR_SIDE}x{MIN_LR_SIDE} (RAFT needs {MIN_FLOW_SIDE} px "
                              f"at 4x), got {h}x{w}")
         x = lq.to(device=self.device, dtype=torch.float32)
+        if x is lq:  # never keep the caller's buffer in the state: a reader may refill it for the next frame
+            x = x.clone()
         lo, hi = torch.aminmax(x)
         lo_f, hi_f = float(lo), float(hi)
         if not (lo_f >= 0.0 and hi_f <= 1.0):  # also catches NaN
@@ -142,25 +247,99 @@ class StreamDiffVSR:
         return torch.randn(shape, generator=generator, device=gen_device, dtype=torch.float32).to(self.device)
 
     # ------------------------------------------------------------------------------------------ steps
-    def compute_flow(self, x: torch.Tensor, x_prev: torch.Tensor) -> torch.Tensor:
-        """Flow current -> previous at HR, from LR frames in [-1, 1]."""
+    def compute_flow(self, x: torch.Tensor, x_prev: torch.Tensor, mode: str | None = None) -> torch.Tensor:
+        """Flow current -> previous at HR (N,2,4h,4w), from LR frames in [-1, 1]."""
+        mode = mode or self.flow_mode
+        if mode == "lr":
+            if min(x.shape[-2:]) < MIN_FLOW_SIDE:
+                raise ValueError(f'flow="lr" needs LR frames of at least {MIN_FLOW_SIDE} px per side, got '
+                                 f'{tuple(x.shape[-2:])}; use flow="hr"')
+            return F.interpolate(self.raft(x, x_prev), scale_factor=4, mode="bilinear", align_corners=False) * 4
         return self.raft(bicubic_x4(x), bicubic_x4(x_prev))
 
+    def _eager_step_cold(self, z: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        inp = torch.cat([z.to(self.dtype), x], dim=1)
+        return self.unet(inp, t, encoder_hidden_states=self.prompt_embeds, return_dict=False)[0]
+
+    def _eager_step_warm(self, z: torch.Tensor, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        inp = torch.cat([z.to(self.dtype), x], dim=1)
+        down, mid = self.controlnet(inp, t, encoder_hidden_states=self.prompt_embeds, controlnet_cond=cond,
+                                    conditioning_scale=1.0, guess_mode=False, return_dict=False)
+        return self.unet(inp, t, encoder_hidden_states=self.prompt_embeds, down_block_additional_residuals=down,
+                         mid_block_additional_residual=mid, return_dict=False)[0]
+
     def denoise(self, z: torch.Tensor, x: torch.Tensor, warped: torch.Tensor | None) -> torch.Tensor:
-        """The 4 DDIM steps; ``warped`` None means a cold frame (U-Net alone)."""
-        x_in = x.to(self.dtype)
-        cond = None if warped is None else warped.to(self.dtype)
-        emb = self.prompt_embeds
+        """The 4 DDIM steps on float32 ``z``; ``warped`` None means a cold frame (U-Net alone)."""
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        x_in = x.to(self.dtype).contiguous(memory_format=fmt)
+        cond = None if warped is None else warped.to(self.dtype).contiguous(memory_format=fmt)
         for t, t_dev in zip(self.timesteps, self._t_tensors):
-            inp = torch.cat([z.to(self.dtype), x_in], dim=1)
-            down = mid = None
-            if cond is not None:
-                down, mid = self.controlnet(inp, t_dev, encoder_hidden_states=emb, controlnet_cond=cond,
-                                            conditioning_scale=1.0, guess_mode=False, return_dict=False)
-            v = self.unet(inp, t_dev, encoder_hidden_states=emb, down_block_additional_residuals=down,
-                          mid_block_additional_residual=mid, return_dict=False)[0]
+            if cond is None:
+                v = self._step_cold(z, x_in, t_dev)
+            else:
+                v = self._step_warm(z, x_in, t_dev, cond)
             z = self.scheduler.step(v.float(), t, z, eta=0.0).prev_sample
         return z
+
+    def _run(self, z: torch.Tensor, x: torch.Tensor, warped: torch.Tensor | None,
+             tile: tuple[int, int] | None) -> torch.Tensor:
+        """Denoise and decode (whole frame, or tiles blended with feathered weights): raw y (1,3,4h,4w)."""
+        h, w = x.shape[-2:]
+        tiles = tile_layout(h, w, tile, self.tile_overlap) if tile is not None else []
+        if len(tiles) <= 1:
+            feats = None if warped is None else self.vae.temporal_features(warped)
+            return self._decode(self.denoise(z, x, warped), feats).float()
+        self.stats["tiled_frames"] += 1
+        acc = torch.zeros(1, 3, 4 * h, 4 * w, device=self.device, dtype=torch.float32)
+        wsum = torch.zeros(1, 1, 4 * h, 4 * w, device=self.device, dtype=torch.float32)
+        for t in tiles:
+            ly, lx = t.lr()
+            hy, hx = t.hr()
+            w_t = warped[..., hy, hx] if warped is not None else None
+            feats = None if w_t is None else self.vae.temporal_features(w_t)
+            y_t = self._decode(self.denoise(z[..., ly, lx], x[..., ly, lx], w_t), feats).float()
+            wt = feather_weight(t, tiles, h, w, 4, self.device)
+            acc[..., hy, hx] += y_t * wt
+            wsum[..., hy, hx] += wt
+        return acc / wsum
+
+    def _run_shrinking_tiles(self, z: torch.Tensor, x: torch.Tensor, warped: torch.Tensor | None) -> torch.Tensor:
+        """After an out-of-memory error: tiles (then smaller tiles) until the frame fits; they stay in use."""
+        tile = self.tile
+        while True:
+            _empty_cache(self.device)
+            tile = AUTO_TILE if tile is None else _halve(tile)
+            warnings.warn(f"vsstreamdiffvsr: out of GPU memory; denoising and decoding in {tile[0]}x{tile[1]} LR "
+                          "tiles from now on (pass tile= to choose)", TilingFallbackWarning, stacklevel=5)
+            try:
+                y = self._run(z, x, warped, tile)
+            except torch.OutOfMemoryError:
+                if tile == (32, 32):
+                    raise
+                continue
+            self.tile = tile
+            return y
+
+    def _fp32(self) -> "StreamDiffVSR":
+        """A float32 twin sharing flow, VAE and prompt (for the NaN fallback), built on first use."""
+        if self._fp32_twin is None:
+            if self.model_dir is not None:
+                from . import weights
+
+                unet = weights.load_unet(weights.resolve_model_dir(self.model_dir), torch.float32)
+                controlnet = weights.load_controlnet(weights.resolve_model_dir(self.model_dir), torch.float32)
+            else:
+                unet = copy.deepcopy(self.unet).float()
+                controlnet = copy.deepcopy(self.controlnet).float()
+            twin = copy.copy(self)
+            twin.unet, twin.controlnet, twin.dtype = unet.to(self.device), controlnet.to(self.device), torch.float32
+            twin.prompt_embeds = self._prompt_fp32
+            twin._step_cold, twin._step_warm = twin._eager_step_cold, twin._eager_step_warm
+            twin._decode = self.vae.decode
+            twin.nan_fallback = False
+            twin._fp32_twin = None
+            self._fp32_twin = twin
+        return self._fp32_twin
 
     @torch.inference_mode()
     def process_frame(self, lq: torch.Tensor, state: StreamState | None = None, noise: torch.Tensor | None = None,
@@ -187,16 +366,51 @@ class StreamDiffVSR:
         if not state.is_cold and state.lr_size != (h, w):
             raise ValueError(f"frame size {h}x{w} differs from the previous frame's {state.lr_size}; "
                              "start a new StreamState() for a new size")
-        z = self._noise(h, w, noise, generator)
+        z = self._noise(h, w, noise, generator).clone()  # an inference tensor like every later latent
+        with self.lock:
+            y = self._frame(lq32, state, z)
+            self.stats["frames"] += 1
+        hq = (y / 2 + 0.5).clamp(0, 1)
+        return hq, StreamState(prev_hq=y, prev_lq=lq32, frame_count=state.frame_count + 1)
+
+    def _frame(self, lq32: torch.Tensor, state: StreamState, z: torch.Tensor) -> torch.Tensor:
         x = lq32 * 2.0 - 1.0
-        warped = feats = None
+        warped = None
         if not state.is_cold:
             assert state.prev_lq is not None and state.prev_hq is not None
             x_prev = state.prev_lq.to(self.device, torch.float32) * 2.0 - 1.0
-            flow = self.compute_flow(x, x_prev)
+            try:
+                flow = self.compute_flow(x, x_prev)
+            except torch.OutOfMemoryError:
+                if not (self.oom_fallback and self.flow_mode == "hr" and min(x.shape[-2:]) >= MIN_FLOW_SIDE):
+                    raise
+                # RAFT's all-pairs correlation grows with the square of the HR area (67 GB at 4K).
+                _empty_cache(self.device)
+                self.stats["lr_flow_fallbacks"] += 1
+                warnings.warn("vsstreamdiffvsr: RAFT at HR ran out of GPU memory; using flow at LR for this "
+                              "frame (a documented deviation)", TilingFallbackWarning, stacklevel=4)
+                flow = self.compute_flow(x, x_prev, mode="lr")
             warped = warp(state.prev_hq.to(self.device, torch.float32), flow)
-            feats = self.vae.temporal_features(warped)
-        z = self.denoise(z, x, warped)
-        y = self.vae.decode(z, feats).float()
-        hq = (y / 2 + 0.5).clamp(0, 1)
-        return hq, StreamState(prev_hq=y, prev_lq=lq32, frame_count=state.frame_count + 1)
+            del flow
+        try:
+            y = self._run(z, x, warped, self.tile)
+        except torch.OutOfMemoryError:
+            if not self.oom_fallback:
+                raise
+            self.stats["oom_fallbacks"] += 1
+            y = self._run_shrinking_tiles(z, x, warped)
+        if self.nan_fallback and self.dtype != torch.float32 and not bool(torch.isfinite(y).all()):
+            self.stats["nan_fallbacks"] += 1
+            warnings.warn(f"vsstreamdiffvsr: {str(self.dtype).removeprefix('torch.')} produced NaN/Inf; "
+                          "frame recomputed in float32", PrecisionFallbackWarning, stacklevel=4)
+            y = self._fp32()._run(z, x, warped, self.tile)
+        return y
+
+
+def _halve(tile: tuple[int, int]) -> tuple[int, int]:
+    return max(32, tile[0] // 2 // 8 * 8), max(32, tile[1] // 2 // 8 * 8)
+
+
+def _empty_cache(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()

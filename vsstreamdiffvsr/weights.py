@@ -17,6 +17,7 @@ naming the file and the fix.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -32,7 +33,7 @@ from torch import nn
 from .models.flow import RAFT_FILENAME, RAFT_URL
 
 __all__ = [
-    "HF_REPO_ID", "ENV_MODEL_DIR", "EMPTY_PROMPT_IDS", "ModelFilesError", "default_model_dir",
+    "HF_REPO_ID", "ENV_MODEL_DIR", "EMPTY_PROMPT_IDS", "ModelFilesError", "default_model_dir", "user_cache_dir",
     "resolve_model_dir", "find_raft_weights", "validate_model_dir", "read_safetensors_header",
     "load_unet", "load_controlnet", "load_vae", "load_scheduler", "load_raft", "empty_prompt_embedding",
     "download",
@@ -59,11 +60,8 @@ def _fail(model_dir: Path, what: str) -> ModelFilesError:
     return ModelFilesError(f"model folder {model_dir}: {what}; {_fix_hint(model_dir)}")
 
 
-def default_model_dir() -> Path:
-    """``$VSSTREAMDIFFVSR_MODEL_DIR`` if set, else a per-user cache folder."""
-    env = os.environ.get(ENV_MODEL_DIR)
-    if env:
-        return Path(env).expanduser()
+def user_cache_dir() -> Path:
+    """The per-user cache folder of this package (XDG on Linux, Caches on macOS, LOCALAPPDATA on Windows)."""
     if sys.platform == "win32":
         base = Path(os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local")
     elif sys.platform == "darwin":
@@ -71,6 +69,14 @@ def default_model_dir() -> Path:
     else:
         base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return base / "vsstreamdiffvsr"
+
+
+def default_model_dir() -> Path:
+    """``$VSSTREAMDIFFVSR_MODEL_DIR`` if set, else ``<user cache>/vsstreamdiffvsr/models``."""
+    env = os.environ.get(ENV_MODEL_DIR)
+    if env:
+        return Path(env).expanduser()
+    return user_cache_dir() / "models"
 
 
 def resolve_model_dir(model_dir: str | os.PathLike[str] | None = None) -> Path:
@@ -393,8 +399,9 @@ def empty_prompt_embedding(model_dir: Path) -> torch.Tensor:
     try:
         save_file({"prompt_embeds": emb}, str(tmp), metadata=meta)
         os.replace(tmp, model_dir / PROMPT_CACHE_NAME)
-    except OSError:  # read-only model folder: recompute next time
-        tmp.unlink(missing_ok=True)
+    except Exception:  # read-only model folder (safetensors raises its own error type): recompute next time
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
     return emb
 
 
@@ -429,4 +436,7 @@ def download(model_dir: str | os.PathLike[str] | None = None) -> Path:
 
 def _short(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
+    if not text:
+        return type(exc).__name__
+    first = text[0] if len(text[0]) <= 240 else text[0][:240].rstrip() + "..."
+    return f"{type(exc).__name__}: {first}"

@@ -1,0 +1,407 @@
+"""The model folder: validation of every file, RAFT lookup, default folder, empty-prompt embedding cache."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from vsstreamdiffvsr import weights
+from vsstreamdiffvsr.models.flow import RAFT_FILENAME
+from vsstreamdiffvsr.weights import ModelFilesError
+
+UNET_W = "unet/diffusion_pytorch_model.safetensors"
+CN_W = "controlnet/diffusion_pytorch_model.safetensors"
+VAE_W = "vae/diffusion_pytorch_model.safetensors"
+TE_W = "text_encoder/model.safetensors"
+CACHE = "empty_prompt_embedding.safetensors"
+
+
+@pytest.fixture
+def no_hub_raft(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Point torch hub at an empty folder so the RAFT fallback cannot hide a missing file."""
+    hub = tmp_path / "emptyhub"
+    hub.mkdir()
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(hub))
+    return hub
+
+
+def _assert_clear(exc: BaseException, *names: str) -> str:
+    msg = str(exc)
+    for name in names:
+        assert name in msg, (name, msg)
+    assert "download" in msg, msg  # the fix
+    assert "\n" not in msg and "Traceback" not in msg, msg
+    return msg
+
+
+def _edit_json(path: Path, **changes: object) -> None:
+    data = json.loads(path.read_text())
+    data.update(changes)
+    path.write_text(json.dumps(data))
+
+
+# ------------------------------------------------------------------------------------------ validation
+
+def test_validate_tiny_checkpoint_passes(tiny_ckpt: Path, no_hub_raft: Path) -> None:
+    assert weights.validate_model_dir(tiny_ckpt) == tiny_ckpt.resolve()
+
+
+def _damage(root: Path, kind: str) -> str:
+    """Apply one kind of damage; return the name the error must mention."""
+    if kind == "missing_model_index":
+        (root / "model_index.json").unlink()
+        return "model_index.json"
+    if kind == "missing_unet_weights":
+        (root / UNET_W).unlink()
+        return UNET_W
+    if kind == "truncated_unet":
+        p = root / UNET_W
+        data = p.read_bytes()
+        p.write_bytes(data[: len(data) // 2])
+        return UNET_W
+    if kind == "truncated_vae_tail":
+        p = root / VAE_W
+        data = p.read_bytes()
+        p.write_bytes(data[:-7])
+        return VAE_W
+    if kind == "truncated_in_header":
+        p = root / CN_W
+        p.write_bytes(p.read_bytes()[:100])
+        return CN_W
+    if kind == "garbage_controlnet":
+        p = root / CN_W
+        p.write_bytes(os.urandom(p.stat().st_size))
+        return CN_W
+    if kind == "garbage_header_json":
+        p = root / VAE_W
+        data = bytearray(p.read_bytes())
+        data[8:40] = b"\xff" * 32
+        p.write_bytes(bytes(data))
+        return VAE_W
+    if kind == "controlnet_config_mismatch":
+        _edit_json(root / "controlnet/config.json", block_out_channels=[16, 16, 32, 64])
+        return CN_W
+    if kind == "vae_config_channels":
+        _edit_json(root / "vae/config.json", block_out_channels=[32, 32, 32],
+                   encoder_block_out_channels=[32, 32, 32], decoder_block_out_channels=[32, 32, 32])
+        return VAE_W
+    if kind == "vae_config_blocks":
+        _edit_json(root / "vae/config.json", num_encoder_blocks=[1, 2, 3], num_decoder_blocks=[3, 2, 1])
+        return VAE_W
+    if kind == "vae_config_unbuildable":
+        _edit_json(root / "vae/config.json", num_decoder_blocks=[3, 3, 3])
+        return "vae/config.json"
+    if kind == "unet_config_invalid_json":
+        (root / "unet/config.json").write_text('{"in_channels": 7,')
+        return "unet/config.json"
+    if kind == "scheduler_missing":
+        (root / "scheduler/scheduler_config.json").unlink()
+        return "scheduler/scheduler_config.json"
+    if kind == "missing_raft":
+        shutil.rmtree(root / "raft")
+        return RAFT_FILENAME
+    if kind == "missing_text_encoder_no_cache":
+        (root / CACHE).unlink(missing_ok=True)
+        shutil.rmtree(root / "text_encoder")
+        return "text_encoder/config.json"
+    if kind == "truncated_text_encoder":
+        p = root / TE_W
+        p.write_bytes(p.read_bytes()[:-100])
+        return TE_W
+    raise AssertionError(kind)
+
+
+DAMAGES = ["missing_model_index", "missing_unet_weights", "truncated_unet", "truncated_vae_tail",
+           "truncated_in_header", "garbage_controlnet", "garbage_header_json", "controlnet_config_mismatch",
+           "vae_config_channels", "vae_config_blocks", "vae_config_unbuildable", "unet_config_invalid_json",
+           "scheduler_missing", "missing_raft", "missing_text_encoder_no_cache", "truncated_text_encoder"]
+
+
+@pytest.mark.parametrize("kind", DAMAGES)
+def test_validate_reports_each_problem(ckpt_copy: Path, no_hub_raft: Path, kind: str) -> None:
+    name = _damage(ckpt_copy, kind)
+    with pytest.raises(ModelFilesError) as info:
+        weights.validate_model_dir(ckpt_copy)
+    _assert_clear(info.value, name)
+
+
+def test_config_mismatch_names_both_files(ckpt_copy: Path, no_hub_raft: Path) -> None:
+    _damage(ckpt_copy, "controlnet_config_mismatch")
+    with pytest.raises(ModelFilesError) as info:
+        weights.validate_model_dir(ckpt_copy)
+    _assert_clear(info.value, CN_W, "controlnet/config.json")
+
+
+def test_validate_missing_folder(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere"
+    with pytest.raises(ModelFilesError) as info:
+        weights.validate_model_dir(missing)
+    _assert_clear(info.value, str(missing))
+
+
+def test_validate_unexpected_tensor(ckpt_copy: Path, no_hub_raft: Path) -> None:
+    p = ckpt_copy / VAE_W
+    state = load_file(str(p))
+    state["decoder.layers.99.weight"] = torch.zeros(2)
+    save_file(state, str(p))
+    with pytest.raises(ModelFilesError) as info:
+        weights.validate_model_dir(ckpt_copy)
+    _assert_clear(info.value, VAE_W, "decoder.layers.99.weight")
+
+
+@pytest.mark.parametrize("kind", ["missing_unet_weights", "truncated_vae_tail", "vae_config_channels"])
+def test_from_pretrained_on_damaged_folder(ckpt_copy: Path, no_hub_raft: Path, kind: str) -> None:
+    from vsstreamdiffvsr import StreamDiffVSR
+
+    name = _damage(ckpt_copy, kind)
+    with pytest.raises(ModelFilesError) as info:
+        StreamDiffVSR.from_pretrained(ckpt_copy, device="cpu", dtype="float32")
+    _assert_clear(info.value, name)
+
+
+# ------------------------------------------------------------------------------------------------ RAFT
+
+def test_raft_falls_back_to_torch_hub(ckpt_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    hub = tmp_path / "hub"
+    (hub / "checkpoints").mkdir(parents=True)
+    shutil.move(str(ckpt_copy / "raft" / RAFT_FILENAME), str(hub / "checkpoints" / RAFT_FILENAME))
+    shutil.rmtree(ckpt_copy / "raft")
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(hub))
+    assert weights.find_raft_weights(ckpt_copy) == hub / "checkpoints" / RAFT_FILENAME
+    weights.validate_model_dir(ckpt_copy)
+    raft = weights.load_raft(ckpt_copy)
+    ref = torch.load(str(hub / "checkpoints" / RAFT_FILENAME), map_location="cpu", weights_only=True)
+    k = sorted(ref)[0]
+    torch.testing.assert_close(raft.raft.state_dict()[k], ref[k], atol=0, rtol=0)
+
+
+def test_raft_falls_back_to_torch_home(ckpt_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    home = tmp_path / "torchhome"
+    (home / "hub" / "checkpoints").mkdir(parents=True)
+    shutil.move(str(ckpt_copy / "raft" / RAFT_FILENAME), str(home / "hub" / "checkpoints" / RAFT_FILENAME))
+    monkeypatch.setattr(torch.hub, "_hub_dir", None)
+    monkeypatch.setenv("TORCH_HOME", str(home))
+    assert weights.find_raft_weights(ckpt_copy) == home / "hub" / "checkpoints" / RAFT_FILENAME
+    weights.validate_model_dir(ckpt_copy)
+
+
+def test_model_folder_raft_takes_precedence(ckpt_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    hub = tmp_path / "hub"
+    (hub / "checkpoints").mkdir(parents=True)
+    (hub / "checkpoints" / RAFT_FILENAME).write_bytes(b"other")
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(hub))
+    assert weights.find_raft_weights(ckpt_copy) == ckpt_copy / "raft" / RAFT_FILENAME
+
+
+def test_corrupt_raft_file(ckpt_copy: Path, no_hub_raft: Path) -> None:
+    (ckpt_copy / "raft" / RAFT_FILENAME).write_bytes(os.urandom(4096))
+    with pytest.raises(ModelFilesError) as info:
+        weights.load_raft(ckpt_copy)
+    _assert_clear(info.value, RAFT_FILENAME)
+    from vsstreamdiffvsr import StreamDiffVSR
+
+    with pytest.raises(ModelFilesError):
+        StreamDiffVSR.from_pretrained(ckpt_copy, device="cpu", dtype=torch.float32)
+
+
+def test_raft_file_with_wrong_tensors(ckpt_copy: Path, no_hub_raft: Path) -> None:
+    torch.save({"feature_encoder.convnormrelu.0.weight": torch.zeros(3)}, str(ckpt_copy / "raft" / RAFT_FILENAME))
+    with pytest.raises(ModelFilesError) as info:
+        weights.load_raft(ckpt_copy)
+    _assert_clear(info.value, RAFT_FILENAME)
+
+
+# -------------------------------------------------------------------------------------- default folder
+
+def test_default_model_dir_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv(weights.ENV_MODEL_DIR, str(tmp_path / "models"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert weights.ENV_MODEL_DIR == "VSSTREAMDIFFVSR_MODEL_DIR"
+    assert weights.default_model_dir() == tmp_path / "models"
+    assert weights.resolve_model_dir(None) == (tmp_path / "models").resolve()
+    assert weights.resolve_model_dir(tmp_path / "explicit") == (tmp_path / "explicit").resolve()
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv(weights.ENV_MODEL_DIR, "~/m")
+    assert weights.default_model_dir() == tmp_path / "home" / "m"
+
+
+def test_validate_uses_env_folder(monkeypatch: pytest.MonkeyPatch, tiny_ckpt: Path, no_hub_raft: Path) -> None:
+    monkeypatch.setenv(weights.ENV_MODEL_DIR, str(tiny_ckpt))
+    assert weights.validate_model_dir() == tiny_ckpt.resolve()
+
+
+def test_default_model_dir_xdg(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(sys, "platform", "linux")
+    monkeypatch.delenv(weights.ENV_MODEL_DIR, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    for xdg in (tmp_path / "xdg1", tmp_path / "xdg2"):
+        monkeypatch.setenv("XDG_CACHE_HOME", str(xdg))
+        d = weights.default_model_dir()
+        assert d.is_relative_to(xdg) and "vsstreamdiffvsr" in d.relative_to(xdg).parts, d
+    monkeypatch.setenv(weights.ENV_MODEL_DIR, "")  # empty means unset
+    assert weights.default_model_dir().is_relative_to(tmp_path / "xdg2")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    d = weights.default_model_dir()
+    assert d.is_relative_to(tmp_path / "home" / ".cache") and "vsstreamdiffvsr" in d.parts, d
+
+
+# ------------------------------------------------------------------------------------------ empty prompt
+
+def test_empty_prompt_ids() -> None:
+    assert list(weights.EMPTY_PROMPT_IDS) == [49406, 49407] + [0] * 75
+    assert len(weights.EMPTY_PROMPT_IDS) == 77
+
+
+def _independent_embedding(root: Path) -> torch.Tensor:
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    cfg = CLIPTextConfig.from_dict(json.loads((root / "text_encoder" / "config.json").read_text()))
+    model = CLIPTextModel(cfg).eval()
+    model_keys = set(model.state_dict())
+    state = {}
+    for k, v in load_file(str(root / TE_W)).items():
+        if k in model_keys:
+            state[k] = v
+        elif k.removeprefix("text_model.") in model_keys:
+            state[k.removeprefix("text_model.")] = v
+        elif "text_model." + k in model_keys:
+            state["text_model." + k] = v
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected and all(k.endswith("position_ids") for k in missing), (missing, unexpected)
+    assert len(state) >= len(model_keys) - 1
+    ids = torch.tensor([[49406, 49407] + [0] * 75])
+    with torch.no_grad():
+        return model(input_ids=ids).last_hidden_state.float()
+
+
+def _forbid_text_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    import transformers
+
+    def boom(self, *a, **k):  # noqa: ANN001
+        raise AssertionError("CLIPTextModel was built although the cache is valid")
+
+    monkeypatch.setattr(transformers.CLIPTextModel, "__init__", boom)
+
+
+def _rewrite_text_encoder(root: Path, seed: int) -> None:
+    p = root / TE_W
+    with safe_open(str(p), framework="pt") as f:
+        meta = f.metadata()
+    state = load_file(str(p))
+    g = torch.Generator().manual_seed(seed)
+    new = {k: (torch.randn(v.shape, generator=g) * 0.2).to(v.dtype) if v.is_floating_point() else v
+           for k, v in state.items()}
+    old_size = p.stat().st_size
+    save_file(new, str(p), metadata=meta)
+    assert p.stat().st_size == old_size  # same size: only the content/mtime can tell the change
+    st = p.stat()
+    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))
+
+
+def test_empty_prompt_embedding_computed_and_cached(ckpt_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (ckpt_copy / CACHE).unlink(missing_ok=True)
+    emb = weights.empty_prompt_embedding(ckpt_copy)
+    exp = _independent_embedding(ckpt_copy)
+    assert emb.shape == (1, 77, 32) and emb.dtype == torch.float32
+    torch.testing.assert_close(emb, exp, atol=1e-5, rtol=1e-5)
+    assert (ckpt_copy / CACHE).is_file()
+    torch.testing.assert_close(load_file(str(ckpt_copy / CACHE))["prompt_embeds"], emb, atol=0, rtol=0)
+    assert not (ckpt_copy / (CACHE + ".tmp")).exists()
+
+    _forbid_text_model(monkeypatch)
+    again = weights.empty_prompt_embedding(ckpt_copy)
+    torch.testing.assert_close(again, emb, atol=0, rtol=0)
+    weights.validate_model_dir(ckpt_copy)  # with a valid cache the text encoder is not even meta-built
+
+    # Same content, new timestamp (e.g. a copy): the cache is still valid.
+    p = ckpt_copy / TE_W
+    st = p.stat()
+    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns + 3_000_000_000))
+    torch.testing.assert_close(weights.empty_prompt_embedding(ckpt_copy), emb, atol=0, rtol=0)
+
+
+def test_empty_prompt_recomputed_after_text_encoder_change(ckpt_copy: Path) -> None:
+    (ckpt_copy / CACHE).unlink(missing_ok=True)
+    first = weights.empty_prompt_embedding(ckpt_copy)
+    _rewrite_text_encoder(ckpt_copy, seed=123)
+    second = weights.empty_prompt_embedding(ckpt_copy)
+    exp = _independent_embedding(ckpt_copy)
+    torch.testing.assert_close(second, exp, atol=1e-5, rtol=1e-5)
+    assert float((second - first).abs().max()) > 1e-3
+    torch.testing.assert_close(load_file(str(ckpt_copy / CACHE))["prompt_embeds"], second, atol=0, rtol=0)
+
+
+def test_cached_prompt_used_after_text_encoder_deleted(ckpt_copy: Path, no_hub_raft: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    (ckpt_copy / CACHE).unlink(missing_ok=True)
+    emb = weights.empty_prompt_embedding(ckpt_copy)
+    shutil.rmtree(ckpt_copy / "text_encoder")
+    _forbid_text_model(monkeypatch)
+    weights.validate_model_dir(ckpt_copy)
+    torch.testing.assert_close(weights.empty_prompt_embedding(ckpt_copy), emb, atol=0, rtol=0)
+
+
+def test_unwritable_prompt_cache_still_returns_embedding(ckpt_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model folder where the cache cannot be written (e.g. read-only, shared) must still load.
+
+    Root ignores permission bits, so the write is made to fail the way safetensors fails on any
+    unwritable location: the cache goes to a sub-folder that does not exist.
+    """
+    (ckpt_copy / CACHE).unlink(missing_ok=True)
+    monkeypatch.setattr(weights, "PROMPT_CACHE_NAME", "no_such_subfolder/" + CACHE)
+    emb = weights.empty_prompt_embedding(ckpt_copy)
+    torch.testing.assert_close(emb, _independent_embedding(ckpt_copy), atol=1e-5, rtol=1e-5)
+    assert not (ckpt_copy / "no_such_subfolder").exists()
+
+
+def test_corrupt_prompt_cache_is_recomputed(ckpt_copy: Path) -> None:
+    (ckpt_copy / CACHE).write_bytes(b"not a safetensors file")
+    emb = weights.empty_prompt_embedding(ckpt_copy)
+    torch.testing.assert_close(emb, _independent_embedding(ckpt_copy), atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------ safetensors header
+
+def _small_file(tmp_path: Path) -> Path:
+    p = tmp_path / "t.safetensors"
+    save_file({"a": torch.zeros(2, 3), "b": torch.ones(5, dtype=torch.float16), "c": torch.arange(4)}, str(p))
+    return p
+
+
+def test_read_safetensors_header(tmp_path: Path) -> None:
+    p = _small_file(tmp_path)
+    header = weights.read_safetensors_header(p)
+    assert header == {"a": ("F32", (2, 3)), "b": ("F16", (5,)), "c": ("I64", (4,))}
+
+
+def test_read_safetensors_header_trailing_bytes(tmp_path: Path) -> None:
+    p = _small_file(tmp_path)
+    p.write_bytes(p.read_bytes() + b"\0\0\0")
+    with pytest.raises(ValueError, match="trailing"):
+        weights.read_safetensors_header(p)
+
+
+@pytest.mark.parametrize("keep", [3, 20, -1])
+def test_read_safetensors_header_truncated(tmp_path: Path, keep: int) -> None:
+    p = _small_file(tmp_path)
+    p.write_bytes(p.read_bytes()[:keep])
+    with pytest.raises(ValueError):
+        weights.read_safetensors_header(p)
+
+
+def test_read_safetensors_header_garbage(tmp_path: Path) -> None:
+    p = tmp_path / "g.safetensors"
+    p.write_bytes((16).to_bytes(8, "little") + b"[1, 2, 3]       ")
+    with pytest.raises(ValueError):
+        weights.read_safetensors_header(p)
+    p.write_bytes((16).to_bytes(8, "little") + b"\xfe" * 16)
+    with pytest.raises(ValueError):
+        weights.read_safetensors_header(p)
