@@ -30,7 +30,6 @@ core = vs.core
 
 _PIPES: dict[tuple[str, str, str], StreamDiffVSR] = {}
 _PIPES_LOCK = threading.Lock()
-_RUN_LOCKS: dict[int, threading.Lock] = {}
 
 
 @contextlib.contextmanager
@@ -67,7 +66,6 @@ def get_pipeline(model_dir: str | os.PathLike[str] | None, device: torch.device,
             with _stdout_to_stderr():
                 pipe = StreamDiffVSR.from_pretrained(key[0], device=device, dtype=dtype)
             _PIPES[key] = pipe
-            _RUN_LOCKS[id(pipe)] = threading.Lock()
         return pipe
 
 
@@ -116,7 +114,8 @@ def _tensor_to_frame(hq: torch.Tensor, blank: vs.VideoFrame, props: Any) -> vs.V
 
 def upscale(clip: vs.VideoNode, *, model_dir: str | os.PathLike[str] | None = None, device: str = "cuda",
             dtype: torch.dtype | str | None = None, seed: int = 0, max_gap: int = 16, warmup: int = 0,
-            reset_on_scene_change: bool = True) -> vs.VideoNode:
+            reset_on_scene_change: bool = True, flow: str = "hr", tile: int | tuple[int, int] | None = None,
+            tile_overlap: int = 16, compile: bool = False, compile_mode: str = "default") -> vs.VideoNode:
     """Stream-DiffVSR x4 super-resolution of an RGBS/RGBH clip.
 
     Args:
@@ -131,6 +130,13 @@ def upscale(clip: vs.VideoNode, *, model_dir: str | os.PathLike[str] | None = No
             exactly; keep it >= vspipe's ``-r`` and ``core.num_threads``.
         warmup: frames computed and discarded before a seek target.
         reset_on_scene_change: a frame with ``_SceneChangePrev`` = 1 starts a new run.
+        flow: ``"hr"`` (reference: RAFT on the bicubic x4 frames) or ``"lr"`` (faster, a documented
+            deviation: RAFT at LR, flow upsampled x4; needs an LR side of at least 128 px).
+        tile: LR tile size (int or (h, w), multiples of 8) for denoising and decoding large frames in
+            overlapping, feathered tiles; None = whole frames, with automatic tiling on CUDA out-of-memory.
+        tile_overlap: LR pixels shared by neighbouring tiles (multiple of 4).
+        compile: ``torch.compile`` the denoising step and decoder (first frames slow; kernels cached on disk).
+        compile_mode: ``"default"``, ``"reduce-overhead"`` (CUDA graphs) or ``"max-autotune"``.
 
     Returns:
         The same format at exactly 4x width and height; each frame carries its own source frame's props.
@@ -156,10 +162,17 @@ def upscale(clip: vs.VideoNode, *, model_dir: str | os.PathLike[str] | None = No
     except ValueError as exc:
         raise vs.Error(f"upscale: {exc}") from None
     try:
-        pipe = get_pipeline(model_dir, dev, dt)
+        base = get_pipeline(model_dir, dev, dt)
     except Exception as exc:  # ModelFilesError and friends: one clear line
         raise vs.Error(f"upscale: {exc}") from None
-    run_lock = _RUN_LOCKS[id(pipe)]
+    try:
+        pipe = base.with_options(flow=flow, tile=tile, tile_overlap=tile_overlap, compile=compile,
+                                 compile_mode=compile_mode)
+    except ValueError as exc:
+        raise vs.Error(f"upscale: {exc}") from None
+    if flow == "lr" and min(clip.width, clip.height) < 128:
+        raise vs.Error(f'upscale: flow="lr" needs a clip of at least 128x128, got {clip.width}x{clip.height}; '
+                       'use flow="hr"')
 
     if core.num_threads > max_gap:
         warnings.warn(f"upscale: core.num_threads ({core.num_threads}) > max_gap ({max_gap}): parallel requests "
@@ -177,8 +190,7 @@ def upscale(clip: vs.VideoNode, *, model_dir: str | os.PathLike[str] | None = No
         if pw or ph:
             x = F.pad(x, (0, pw, 0, ph), mode="replicate")
         try:
-            with run_lock:
-                hq, state = pipe.process_frame(x, state, noise=frame_noise(seed, i, lat_shape))
+            hq, state = pipe.process_frame(x, state, noise=frame_noise(seed, i, lat_shape))
         except ValueError as exc:
             raise vs.Error(f"upscale: frame {i}: {exc}") from None
         return _tensor_to_frame(hq[..., : 4 * h, : 4 * w], template[0], frame.props), state

@@ -1,0 +1,198 @@
+#!/usr/bin/env python3
+"""Speed, memory and picture of Stream-DiffVSR paths, side by side.
+
+    python scripts/bench.py --lr 320x180                      # 720p out, random full-size weights, CUDA
+    python scripts/bench.py --lr 480x270 --compile            # 1080p out, with torch.compile
+    python scripts/bench.py --model-dir DIR --lr 320x180      # real weights
+    python scripts/bench.py --tiny --device cpu --frames 3    # CI smoke test (tiny random model)
+
+Paths:
+  reference  executes like the reference code: float32 (TF32 matmul/conv on CUDA), eager, RAFT at HR
+  optimized  --dtype (bfloat16), channels_last on CUDA, --compile/--compile-mode, --flow, --tile
+The table gives ms/frame (median over --frames after --warmup frames), peak allocated GPU memory, the
+first frame's time (compile cost), and PSNR of each path's output against the float32 output on the same
+weights, frames and noise. Speed does not depend on weight values, so random weights are fine for timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from vsstreamdiffvsr import StreamDiffVSR, StreamState  # noqa: E402
+
+FULL_UNET = dict(
+    in_channels=7, out_channels=4, block_out_channels=(256, 512, 512, 1024), layers_per_block=2,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    only_cross_attention=(True, True, True, False), attention_head_dim=8, cross_attention_dim=1024,
+    use_linear_projection=True, flip_sin_to_cos=True, freq_shift=0, num_class_embeds=None, norm_num_groups=32,
+)
+FULL_VAE = dict(encoder_block_out_channels=(64, 64, 64), decoder_block_out_channels=(64, 64, 64),
+                num_encoder_blocks=(1, 3, 3), num_decoder_blocks=(3, 3, 1))
+
+
+def random_full_components(seed: int = 0) -> dict:
+    """Full-size random U-Net / ARTG / VAE / RAFT state dicts on the CPU (architecture of the release)."""
+    from diffusers import ControlNetModel, UNet2DConditionModel
+    from torchvision.models.optical_flow import raft_large
+
+    from vsstreamdiffvsr.models.temporal_vae import TemporalTinyVAE
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**FULL_UNET)
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(64, 128, 256))
+    for p in list(controlnet.controlnet_down_blocks.parameters()) + list(controlnet.controlnet_mid_block.parameters()):
+        torch.nn.init.normal_(p, std=0.01)  # zero-initialised in a fresh ControlNet; make it do work
+    return dict(unet=unet, controlnet=controlnet, vae=TemporalTinyVAE(**FULL_VAE), raft=raft_large(weights=None),
+                prompt=torch.randn(1, 77, 1024) * 0.5)
+
+
+def build(components: dict, device: torch.device, dtype: torch.dtype, **options) -> StreamDiffVSR:
+    import copy
+
+    from diffusers import DDIMScheduler
+
+    from vsstreamdiffvsr.models.flow import RaftFlow
+    from vsstreamdiffvsr.testing import SCHEDULER_CONFIG
+
+    compile_ = options.pop("compile", False)
+    compile_mode = options.pop("compile_mode", "default")
+    to = torch.nn.Module.to  # not diffusers' override, which logs a warning for every dtype cast
+    pipe = StreamDiffVSR(unet=to(copy.deepcopy(components["unet"]), dtype).eval(),
+                         controlnet=to(copy.deepcopy(components["controlnet"]), dtype).eval(),
+                         vae=copy.deepcopy(components["vae"]).eval(),
+                         scheduler=DDIMScheduler.from_config(SCHEDULER_CONFIG),
+                         raft=RaftFlow(copy.deepcopy(components["raft"]).eval()),
+                         prompt_embeds=components["prompt"], device=device, dtype=dtype, **options)
+    if compile_:
+        pipe.enable_compile(mode=compile_mode)
+    return pipe
+
+
+def make_frames(n: int, h: int, w: int, seed: int = 0) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Moving smooth content with grain (CPU), and per-frame noise."""
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij")
+    frames, noises = [], []
+    for i in range(n):
+        base = 0.5 + 0.4 * torch.sin((xx + 2.0 * i) / 9.0) * torch.cos((yy - i) / 13.0)
+        frame = (base[None, None].repeat(1, 3, 1, 1) + 0.05 * torch.rand(1, 3, h, w, generator=g)).clamp(0, 1)
+        frames.append(frame)
+        noises.append(torch.randn(1, 4, h, w, generator=g))
+    return frames, noises
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(pipe: StreamDiffVSR, frames, noises, warmup: int, device: torch.device) -> dict:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    state, times, outs = StreamState(), [], []
+    for f, z in zip(frames, noises):
+        f = f.to(device, non_blocking=True)
+        sync(device)
+        t0 = time.perf_counter()
+        hq, state = pipe.process_frame(f, state, noise=z)
+        sync(device)
+        times.append(time.perf_counter() - t0)
+        outs.append(hq.float().cpu())
+    steady = times[warmup:] or times
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+    return dict(ms=1000 * statistics.median(steady), first_ms=1000 * times[0], peak_gib=peak, outs=outs,
+                fallbacks={k: v for k, v in pipe.stats.items() if k.endswith("fallbacks") and v})
+
+
+def psnr(outs: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
+    mse = statistics.fmean(float(((a - b) ** 2).mean()) for a, b in zip(outs, ref))
+    return float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model-dir", type=Path, help="real checkpoint folder (default: random full-size weights)")
+    ap.add_argument("--tiny", action="store_true", help="tiny random checkpoint (smoke test)")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--lr", default="320x180", help="LR input WxH (output is 4x)")
+    ap.add_argument("--frames", type=int, default=24)
+    ap.add_argument("--warmup", type=int, default=4)
+    ap.add_argument("--dtype", default="bfloat16", help="optimized path precision (bfloat16 or float16)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the optimized path")
+    ap.add_argument("--compile-mode", default="default")
+    ap.add_argument("--flow", default="hr", choices=("hr", "lr"))
+    ap.add_argument("--tile", type=int, default=None, help="LR tile size for the optimized path")
+    ap.add_argument("--skip-reference", action="store_true", help="only the optimized path (no PSNR)")
+    ap.add_argument("--json", type=Path, help="also write the results here")
+    args = ap.parse_args()
+
+    device = torch.device(args.device)
+    w, h = (int(v) for v in args.lr.lower().split("x"))
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True   # what the reference's inference.py runs with
+        torch.backends.cudnn.allow_tf32 = True
+        gpu = torch.cuda.get_device_name(device)
+    else:
+        gpu = "CPU"
+
+    if args.tiny or args.model_dir is not None:
+        from vsstreamdiffvsr import weights
+        from vsstreamdiffvsr.testing import make_tiny_checkpoint
+
+        root = Path(args.model_dir) if args.model_dir else make_tiny_checkpoint(tempfile.mkdtemp(), seed=0)
+        load = dict(unet=weights.load_unet(root), controlnet=weights.load_controlnet(root), vae=weights.load_vae(root),
+                    raft=weights.load_raft(root).raft, prompt=weights.empty_prompt_embedding(root))
+        weights_desc = "tiny random" if args.tiny else str(root)
+    else:
+        load = random_full_components()
+        weights_desc = "random full-size"
+    frames, noises = make_frames(args.frames, h, w)
+
+    results = {}
+    paths = [] if args.skip_reference else [("reference", torch.float32, dict(channels_last=False))]
+    opt = dict(channels_last=None, flow=args.flow, tile=args.tile, compile=args.compile,
+               compile_mode=args.compile_mode)
+    paths.append((f"optimized ({args.dtype}{', compiled' if args.compile else ''}"
+                  f"{', flow=lr' if args.flow == 'lr' else ''}{f', tile={args.tile}' if args.tile else ''})",
+                  getattr(torch, args.dtype), opt))
+    ref_outs = None
+    for name, dtype, options in paths:
+        pipe = build(load, device, dtype, **options)
+        res = measure(pipe, frames, noises, args.warmup, device)
+        if ref_outs is None and dtype == torch.float32:
+            ref_outs = res["outs"]
+        res["psnr_vs_fp32"] = psnr(res["outs"], ref_outs) if ref_outs is not None else float("nan")
+        del res["outs"], pipe
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        results[name] = res
+
+    print(f"# {gpu}, {w}x{h} -> {4 * w}x{4 * h}, {weights_desc} weights, {args.frames} frames "
+          f"(median after {args.warmup}), torch {torch.__version__}")
+    print("| path | ms/frame | first frame ms | peak GiB | PSNR vs fp32 (dB) | speed-up |")
+    print("|---|---|---|---|---|---|")
+    base_ms = next(iter(results.values()))["ms"]
+    for name, r in results.items():
+        extra = f" fallbacks {r['fallbacks']}" if r["fallbacks"] else ""
+        print(f"| {name} | {r['ms']:.1f} | {r['first_ms']:.0f} | {r['peak_gib']:.2f} | {r['psnr_vs_fp32']:.1f} | "
+              f"{base_ms / r['ms']:.2f}x |{extra}")
+    if args.json:
+        args.json.write_text(json.dumps(dict(gpu=gpu, lr=[w, h], results=results), indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()

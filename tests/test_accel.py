@@ -1,0 +1,198 @@
+"""Speed and memory levers keep the picture: half precision, channels_last, compile, tiling, fallbacks.
+
+Timings are never asserted here (see scripts/bench.py); these tests check correctness on the CPU.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vsstreamdiffvsr import StreamDiffVSR, StreamState
+from vsstreamdiffvsr.pipeline import PrecisionFallbackWarning, TilingFallbackWarning
+from vsstreamdiffvsr.tiling import feather_weight, parse_tile, tile_layout
+
+
+def frames_and_noise(n: int, h: int, w: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.rand(1, 3, h, w, generator=g) for _ in range(n)], [torch.randn(1, 4, h, w, generator=g)
+                                                                     for _ in range(n)]
+
+
+def run(pipe: StreamDiffVSR, frames, noises) -> list[torch.Tensor]:
+    state, outs = StreamState(), []
+    for f, z in zip(frames, noises):
+        hq, state = pipe.process_frame(f, state, noise=z)
+        outs.append(hq)
+    return outs
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    return 10 * math.log10(1.0 / max(float(((a - b) ** 2).mean()), 1e-20))
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_close_to_float32(tiny_ckpt: Path, pipe: StreamDiffVSR, dtype: str) -> None:
+    frames, noises = frames_and_noise(2, 32, 32)
+    ref = run(pipe, frames, noises)
+    half = StreamDiffVSR.from_pretrained(tiny_ckpt, device="cpu", dtype=dtype)
+    assert half.unet.dtype == getattr(torch, dtype) and next(half.vae.parameters()).dtype == torch.float32
+    out = run(half, frames, noises)
+    for a, b in zip(out, ref):
+        assert a.dtype == torch.float32
+        assert 40.0 <= psnr(a, b) < 200.0  # close, and really computed in half precision
+
+
+def test_channels_last_equals_contiguous(tiny_ckpt: Path, pipe: StreamDiffVSR) -> None:
+    frames, noises = frames_and_noise(2, 32, 36)
+    cl = StreamDiffVSR.from_pretrained(tiny_ckpt, device="cpu", dtype="float32", channels_last=True)
+    assert cl.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    for a, b in zip(run(cl, frames, noises), run(pipe, frames, noises)):
+        assert float((a - b).abs().max()) <= 1e-5
+
+
+def test_compiled_equals_eager(pipe: StreamDiffVSR, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch.compile of the cold/warm steps and the decoder (aot_eager backend: the CPU-affordable
+    compile path that still traces our code through dynamo and AOTAutograd)."""
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    frames, noises = frames_and_noise(3, 32, 32)
+    ref = run(pipe, frames, noises)
+    compiled = pipe.with_options()
+    compiled.enable_compile(backend="aot_eager", cache_dir=tmp_path / "inductor")
+    assert compiled.compiled and not pipe.compiled
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "inductor")
+    for a, b in zip(run(compiled, frames, noises), ref):
+        assert float((a - b).abs().max()) <= 1e-5
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+
+
+def test_flow_lr_is_upsampled_raft_at_lr(pipe: StreamDiffVSR) -> None:
+    g = torch.Generator().manual_seed(3)
+    x, xp = torch.rand(1, 3, 128, 128, generator=g) * 2 - 1, torch.rand(1, 3, 128, 128, generator=g) * 2 - 1
+    with torch.inference_mode():
+        got = pipe.compute_flow(x, xp, mode="lr")
+        want = F.interpolate(pipe.raft.raft(x, xp, num_flow_updates=12)[-1], scale_factor=4, mode="bilinear",
+                             align_corners=False) * 4
+    assert got.shape == (1, 2, 512, 512)
+    assert float((got - want).abs().max()) <= 1e-5
+    with pytest.raises(ValueError, match='flow="lr"'):
+        pipe.compute_flow(x[..., :64, :64], xp[..., :64, :64], mode="lr")
+    with pytest.raises(ValueError, match="flow"):
+        pipe.with_options(flow="quarter")
+
+
+def test_feathered_tiles_are_a_partition_of_unity() -> None:
+    for h, w, tile, ov in ((64, 80, (32, 32), 16), (100, 52, (48, 40), 8), (36, 36, (64, 64), 16)):
+        tiles = tile_layout(h, w, tile, ov)
+        total = torch.zeros(1, 1, 4 * h, 4 * w)
+        for t in tiles:
+            assert t.y0 + t.h <= h and t.x0 + t.w <= w and t.h == min(tile[0], h) and t.w == min(tile[1], w)
+            hy, hx = t.hr()
+            total[..., hy, hx] += feather_weight(t, tiles, h, w, 4, torch.device("cpu"))
+        assert float((total - 1).abs().max()) <= 1e-5
+    with pytest.raises(ValueError):
+        parse_tile(30)
+    with pytest.raises(ValueError):
+        parse_tile((64, 20))
+
+
+def test_tiling_places_and_blends_tiles_exactly(pipe: StreamDiffVSR, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a purely local stand-in for the model, the tiled frame equals the untiled one exactly."""
+    tiled = pipe.with_options(tile=32, tile_overlap=8)
+    monkeypatch.setattr(tiled, "denoise", lambda z, x, warped: z * 0.5 + x[:, :1])
+    monkeypatch.setattr(tiled, "_decode", lambda z, feats: F.interpolate(z[:, :3], scale_factor=4, mode="nearest"))
+    monkeypatch.setattr(tiled.vae, "temporal_features", lambda w: None)
+    g = torch.Generator().manual_seed(0)
+    z, x = torch.randn(1, 4, 56, 72, generator=g), torch.rand(1, 3, 56, 72, generator=g)
+    whole = tiled._run(z, x, None, None)
+    parts = tiled._run(z, x, None, (32, 32))
+    assert tiled.stats["tiled_frames"] == 1
+    assert float((whole - parts).abs().max()) <= 1e-5
+
+
+def test_tiled_close_to_untiled(pipe: StreamDiffVSR) -> None:
+    frames, noises = frames_and_noise(2, 64, 64)
+    ref = run(pipe, frames, noises)
+    tiled = pipe.with_options(tile=48, tile_overlap=16)
+    out = run(tiled, frames, noises)
+    assert tiled.stats["tiled_frames"] == 2
+    for a, b in zip(out, ref):
+        # GroupNorm statistics and attention see a tile, not the frame: close, not equal (tiny random model)
+        assert 30.0 <= psnr(a, b) < 200.0
+    single = pipe.with_options(tile=64)  # one tile covering the frame = the untiled computation
+    for a, b in zip(run(single, frames, noises), ref):
+        assert float((a - b).abs().max()) == 0.0
+
+
+def test_nan_in_half_precision_recomputes_in_float32(tiny_ckpt: Path, pipe: StreamDiffVSR,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    frames, noises = frames_and_noise(2, 32, 32)
+    ref = run(pipe, frames, noises)
+    half = StreamDiffVSR.from_pretrained(tiny_ckpt, device="cpu", dtype="bfloat16")
+
+    def poisoned(*args, **kwargs):
+        return torch.full_like(args[0], float("nan"), dtype=half.dtype)
+
+    monkeypatch.setattr(half, "_step_cold", poisoned)
+    monkeypatch.setattr(half, "_step_warm", poisoned)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        out = run(half, frames, noises)
+    assert half.stats["nan_fallbacks"] == 2
+    fallback_warnings = [w for w in caught if issubclass(w.category, PrecisionFallbackWarning)]
+    assert len(fallback_warnings) == 1  # one warning, not one per frame
+    for a, b in zip(out, ref):
+        assert torch.isfinite(a).all()
+        assert float((a - b).abs().max()) <= 1e-5  # the float32 twin is loaded from the checkpoint
+
+
+def test_out_of_memory_falls_back_to_tiles(pipe: StreamDiffVSR, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Simulated CUDA OOM for anything larger than a 32x32 latent: tiles shrink until the frame fits."""
+    frames, noises = frames_and_noise(2, 64, 64)
+    expected = run(pipe.with_options(tile=32, tile_overlap=16), frames, noises)
+    lean = pipe.with_options()
+    real_denoise = lean.denoise
+
+    def limited(z, x, warped):
+        if z.shape[-1] * z.shape[-2] > 32 * 32:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_denoise(z, x, warped)
+
+    monkeypatch.setattr(lean, "denoise", limited)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = run(lean, frames, noises)
+    assert lean.stats["oom_fallbacks"] == 1 and lean.tile == (32, 32)
+    assert any(issubclass(w.category, TilingFallbackWarning) for w in caught)
+    for a, b in zip(out, expected):
+        assert float((a - b).abs().max()) <= 1e-6
+    strict = pipe.with_options(oom_fallback=False)
+    monkeypatch.setattr(strict, "denoise", limited)
+    with pytest.raises(torch.OutOfMemoryError):
+        run(strict, frames[:1], noises[:1])
+
+
+def test_raft_out_of_memory_falls_back_to_lr_flow(pipe: StreamDiffVSR, monkeypatch: pytest.MonkeyPatch) -> None:
+    frames, noises = frames_and_noise(2, 128, 128)
+    expected = run(pipe.with_options(flow="lr"), frames, noises)
+    lean = pipe.with_options()
+    real = lean.compute_flow
+
+    def hr_too_big(x, x_prev, mode=None):
+        if (mode or lean.flow_mode) == "hr":
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(x, x_prev, mode)
+
+    monkeypatch.setattr(lean, "compute_flow", hr_too_big)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = run(lean, frames, noises)
+    assert lean.stats["lr_flow_fallbacks"] == 1
+    for a, b in zip(out, expected):
+        assert float((a - b).abs().max()) <= 1e-6

@@ -1,0 +1,27 @@
+"""scripts/bench.py runs end to end (CPU, tiny model). No timing is asserted: only that it measures."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_bench_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    res = subprocess.run([sys.executable, str(REPO / "scripts" / "bench.py"), "--tiny", "--device", "cpu",
+                          "--frames", "3", "--warmup", "1", "--lr", "32x32", "--json", str(out)],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = [line for line in res.stdout.splitlines() if line.startswith("| ")]
+    assert lines[0].startswith("| path | ms/frame")
+    assert any(line.startswith("| reference |") for line in lines)
+    assert any(line.startswith("| optimized (bfloat16)") for line in lines)
+    data = json.loads(out.read_text())
+    ref, opt = data["results"]["reference"], data["results"]["optimized (bfloat16)"]
+    assert ref["ms"] > 0 and opt["ms"] > 0
+    assert ref["psnr_vs_fp32"] == float("inf")           # the reference is the float32 output itself
+    assert 35.0 < opt["psnr_vs_fp32"] < float("inf")      # bf16: close, not identical

@@ -1,0 +1,84 @@
+"""Overlapping tiles with feathered blending, for frames too large to denoise and decode at once.
+
+Tiles are laid out on the LR grid (the latent lives at LR resolution); the HR output of a tile is the
+same region times 4. Every tile has the same size (the last row/column is aligned to the frame edge),
+so a compiled model sees one static shape. Weights ramp linearly across each overlap and stay 1 at
+frame borders, so the blend is a partition of unity with no visible seam.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["Tile", "tile_layout", "feather_weight", "parse_tile"]
+
+
+@dataclass(frozen=True)
+class Tile:
+    """An LR region [y0, y0+h) x [x0, x0+w)."""
+
+    y0: int
+    x0: int
+    h: int
+    w: int
+
+    def lr(self) -> tuple[slice, slice]:
+        return slice(self.y0, self.y0 + self.h), slice(self.x0, self.x0 + self.w)
+
+    def hr(self, scale: int = 4) -> tuple[slice, slice]:
+        return slice(scale * self.y0, scale * (self.y0 + self.h)), slice(scale * self.x0, scale * (self.x0 + self.w))
+
+
+def parse_tile(tile: int | tuple[int, int] | list[int] | None) -> tuple[int, int] | None:
+    """``None``/0 (no tiling), an int (square) or (height, width) in LR pixels; multiples of 8, >= 32."""
+    if tile is None or tile == 0:
+        return None
+    if isinstance(tile, int) and not isinstance(tile, bool):
+        th = tw = tile
+    elif isinstance(tile, (tuple, list)) and len(tile) == 2 and all(isinstance(t, int) for t in tile):
+        th, tw = int(tile[0]), int(tile[1])
+    else:
+        raise ValueError(f"tile must be None, an int or (height, width) in LR pixels, got {tile!r}")
+    if th < 32 or tw < 32 or th % 8 or tw % 8:
+        raise ValueError(f"tile sides must be multiples of 8 and at least 32 LR pixels, got {th}x{tw}")
+    return th, tw
+
+
+def _starts(size: int, tile: int, overlap: int) -> list[int]:
+    if tile >= size:
+        return [0]
+    step = max(tile - overlap, 1)
+    starts = list(range(0, size - tile, step))
+    starts.append(size - tile)
+    return sorted(set(starts))
+
+
+def tile_layout(h: int, w: int, tile: tuple[int, int], overlap: int) -> list[Tile]:
+    """Tiles covering an h x w LR frame; tiles never exceed the frame (a smaller frame is one tile)."""
+    th, tw = min(tile[0], h), min(tile[1], w)
+    return [Tile(y, x, th, tw) for y in _starts(h, th, overlap) for x in _starts(w, tw, overlap)]
+
+
+def _ramp(n: int, lo_overlap: int, hi_overlap: int, device: torch.device) -> torch.Tensor:
+    r = torch.ones(n, device=device, dtype=torch.float32)
+    if lo_overlap > 0:
+        r[:lo_overlap] = (torch.arange(lo_overlap, device=device, dtype=torch.float32) + 0.5) / lo_overlap
+    if hi_overlap > 0:
+        r[n - hi_overlap:] = torch.minimum(
+            r[n - hi_overlap:],
+            (torch.arange(hi_overlap, 0, -1, device=device, dtype=torch.float32) - 0.5) / hi_overlap)
+    return r
+
+
+def feather_weight(t: Tile, tiles: list[Tile], frame_h: int, frame_w: int, scale: int,
+                   device: torch.device) -> torch.Tensor:
+    """(1,1,scale*h,scale*w) blending weight of ``t``: ramps over overlaps with neighbours, 1 elsewhere."""
+    top = max((o.y0 + o.h - t.y0 for o in tiles if o.y0 < t.y0 and o.y0 + o.h > t.y0 and o.x0 == t.x0), default=0)
+    bottom = max((t.y0 + t.h - o.y0 for o in tiles if o.y0 > t.y0 and o.y0 < t.y0 + t.h and o.x0 == t.x0), default=0)
+    left = max((o.x0 + o.w - t.x0 for o in tiles if o.x0 < t.x0 and o.x0 + o.w > t.x0 and o.y0 == t.y0), default=0)
+    right = max((t.x0 + t.w - o.x0 for o in tiles if o.x0 > t.x0 and o.x0 < t.x0 + t.w and o.y0 == t.y0), default=0)
+    wy = _ramp(scale * t.h, scale * top, scale * bottom, device)
+    wx = _ramp(scale * t.w, scale * left, scale * right, device)
+    return (wy[:, None] * wx[None, :])[None, None]
