@@ -96,7 +96,8 @@ def _check_clip(clip: Any) -> None:
 
 def _frame_to_tensor(frame: vs.VideoFrame, device: torch.device) -> torch.Tensor:
     # one small copy of the LR planes (source frames are read-only; rows may be padded)
-    x = torch.from_numpy(np.stack([np.asarray(frame[p]) for p in range(3)]))[None].to(device=device, dtype=torch.float32, non_blocking=True)
+    x = torch.from_numpy(np.stack([np.asarray(frame[p]) for p in range(3)]))[None]
+    x = x.to(device=device, dtype=torch.float32, non_blocking=True)
     # RGB from YUV conversions overshoots slightly; the model was trained on [0, 1] images.
     return x.clamp_(0.0, 1.0)
 
