@@ -7,8 +7,9 @@
     python scripts/bench.py --tiny --device cpu --frames 3    # CI smoke test (tiny random model)
 
 Paths:
-  reference  executes like the reference code: float32 (TF32 matmul/conv on CUDA), eager, RAFT at HR
-  optimized  --dtype (bfloat16), channels_last on CUDA, --compile/--compile-mode, --flow, --tile
+  reference  executes like the reference code: float32 (TF32 matmul/conv on CUDA), eager, RAFT at HR with
+             the all-pairs correlation volume
+  optimized  --dtype (bfloat16), channels_last on CUDA, --compile/--compile-mode, --flow, --tile, --raft-corr
 The table gives ms/frame (median over --frames after --warmup frames), peak allocated GPU memory, the
 first frame's time (compile cost), and PSNR of each path's output against the float32 output on the same
 weights, frames and noise. Speed does not depend on weight values, so random weights are fine for timing.
@@ -135,6 +136,8 @@ def main() -> None:
     ap.add_argument("--compile-mode", default="default")
     ap.add_argument("--flow", default="hr", choices=("hr", "lr"))
     ap.add_argument("--tile", type=int, default=None, help="LR tile size for the optimized path")
+    ap.add_argument("--raft-corr", default="auto", choices=("auto", "full", "lean"),
+                    help="RAFT correlation of the optimized path (lean: no all-pairs volume)")
     ap.add_argument("--skip-reference", action="store_true", help="only the optimized path (no PSNR)")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
@@ -162,9 +165,10 @@ def main() -> None:
     frames, noises = make_frames(args.frames, h, w)
 
     results = {}
-    paths = [] if args.skip_reference else [("reference", torch.float32, dict(channels_last=False))]
+    paths = [] if args.skip_reference else [("reference", torch.float32,
+                                             dict(channels_last=False, raft_corr="full", oom_fallback=False))]
     opt = dict(channels_last=None, flow=args.flow, tile=args.tile, compile=args.compile,
-               compile_mode=args.compile_mode)
+               compile_mode=args.compile_mode, raft_corr=args.raft_corr)
     paths.append((f"optimized ({args.dtype}{', compiled' if args.compile else ''}"
                   f"{', flow=lr' if args.flow == 'lr' else ''}{f', tile={args.tile}' if args.tile else ''})",
                   getattr(torch, args.dtype), opt))

@@ -184,15 +184,66 @@ def test_raft_out_of_memory_falls_back_to_lr_flow(pipe: StreamDiffVSR, monkeypat
     lean = pipe.with_options()
     real = lean.compute_flow
 
-    def hr_too_big(x, x_prev, mode=None):
-        if (mode or lean.flow_mode) == "hr":
+    def hr_too_big(x, x_prev, mode=None, lean=None):
+        if (mode or "hr") == "hr":  # neither the full nor the lean correlation fits at HR
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real(x, x_prev, mode)
+        return real(x, x_prev, mode, lean)
 
     monkeypatch.setattr(lean, "compute_flow", hr_too_big)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         out = run(lean, frames, noises)
-    assert lean.stats["lr_flow_fallbacks"] == 1
+    assert lean.stats["lean_corr_fallbacks"] == 1 and lean.stats["lr_flow_fallbacks"] == 1
     for a, b in zip(out, expected):
         assert float((a - b).abs().max()) <= 1e-6
+
+
+def test_lean_correlation_matches_torchvision() -> None:
+    from torchvision.models.optical_flow.raft import CorrBlock
+
+    from vsstreamdiffvsr.models.flow import LeanCorrBlock
+
+    g = torch.Generator().manual_seed(0)
+    f1, f2 = torch.randn(1, 64, 16, 20, generator=g), torch.randn(1, 64, 16, 20, generator=g)
+    ref, lean = CorrBlock(num_levels=4, radius=4), LeanCorrBlock(num_levels=4, radius=4, chunk_bytes=64 * 1024)
+    ref.build_pyramid(f1, f2)
+    lean.build_pyramid(f1, f2)
+    grid = torch.stack(torch.meshgrid(torch.arange(16.0), torch.arange(20.0), indexing="ij")[::-1])[None]
+    coords = grid + 4 * torch.randn(1, 2, 16, 20, generator=g)  # some lookups fall outside the frame
+    want, got = ref.index_pyramid(coords), lean.index_pyramid(coords)
+    assert got.shape == want.shape == (1, 324, 16, 20)
+    assert float((got - want).abs().max()) <= 1e-5 * float(want.abs().max())
+
+
+def test_lean_flow_equals_full_flow_and_is_used_for_large_frames(pipe: StreamDiffVSR) -> None:
+    from vsstreamdiffvsr.models.flow import corr_pyramid_bytes
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(1, 3, 32, 40, generator=g) * 2 - 1
+    xp = torch.roll(x, (1, 2), (2, 3))
+    with torch.inference_mode():
+        full = pipe.compute_flow(x, xp, lean=False)
+        lean = pipe.compute_flow(x, xp, lean=True)
+    assert float((full - lean).abs().max()) <= 1e-4
+    assert pipe.raft.raft.corr_block is pipe.raft._full_block  # restored after the call
+    assert corr_pyramid_bytes(720, 1280) < 2 * 2**30 < corr_pyramid_bytes(1080, 1920)  # auto: 720p full, 1080p lean
+    with pytest.raises(ValueError, match="raft_corr"):
+        pipe.with_options(raft_corr="huge")
+
+
+def test_raft_out_of_memory_tries_lean_correlation_first(pipe: StreamDiffVSR, monkeypatch: pytest.MonkeyPatch) -> None:
+    frames, noises = frames_and_noise(2, 32, 32)
+    expected = run(pipe, frames, noises)
+    lean = pipe.with_options()
+    real = lean.compute_flow
+
+    def full_too_big(x, x_prev, mode=None, lean=None):
+        if not lean:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(x, x_prev, mode, lean)
+
+    monkeypatch.setattr(lean, "compute_flow", full_too_big)
+    out = run(lean, frames, noises)
+    assert lean.stats["lean_corr_fallbacks"] == 1 and lean.stats["lr_flow_fallbacks"] == 0
+    for a, b in zip(out, expected):
+        assert float((a - b).abs().max()) <= 1e-4

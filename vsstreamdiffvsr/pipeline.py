@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .models.flow import MIN_FLOW_SIDE, bicubic_x4, warp
+from .models.flow import MIN_FLOW_SIDE, bicubic_x4, corr_pyramid_bytes, warp
 from .state import StreamState
 from .tiling import Tile, feather_weight, parse_tile, tile_layout
 
@@ -34,6 +34,10 @@ MIN_LR_SIDE = MIN_FLOW_SIDE // 4
 NUM_INFERENCE_STEPS = 4
 
 FLOW_MODES = ("hr", "lr")
+RAFT_CORR_MODES = ("auto", "full", "lean")
+#: raft_corr="auto" switches to the lean correlation above this pyramid size (float32 pyramid: 1.1 GB at
+#: 720p output, 5.6 GB at 1080p, 88 GB at 4K).
+LEAN_CORR_ABOVE = 2 * 2**30
 #: LR tile used when a frame does not fit in GPU memory and no tile size was given (720p output per tile).
 AUTO_TILE = (192, 320)
 
@@ -89,7 +93,10 @@ class StreamDiffVSR:
                  scheduler: Any, raft: torch.nn.Module, prompt_embeds: torch.Tensor, device: torch.device,
                  dtype: torch.dtype, num_inference_steps: int = NUM_INFERENCE_STEPS, flow: str = "hr",
                  channels_last: bool | None = None, tile: int | tuple[int, int] | None = None,
-                 tile_overlap: int = 16, oom_fallback: bool = True, nan_fallback: bool = True) -> None:
+                 tile_overlap: int = 16, oom_fallback: bool = True, nan_fallback: bool = True,
+                 raft_corr: str = "auto") -> None:
+        if raft_corr not in RAFT_CORR_MODES:
+            raise ValueError(f"raft_corr must be one of {RAFT_CORR_MODES}, got {raft_corr!r}")
         if flow not in FLOW_MODES:
             raise ValueError(f"flow must be one of {FLOW_MODES}, got {flow!r}")
         if not isinstance(tile_overlap, int) or tile_overlap < 0 or tile_overlap % 4:
@@ -97,6 +104,7 @@ class StreamDiffVSR:
         self.device = device
         self.dtype = dtype
         self.flow_mode = flow
+        self.raft_corr = raft_corr
         self.tile = parse_tile(tile)
         self.tile_overlap = tile_overlap
         self.oom_fallback = oom_fallback
@@ -122,7 +130,8 @@ class StreamDiffVSR:
         self._fp32_twin: StreamDiffVSR | None = None
         self.compiled = False
         #: counters for diagnostics and tests
-        self.stats = {"frames": 0, "tiled_frames": 0, "nan_fallbacks": 0, "oom_fallbacks": 0, "lr_flow_fallbacks": 0}
+        self.stats = {"frames": 0, "tiled_frames": 0, "nan_fallbacks": 0, "oom_fallbacks": 0,
+                      "lean_corr_fallbacks": 0, "lr_flow_fallbacks": 0}
 
     # ------------------------------------------------------------------------------------------ loading
     @classmethod
@@ -131,7 +140,8 @@ class StreamDiffVSR:
                         channels_last: bool | None = None, compile: bool = False, compile_mode: str = "default",
                         compile_cache_dir: str | os.PathLike[str] | None = None,
                         tile: int | tuple[int, int] | None = None, tile_overlap: int = 16,
-                        oom_fallback: bool = True, nan_fallback: bool = True) -> "StreamDiffVSR":
+                        oom_fallback: bool = True, nan_fallback: bool = True,
+                        raft_corr: str = "auto") -> "StreamDiffVSR":
         """Load from a model folder in the Hugging Face layout (see :mod:`vsstreamdiffvsr.weights`).
 
         Args:
@@ -149,6 +159,9 @@ class StreamDiffVSR:
             tile_overlap: LR pixels shared by neighbouring tiles (feathered), a multiple of 4.
             oom_fallback: on CUDA out-of-memory, recompute the frame in tiles (and keep tiling).
             nan_fallback: a half-precision frame with NaN/Inf is recomputed in float32 (one warning).
+            raft_corr: RAFT's correlation: ``"full"`` (torchvision's all-pairs pyramid), ``"lean"`` (the same
+                flow up to rounding without storing the (HW/64)^2 volume: far less memory, more time) or
+                ``"auto"`` (full up to a 2 GiB pyramid, i.e. up to about 1080p output, lean above).
 
         Raises:
             ModelFilesError: a file is missing, truncated, corrupt or does not match its config.
@@ -163,7 +176,8 @@ class StreamDiffVSR:
                    vae=weights.load_vae(root, torch.float32), scheduler=weights.load_scheduler(root),
                    raft=weights.load_raft(root), prompt_embeds=weights.empty_prompt_embedding(root),
                    device=dev, dtype=dt, flow=flow, channels_last=channels_last, tile=tile,
-                   tile_overlap=tile_overlap, oom_fallback=oom_fallback, nan_fallback=nan_fallback)
+                   tile_overlap=tile_overlap, oom_fallback=oom_fallback, nan_fallback=nan_fallback,
+                   raft_corr=raft_corr)
         pipe.model_dir = str(root)
         if compile:
             pipe.enable_compile(mode=compile_mode, cache_dir=compile_cache_dir)
@@ -172,7 +186,8 @@ class StreamDiffVSR:
     def with_options(self, *, flow: str | None = None, tile: int | tuple[int, int] | None | str = "keep",
                      tile_overlap: int | None = None, oom_fallback: bool | None = None,
                      nan_fallback: bool | None = None, compile: bool = False, compile_mode: str = "default",
-                     compile_cache_dir: str | os.PathLike[str] | None = None) -> "StreamDiffVSR":
+                     compile_cache_dir: str | os.PathLike[str] | None = None,
+                     raft_corr: str | None = None) -> "StreamDiffVSR":
         """A pipeline sharing this one's weights (no reload) with other run-time settings."""
         view = copy.copy(self)
         view.stats = dict.fromkeys(self.stats, 0)
@@ -187,6 +202,10 @@ class StreamDiffVSR:
             if not isinstance(tile_overlap, int) or tile_overlap < 0 or tile_overlap % 4:
                 raise ValueError(f"tile_overlap must be a non-negative multiple of 4, got {tile_overlap!r}")
             view.tile_overlap = tile_overlap
+        if raft_corr is not None:
+            if raft_corr not in RAFT_CORR_MODES:
+                raise ValueError(f"raft_corr must be one of {RAFT_CORR_MODES}, got {raft_corr!r}")
+            view.raft_corr = raft_corr
         if oom_fallback is not None:
             view.oom_fallback = oom_fallback
         if nan_fallback is not None:
@@ -247,15 +266,27 @@ class StreamDiffVSR:
         return torch.randn(shape, generator=generator, device=gen_device, dtype=torch.float32).to(self.device)
 
     # ------------------------------------------------------------------------------------------ steps
-    def compute_flow(self, x: torch.Tensor, x_prev: torch.Tensor, mode: str | None = None) -> torch.Tensor:
-        """Flow current -> previous at HR (N,2,4h,4w), from LR frames in [-1, 1]."""
+    def compute_flow(self, x: torch.Tensor, x_prev: torch.Tensor, mode: str | None = None,
+                     lean: bool | None = None) -> torch.Tensor:
+        """Flow current -> previous at HR (N,2,4h,4w), from LR frames in [-1, 1].
+
+        ``mode`` overrides the pipeline's flow mode; ``lean`` overrides its correlation choice.
+        """
         mode = mode or self.flow_mode
         if mode == "lr":
             if min(x.shape[-2:]) < MIN_FLOW_SIDE:
                 raise ValueError(f'flow="lr" needs LR frames of at least {MIN_FLOW_SIDE} px per side, got '
                                  f'{tuple(x.shape[-2:])}; use flow="hr"')
-            return F.interpolate(self.raft(x, x_prev), scale_factor=4, mode="bilinear", align_corners=False) * 4
-        return self.raft(bicubic_x4(x), bicubic_x4(x_prev))
+            a, b = x, x_prev
+        else:
+            a, b = bicubic_x4(x), bicubic_x4(x_prev)
+        if lean is None:
+            lean = self.raft_corr == "lean" or (
+                self.raft_corr == "auto" and corr_pyramid_bytes(*a.shape[-2:]) > LEAN_CORR_ABOVE)
+        flow = self.raft(a, b, lean=lean)
+        if mode == "lr":
+            flow = F.interpolate(flow, scale_factor=4, mode="bilinear", align_corners=False) * 4
+        return flow
 
     def _eager_step_cold(self, z: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         inp = torch.cat([z.to(self.dtype), x], dim=1)
@@ -302,6 +333,26 @@ class StreamDiffVSR:
             acc[..., hy, hx] += y_t * wt
             wsum[..., hy, hx] += wt
         return acc / wsum
+
+    def _flow_with_fallbacks(self, x: torch.Tensor, x_prev: torch.Tensor) -> torch.Tensor:
+        """Flow; on out-of-memory, the lean correlation (same flow), then, for flow="hr", flow at LR."""
+        try:
+            return self.compute_flow(x, x_prev)
+        except torch.OutOfMemoryError:
+            if not self.oom_fallback:
+                raise
+        _empty_cache(self.device)
+        try:
+            self.stats["lean_corr_fallbacks"] += 1
+            return self.compute_flow(x, x_prev, lean=True)
+        except torch.OutOfMemoryError:
+            if self.flow_mode != "hr" or min(x.shape[-2:]) < MIN_FLOW_SIDE:
+                raise
+        _empty_cache(self.device)
+        self.stats["lr_flow_fallbacks"] += 1
+        warnings.warn("vsstreamdiffvsr: RAFT at HR ran out of GPU memory; using flow at LR for this frame (a "
+                      "documented deviation)", TilingFallbackWarning, stacklevel=5)
+        return self.compute_flow(x, x_prev, mode="lr", lean=False)
 
     def _run_shrinking_tiles(self, z: torch.Tensor, x: torch.Tensor, warped: torch.Tensor | None) -> torch.Tensor:
         """After an out-of-memory error: tiles (then smaller tiles) until the frame fits; they stay in use."""
@@ -379,17 +430,7 @@ class StreamDiffVSR:
         if not state.is_cold:
             assert state.prev_lq is not None and state.prev_hq is not None
             x_prev = state.prev_lq.to(self.device, torch.float32) * 2.0 - 1.0
-            try:
-                flow = self.compute_flow(x, x_prev)
-            except torch.OutOfMemoryError:
-                if not (self.oom_fallback and self.flow_mode == "hr" and min(x.shape[-2:]) >= MIN_FLOW_SIDE):
-                    raise
-                # RAFT's all-pairs correlation grows with the square of the HR area (67 GB at 4K).
-                _empty_cache(self.device)
-                self.stats["lr_flow_fallbacks"] += 1
-                warnings.warn("vsstreamdiffvsr: RAFT at HR ran out of GPU memory; using flow at LR for this "
-                              "frame (a documented deviation)", TilingFallbackWarning, stacklevel=4)
-                flow = self.compute_flow(x, x_prev, mode="lr")
+            flow = self._flow_with_fallbacks(x, x_prev)
             warped = warp(state.prev_hq.to(self.device, torch.float32), flow)
             del flow
         try:

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["RAFT_FILENAME", "RAFT_URL", "MIN_FLOW_SIDE", "bicubic_x4", "warp", "build_raft", "RaftFlow"]
+__all__ = ["RAFT_FILENAME", "RAFT_URL", "MIN_FLOW_SIDE", "bicubic_x4", "warp", "build_raft", "RaftFlow",
+           "LeanCorrBlock", "corr_pyramid_bytes"]
 
 #: torchvision's ``Raft_Large_Weights.C_T_SKHT_V2`` (= ``DEFAULT``) file, used by the reference.
 RAFT_FILENAME = "raft_large_C_T_SKHT_V2-ff5fadd5.pth"
@@ -67,17 +68,89 @@ def build_raft() -> nn.Module:
     return raft_large(weights=None, progress=False)
 
 
+def corr_pyramid_bytes(height: int, width: int, levels: int = 4, itemsize: int = 4) -> int:
+    """Bytes of torchvision RAFT's all-pairs correlation pyramid for an input of height x width."""
+    n = (height // 8) * (width // 8)
+    total, h, w = 0, height // 8, width // 8
+    for _ in range(levels):
+        total += n * h * w
+        h, w = h // 2, w // 2
+    return total * itemsize
+
+
+class LeanCorrBlock(nn.Module):
+    """Drop-in for torchvision's ``CorrBlock`` that never stores the all-pairs correlation volume.
+
+    Average-pooling the volume over the second frame's pixels, and sampling it bilinearly, are both linear
+    in the second frame's features, so ``<f1(x), sample(pool_l(f2), p)>`` equals the pyramid lookup of the
+    reference block up to float rounding. Memory drops from ``(HW/64)^2`` values (about 4 GB at 1080p,
+    67 GB at 4K) to a few feature maps; the price is more arithmetic per refinement step. Lookups are done
+    in row chunks of at most ``chunk_bytes`` of sampled features.
+    """
+
+    def __init__(self, *, num_levels: int = 4, radius: int = 4, chunk_bytes: int = 256 * 2**20) -> None:
+        super().__init__()
+        self.num_levels = num_levels
+        self.radius = radius
+        self.chunk_bytes = chunk_bytes
+        self.out_channels = num_levels * (2 * radius + 1) ** 2
+        self._fmap1: torch.Tensor | None = None
+        self._pyramid: list[torch.Tensor] = []
+
+    def build_pyramid(self, fmap1: torch.Tensor, fmap2: torch.Tensor) -> None:
+        if fmap1.shape != fmap2.shape:
+            raise ValueError(f"feature maps differ in shape: {tuple(fmap1.shape)} vs {tuple(fmap2.shape)}")
+        min_size = 2 * 2 ** (self.num_levels - 1)
+        if any(s < min_size for s in fmap1.shape[-2:]):
+            raise ValueError(f"feature maps must be at least {min_size} px (inputs {8 * min_size} px)")
+        self._fmap1 = fmap1
+        self._pyramid = [fmap2]
+        for _ in range(self.num_levels - 1):
+            self._pyramid.append(F.avg_pool2d(self._pyramid[-1], kernel_size=2, stride=2))
+
+    def index_pyramid(self, centroids_coords: torch.Tensor) -> torch.Tensor:
+        assert self._fmap1 is not None, "build_pyramid first"
+        f1 = self._fmap1
+        b, c, h, w = f1.shape
+        side = 2 * self.radius + 1
+        d = torch.linspace(-self.radius, self.radius, side, device=centroids_coords.device)
+        # the reference adds delta[a, b] = (d[a], d[b]) to (x, y) and flattens (a, b) row-major
+        delta = torch.stack(torch.meshgrid(d, d, indexing="ij"), dim=-1).reshape(side * side, 2)
+        k = side * side
+        norm = torch.sqrt(torch.tensor(c)).to(f1.dtype)
+        rows = max(1, self.chunk_bytes // max(1, b * c * w * k * f1.element_size()))
+        coords = centroids_coords.permute(0, 2, 3, 1)  # (B, h, w, 2) as x, y
+        levels = []
+        for f2 in self._pyramid:
+            hl, wl = f2.shape[-2:]
+            grid = coords[:, :, :, None, :] + delta  # (B, h, w, K, 2)
+            gx = 2 * grid[..., 0] / (wl - 1) - 1
+            gy = 2 * grid[..., 1] / (hl - 1) - 1 if hl > 1 else grid[..., 1]
+            grid = torch.stack((gx, gy), dim=-1).reshape(b, h, w * k, 2)
+            out = torch.empty(b, h, w, k, device=f1.device, dtype=f1.dtype)
+            for r0 in range(0, h, rows):
+                r1 = min(h, r0 + rows)
+                sampled = F.grid_sample(f2, grid[:, r0:r1], mode="bilinear", align_corners=True)
+                sampled = sampled.view(b, c, r1 - r0, w, k)
+                out[:, r0:r1] = (sampled * f1[:, :, r0:r1, :, None]).sum(1) / norm
+            levels.append(out)
+            coords = coords / 2
+        return torch.cat(levels, dim=-1).permute(0, 3, 1, 2).contiguous()
+
+
 class RaftFlow(nn.Module):
     """RAFT-large flow ``current -> previous`` on [-1, 1] frames, 12 refinement updates.
 
-    ``mode="hr"`` (the reference) runs RAFT on the bicubic x4 frames. ``mode="lr"`` is a documented,
-    faster deviation: RAFT on the LR frames, the flow upsampled x4 (bilinear) with its values x4.
+    ``lean=False`` uses torchvision's all-pairs correlation pyramid, ``lean=True`` the
+    :class:`LeanCorrBlock` (same flow up to float rounding, far less memory, more arithmetic).
     """
 
     def __init__(self, raft: nn.Module, num_flow_updates: int = 12) -> None:
         super().__init__()
         self.raft = raft
         self.num_flow_updates = num_flow_updates
+        self._full_block = raft.corr_block
+        self._lean_block = LeanCorrBlock(num_levels=raft.corr_block.num_levels, radius=raft.corr_block.radius)
 
     @classmethod
     def from_file(cls, path: str | Path) -> "RaftFlow":
@@ -86,6 +159,13 @@ class RaftFlow(nn.Module):
         raft.load_state_dict(state)
         return cls(raft.eval())
 
-    def forward(self, current: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+    def forward(self, current: torch.Tensor, previous: torch.Tensor, lean: bool = False) -> torch.Tensor:
         """Flow (N,2,H,W) in pixels that maps each pixel of ``current`` to its position in ``previous``."""
-        return self.raft(current, previous, num_flow_updates=self.num_flow_updates)[-1]
+        self.raft.corr_block = self._lean_block if lean else self._full_block
+        try:
+            return self.raft(current, previous, num_flow_updates=self.num_flow_updates)[-1]
+        finally:
+            # torchvision keeps the pyramid alive until the next call: free it now, before denoising
+            self._full_block.corr_pyramid = [torch.tensor(0)]
+            self.raft.corr_block = self._full_block
+            self._lean_block._fmap1, self._lean_block._pyramid = None, []
