@@ -247,3 +247,19 @@ def test_raft_out_of_memory_tries_lean_correlation_first(pipe: StreamDiffVSR, mo
     assert lean.stats["lean_corr_fallbacks"] == 1 and lean.stats["lr_flow_fallbacks"] == 0
     for a, b in zip(out, expected):
         assert float((a - b).abs().max()) <= 1e-4
+
+
+def test_prefetched_flow_equals_inline_flow(pipe: StreamDiffVSR) -> None:
+    frames, noises = frames_and_noise(3, 32, 32)
+    inline = run(pipe, frames, noises)
+    state, outs = StreamState(), []
+    ticket = None
+    for i, (f, z) in enumerate(zip(frames, noises)):
+        nxt = pipe.prefetch_flow(frames[i + 1], f) if i + 1 < len(frames) else None
+        hq, state = pipe.process_frame(f, state, noise=z, flow=ticket)
+        outs.append(hq)
+        ticket = nxt
+    for a, b in zip(outs, inline):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="flow must have shape"):
+        pipe.process_frame(frames[1], state, noise=noises[1], flow=torch.zeros(1, 2, 64, 64))

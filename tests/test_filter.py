@@ -181,3 +181,30 @@ def test_missing_weights_error_names_the_file_and_fix(tmp_path: Path, monkeypatc
         vsstreamdiffvsr.upscale(clip, model_dir=tmp_path / "nowhere", device="cpu")
     assert "nowhere" in str(info.value) and "python -m vsstreamdiffvsr download" in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_flow_prefetch_is_used_and_changes_nothing(tiny_ckpt: Path, pipe, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = {"prefetch": 0, "flow": 0}
+    real_prefetch = vsstreamdiffvsr.StreamDiffVSR.prefetch_flow
+    real_flow = vsstreamdiffvsr.StreamDiffVSR._flow_with_fallbacks
+
+    def counting_prefetch(self, *a, **k):
+        calls["prefetch"] += 1
+        return real_prefetch(self, *a, **k)
+
+    def counting_flow(self, *a, **k):
+        calls["flow"] += 1
+        return real_flow(self, *a, **k)
+
+    monkeypatch.setattr(vsstreamdiffvsr.StreamDiffVSR, "prefetch_flow", counting_prefetch)
+    monkeypatch.setattr(vsstreamdiffvsr.StreamDiffVSR, "_flow_with_fallbacks", counting_flow)
+    src = make_source(32, 32, 6, cuts={4})
+    with_prefetch = vsstreamdiffvsr.upscale(src, model_dir=tiny_ckpt, device="cpu")
+    got = [out_tensor(with_prefetch, n) for n in (0, 1, 2, 3, 4, 5)]
+    # frames 1, 2, 3 and 5 are warm: each flow computed once, ahead; none ahead of the cut at 4
+    assert calls == {"prefetch": 4, "flow": 4}
+    calls.update(prefetch=0, flow=0)
+    without = vsstreamdiffvsr.upscale(src, model_dir=tiny_ckpt, device="cpu", prefetch_flow=False)
+    for n in range(6):
+        assert torch.equal(out_tensor(without, n), got[n])
+    assert calls == {"prefetch": 0, "flow": 4}

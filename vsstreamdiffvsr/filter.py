@@ -12,7 +12,7 @@ import os
 import sys
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 import vapoursynth as vs
 
-from .pipeline import MIN_LR_SIDE, StreamDiffVSR, parse_device, parse_dtype
+from .pipeline import MIN_LR_SIDE, FlowTicket, StreamDiffVSR, parse_device, parse_dtype
 from .producer import OrderedProducer, SourceFrame, frame_noise
 from .state import StreamState
 
@@ -116,7 +116,8 @@ def _tensor_to_frame(hq: torch.Tensor, blank: vs.VideoFrame, props: Any) -> vs.V
 def upscale(clip: vs.VideoNode, *, model_dir: str | os.PathLike[str] | None = None, device: str = "cuda",
             dtype: torch.dtype | str | None = None, seed: int = 0, max_gap: int = 16, warmup: int = 0,
             reset_on_scene_change: bool = True, flow: str = "hr", tile: int | tuple[int, int] | None = None,
-            tile_overlap: int = 16, compile: bool = False, compile_mode: str = "default") -> vs.VideoNode:
+            tile_overlap: int = 16, compile: bool = False, compile_mode: str = "default",
+            prefetch_flow: bool = True) -> vs.VideoNode:
     """Stream-DiffVSR x4 super-resolution of an RGBS/RGBH clip.
 
     Args:
@@ -138,6 +139,8 @@ def upscale(clip: vs.VideoNode, *, model_dir: str | os.PathLike[str] | None = No
         tile_overlap: LR pixels shared by neighbouring tiles (multiple of 4).
         compile: ``torch.compile`` the denoising step and decoder (first frames slow; kernels cached on disk).
         compile_mode: ``"default"``, ``"reduce-overhead"`` (CUDA graphs) or ``"max-autotune"``.
+        prefetch_flow: compute frame n+1's optical flow (it depends on the inputs only) while frame n is
+            denoised, on a side CUDA stream; the output is the same either way.
 
     Returns:
         The same format at exactly 4x width and height; each frame carries its own source frame's props.
@@ -185,33 +188,54 @@ def upscale(clip: vs.VideoNode, *, model_dir: str | os.PathLike[str] | None = No
     window = max(0, min(max_gap, clip.num_frames - 1))
 
     template: list[vs.VideoFrame] = []  # a blank 4x frame to copy outputs into (all blank frames are equal)
+    peek: list[Callable[[int], vs.VideoFrame | None]] = []  # source frames available to the current request
+    tickets: dict[int, FlowTicket] = {}  # flows computed ahead, by frame number (pure functions of the input)
+    last = clip.num_frames - 1
+
+    def lq_tensor(frame: vs.VideoFrame) -> torch.Tensor:
+        x = _frame_to_tensor(frame, dev)
+        return F.pad(x, (0, pw, 0, ph), mode="replicate") if (pw or ph) else x
 
     def step(i: int, frame: vs.VideoFrame, state: StreamState) -> tuple[vs.VideoFrame, StreamState]:
-        x = _frame_to_tensor(frame, dev)
-        if pw or ph:
-            x = F.pad(x, (0, pw, 0, ph), mode="replicate")
+        x = lq_tensor(frame)
+        ticket = tickets.pop(i, None) if not state.is_cold else None
+        tickets.clear()
         try:
-            hq, state = pipe.process_frame(x, state, noise=frame_noise(seed, i, lat_shape))
+            if prefetch_flow and i < last:
+                nxt = peek[0](i + 1)
+                if nxt is not None and not (reset_on_scene_change and nxt.props.get("_SceneChangePrev", 0)):
+                    tickets[i + 1] = pipe.prefetch_flow(lq_tensor(nxt), x)
+            hq, state = pipe.process_frame(x, state, noise=frame_noise(seed, i, lat_shape), flow=ticket)
         except ValueError as exc:
             raise vs.Error(f"upscale: frame {i}: {exc}") from None
         return _tensor_to_frame(hq[..., : 4 * h, : 4 * w], template[0], frame.props), state
 
     producer: OrderedProducer[vs.VideoFrame, vs.VideoFrame] = OrderedProducer(
         step, max_gap=max_gap, warmup=warmup, reset_on_scene_change=reset_on_scene_change)
-    # shifted[k][n] == clip[n - k]: the frames a catch-up needs arrive with the request (no blocking fetch)
+    # shifted[k][n] == clip[n - k]: the frames a catch-up needs arrive with the request (no blocking fetch);
+    # ahead[n] == clip[n + 1] lets frame n + 1's flow start while frame n denoises
     shifted = [clip] + [core.std.Splice([clip[0] * k, clip[:-k]]) for k in range(1, window + 1)]
+    ahead = core.std.Splice([clip[1:], clip[-1]]) if clip.num_frames > 1 else clip
     blank_clip = clip.std.BlankClip(width=4 * w, height=4 * h, keep=True)
 
     def selector(n: int, f: list[vs.VideoFrame]) -> vs.VideoFrame:
-        def fetch(i: int) -> SourceFrame[vs.VideoFrame]:
+        def source(i: int) -> vs.VideoFrame | None:
             k = n - i
-            frame = f[k] if 0 <= k <= window else clip.get_frame(i)
+            if 0 <= k <= window:
+                return f[k]
+            return f[-2] if i == n + 1 else None
+
+        def fetch(i: int) -> SourceFrame[vs.VideoFrame]:
+            frame = source(i)
+            if frame is None:
+                frame = clip.get_frame(i)
             return SourceFrame(frame, scene_cut=bool(frame.props.get("_SceneChangePrev", 0)))
 
         if not template:
             template.append(f[-1])
+        peek[:] = [source]
         with contextlib.redirect_stdout(sys.stderr), torch.inference_mode():
             return producer.get(n, fetch)
 
     # One ModifyFrame node, never wrapped in FrameEval: VapourSynth then runs one callback at a time.
-    return blank_clip.std.ModifyFrame([*shifted, blank_clip], selector)
+    return blank_clip.std.ModifyFrame([*shifted, ahead, blank_clip], selector)

@@ -18,6 +18,7 @@ import os
 import sys
 import threading
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -27,7 +28,8 @@ from .models.flow import MIN_FLOW_SIDE, bicubic_x4, corr_pyramid_bytes, warp
 from .state import StreamState
 from .tiling import Tile, feather_weight, parse_tile, tile_layout
 
-__all__ = ["StreamDiffVSR", "MIN_LR_SIDE", "NUM_INFERENCE_STEPS", "PrecisionFallbackWarning", "TilingFallbackWarning"]
+__all__ = ["StreamDiffVSR", "FlowTicket", "MIN_LR_SIDE", "NUM_INFERENCE_STEPS", "PrecisionFallbackWarning",
+           "TilingFallbackWarning"]
 
 #: The smallest LR side: RAFT runs at 4x and needs 128 px.
 MIN_LR_SIDE = MIN_FLOW_SIDE // 4
@@ -81,6 +83,22 @@ def parse_device(device: torch.device | str) -> torch.device:
     return dev
 
 
+@dataclass
+class FlowTicket:
+    """The optical flow of a frame, computed ahead by :meth:`StreamDiffVSR.prefetch_flow`.
+
+    On CUDA it may still be running on a side stream; :meth:`result` makes the caller's stream wait.
+    """
+
+    flow: torch.Tensor
+    event: Any = None
+
+    def result(self) -> torch.Tensor:
+        if self.event is not None:
+            torch.cuda.current_stream(self.flow.device).wait_event(self.event)
+        return self.flow
+
+
 class StreamDiffVSR:
     """Stream-DiffVSR x4 video super-resolution, one frame at a time.
 
@@ -128,6 +146,7 @@ class StreamDiffVSR:
         self._step_warm = self._eager_step_warm
         self._decode = self.vae.decode
         self._fp32_twin: StreamDiffVSR | None = None
+        self._flow_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.compiled = False
         #: counters for diagnostics and tests
         self.stats = {"frames": 0, "tiled_frames": 0, "nan_fallbacks": 0, "oom_fallbacks": 0,
@@ -393,8 +412,35 @@ class StreamDiffVSR:
         return self._fp32_twin
 
     @torch.inference_mode()
+    def prefetch_flow(self, lq: torch.Tensor, lq_prev: torch.Tensor) -> FlowTicket:
+        """Start the optical flow of frame ``lq`` (against ``lq_prev``) ahead of its :meth:`process_frame`.
+
+        The flow depends on the inputs only, so it can run while the previous frame is still denoising:
+        on CUDA it is queued on a side stream. Pass the ticket as ``flow=`` when processing ``lq`` with the
+        state of ``lq_prev``. Inputs are (1,3,h,w) in [0,1]; they are validated by :meth:`process_frame`.
+        """
+        stream = self._flow_stream
+        with self.lock, torch.inference_mode():
+            if stream is None:
+                return FlowTicket(self._flow_with_fallbacks(lq.to(self.device, torch.float32) * 2.0 - 1.0,
+                                                            lq_prev.to(self.device, torch.float32) * 2.0 - 1.0))
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                a = lq.to(self.device, torch.float32)
+                b = lq_prev.to(self.device, torch.float32)
+                for t in (lq, lq_prev):
+                    if t.device == self.device:
+                        t.record_stream(stream)  # made on the caller's stream, read on this one
+                flow = self._flow_with_fallbacks(a * 2.0 - 1.0, b * 2.0 - 1.0)
+                event = torch.cuda.Event()
+                event.record(stream)
+            flow.record_stream(torch.cuda.current_stream(self.device))
+            return FlowTicket(flow, event)
+
+    @torch.inference_mode()
     def process_frame(self, lq: torch.Tensor, state: StreamState | None = None, noise: torch.Tensor | None = None,
-                      generator: torch.Generator | None = None) -> tuple[torch.Tensor, StreamState]:
+                      generator: torch.Generator | None = None,
+                      flow: FlowTicket | torch.Tensor | None = None) -> tuple[torch.Tensor, StreamState]:
         """Super-resolve one frame.
 
         Args:
@@ -402,6 +448,8 @@ class StreamDiffVSR:
             state: the state returned for the previous frame; None or an empty state is a cold start.
             noise: (1,4,h,w) initial latent; if None it is drawn from ``generator`` (or torch's global RNG).
             generator: a torch.Generator for the noise draw (its device is where the draw happens).
+            flow: this frame's flow against the state's previous frame, computed ahead
+                (:meth:`prefetch_flow`, or a (1,2,4h,4w) tensor); ignored on a cold start.
 
         Returns:
             ``(hq, new_state)``: hq is (1,3,4h,4w) float32 in [0,1] on this pipeline's device.
@@ -418,19 +466,27 @@ class StreamDiffVSR:
             raise ValueError(f"frame size {h}x{w} differs from the previous frame's {state.lr_size}; "
                              "start a new StreamState() for a new size")
         z = self._noise(h, w, noise, generator).clone()  # an inference tensor like every later latent
+        if isinstance(flow, torch.Tensor):
+            flow = FlowTicket(flow)
+        if flow is not None and tuple(flow.flow.shape) != (1, 2, 4 * h, 4 * w):
+            raise ValueError(f"flow must have shape (1, 2, {4 * h}, {4 * w}), got {tuple(flow.flow.shape)}")
         with self.lock:
-            y = self._frame(lq32, state, z)
+            y = self._frame(lq32, state, z, flow)
             self.stats["frames"] += 1
         hq = (y / 2 + 0.5).clamp(0, 1)
         return hq, StreamState(prev_hq=y, prev_lq=lq32, frame_count=state.frame_count + 1)
 
-    def _frame(self, lq32: torch.Tensor, state: StreamState, z: torch.Tensor) -> torch.Tensor:
+    def _frame(self, lq32: torch.Tensor, state: StreamState, z: torch.Tensor,
+               ticket: FlowTicket | None = None) -> torch.Tensor:
         x = lq32 * 2.0 - 1.0
         warped = None
         if not state.is_cold:
             assert state.prev_lq is not None and state.prev_hq is not None
-            x_prev = state.prev_lq.to(self.device, torch.float32) * 2.0 - 1.0
-            flow = self._flow_with_fallbacks(x, x_prev)
+            if ticket is not None:
+                flow = ticket.result().to(self.device)
+            else:
+                x_prev = state.prev_lq.to(self.device, torch.float32) * 2.0 - 1.0
+                flow = self._flow_with_fallbacks(x, x_prev)
             warped = warp(state.prev_hq.to(self.device, torch.float32), flow)
             del flow
         try:
