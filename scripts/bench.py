@@ -69,11 +69,12 @@ def build(components: dict, device: torch.device, dtype: torch.dtype, **options)
     from vsstreamdiffvsr.testing import SCHEDULER_CONFIG
 
     compile_ = options.pop("compile", False)
+    vae_dtype = options.pop("vae_dtype", None) or torch.float32
     compile_mode = options.pop("compile_mode", "default")
     to = torch.nn.Module.to  # not diffusers' override, which logs a warning for every dtype cast
     pipe = StreamDiffVSR(unet=to(copy.deepcopy(components["unet"]), dtype).eval(),
                          controlnet=to(copy.deepcopy(components["controlnet"]), dtype).eval(),
-                         vae=copy.deepcopy(components["vae"]).eval(),
+                         vae=copy.deepcopy(components["vae"]).to(vae_dtype).eval(),
                          scheduler=DDIMScheduler.from_config(SCHEDULER_CONFIG),
                          raft=RaftFlow(copy.deepcopy(components["raft"]).eval()),
                          prompt_embeds=components["prompt"], device=device, dtype=dtype, **options)
@@ -136,6 +137,7 @@ def main() -> None:
     ap.add_argument("--compile-mode", default="default")
     ap.add_argument("--flow", default="hr", choices=("hr", "lr"))
     ap.add_argument("--tile", type=int, default=None, help="LR tile size for the optimized path")
+    ap.add_argument("--vae-dtype", default=None, help="tiny VAE precision of the optimized path (default float32)")
     ap.add_argument("--raft-corr", default="auto", choices=("auto", "full", "lean"),
                     help="RAFT correlation of the optimized path (lean: no all-pairs volume)")
     ap.add_argument("--skip-reference", action="store_true", help="only the optimized path (no PSNR)")
@@ -168,9 +170,11 @@ def main() -> None:
     paths = [] if args.skip_reference else [("reference", torch.float32,
                                              dict(channels_last=False, raft_corr="full", oom_fallback=False))]
     opt = dict(channels_last=None, flow=args.flow, tile=args.tile, compile=args.compile,
-               compile_mode=args.compile_mode, raft_corr=args.raft_corr)
+               compile_mode=args.compile_mode, raft_corr=args.raft_corr,
+               vae_dtype=getattr(torch, args.vae_dtype) if args.vae_dtype else None)
     paths.append((f"optimized ({args.dtype}{', compiled' if args.compile else ''}"
-                  f"{', flow=lr' if args.flow == 'lr' else ''}{f', tile={args.tile}' if args.tile else ''})",
+                  f"{', flow=lr' if args.flow == 'lr' else ''}{f', tile={args.tile}' if args.tile else ''}"
+                  f"{f', vae {args.vae_dtype}' if args.vae_dtype else ''})",
                   getattr(torch, args.dtype), opt))
     ref_outs = None
     for name, dtype, options in paths:

@@ -24,6 +24,7 @@ bench() { "$PY" scripts/bench.py --device "$DEVICE" --frames "$FRAMES" "$@"; }
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true; } | tee "$OUT/gpu.txt"
 bench --lr 320x180 --json "$OUT/720p.json" | tee "$OUT/720p.md"
 bench --lr 320x180 --compile --skip-reference --json "$OUT/720p-compiled.json" | tee "$OUT/720p-compiled.md"
+bench --lr 320x180 --vae-dtype bfloat16 --json "$OUT/720p-vae-bf16.json" | tee "$OUT/720p-vae-bf16.md"
 [ -n "${QUICK:-}" ] && exit 0
 bench --lr 480x270 --json "$OUT/1080p.json" | tee "$OUT/1080p.md"
 bench --lr 480x270 --compile --skip-reference --json "$OUT/1080p-compiled.json" | tee "$OUT/1080p-compiled.md"

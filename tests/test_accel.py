@@ -263,3 +263,12 @@ def test_prefetched_flow_equals_inline_flow(pipe: StreamDiffVSR) -> None:
         assert torch.equal(a, b)
     with pytest.raises(ValueError, match="flow must have shape"):
         pipe.process_frame(frames[1], state, noise=noises[1], flow=torch.zeros(1, 2, 64, 64))
+
+
+def test_half_precision_vae_close_to_float32(tiny_ckpt: Path, pipe: StreamDiffVSR) -> None:
+    frames, noises = frames_and_noise(2, 32, 32)
+    ref = run(pipe, frames, noises)
+    fast = StreamDiffVSR.from_pretrained(tiny_ckpt, device="cpu", dtype="float32", vae_dtype="bfloat16")
+    assert next(fast.vae.parameters()).dtype == torch.bfloat16
+    for a, b in zip(run(fast, frames, noises), ref):
+        assert a.dtype == torch.float32 and 35.0 <= psnr(a, b) < 200.0

@@ -131,7 +131,8 @@ class StreamDiffVSR:
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         self.unet = unet.to(device, memory_format=fmt)
         self.controlnet = controlnet.to(device, memory_format=fmt)
-        self.vae = vae.to(device)
+        self.vae = vae.to(device, memory_format=fmt)
+        self.vae_dtype = next(vae.parameters()).dtype
         self.raft = raft.to(device)
         self.scheduler = scheduler
         self.scheduler.set_timesteps(num_inference_steps)
@@ -160,7 +161,7 @@ class StreamDiffVSR:
                         compile_cache_dir: str | os.PathLike[str] | None = None,
                         tile: int | tuple[int, int] | None = None, tile_overlap: int = 16,
                         oom_fallback: bool = True, nan_fallback: bool = True,
-                        raft_corr: str = "auto") -> "StreamDiffVSR":
+                        raft_corr: str = "auto", vae_dtype: torch.dtype | str | None = None) -> "StreamDiffVSR":
         """Load from a model folder in the Hugging Face layout (see :mod:`vsstreamdiffvsr.weights`).
 
         Args:
@@ -180,7 +181,9 @@ class StreamDiffVSR:
             nan_fallback: a half-precision frame with NaN/Inf is recomputed in float32 (one warning).
             raft_corr: RAFT's correlation: ``"full"`` (torchvision's all-pairs pyramid), ``"lean"`` (the same
                 flow up to rounding without storing the (HW/64)^2 volume: far less memory, more time) or
-                ``"auto"`` (full up to a 2 GiB pyramid, i.e. up to about 1080p output, lean above).
+                ``"auto"`` (full up to a 2 GiB pyramid, i.e. up to 720p output, lean above).
+            vae_dtype: precision of the tiny VAE (TPM features and decoder); None = float32. Half precision
+                is faster at HR but is not the reference numerics: measure it with scripts/bench.py.
 
         Raises:
             ModelFilesError: a file is missing, truncated, corrupt or does not match its config.
@@ -192,7 +195,8 @@ class StreamDiffVSR:
         dt = parse_dtype(dtype)
         root = weights.validate_model_dir(model_dir)
         pipe = cls(unet=weights.load_unet(root, dt), controlnet=weights.load_controlnet(root, dt),
-                   vae=weights.load_vae(root, torch.float32), scheduler=weights.load_scheduler(root),
+                   vae=weights.load_vae(root, parse_dtype(vae_dtype) if vae_dtype is not None else torch.float32),
+                   scheduler=weights.load_scheduler(root),
                    raft=weights.load_raft(root), prompt_embeds=weights.empty_prompt_embedding(root),
                    device=dev, dtype=dt, flow=flow, channels_last=channels_last, tile=tile,
                    tile_overlap=tile_overlap, oom_fallback=oom_fallback, nan_fallback=nan_fallback,
@@ -337,8 +341,8 @@ class StreamDiffVSR:
         h, w = x.shape[-2:]
         tiles = tile_layout(h, w, tile, self.tile_overlap) if tile is not None else []
         if len(tiles) <= 1:
-            feats = None if warped is None else self.vae.temporal_features(warped)
-            return self._decode(self.denoise(z, x, warped), feats).float()
+            feats = None if warped is None else self.vae.temporal_features(warped.to(self.vae_dtype))
+            return self._decode(self.denoise(z, x, warped).to(self.vae_dtype), feats).float()
         self.stats["tiled_frames"] += 1
         acc = torch.zeros(1, 3, 4 * h, 4 * w, device=self.device, dtype=torch.float32)
         wsum = torch.zeros(1, 1, 4 * h, 4 * w, device=self.device, dtype=torch.float32)
@@ -346,8 +350,8 @@ class StreamDiffVSR:
             ly, lx = t.lr()
             hy, hx = t.hr()
             w_t = warped[..., hy, hx] if warped is not None else None
-            feats = None if w_t is None else self.vae.temporal_features(w_t)
-            y_t = self._decode(self.denoise(z[..., ly, lx], x[..., ly, lx], w_t), feats).float()
+            feats = None if w_t is None else self.vae.temporal_features(w_t.to(self.vae_dtype))
+            y_t = self._decode(self.denoise(z[..., ly, lx], x[..., ly, lx], w_t).to(self.vae_dtype), feats).float()
             wt = feather_weight(t, tiles, h, w, 4, self.device)
             acc[..., hy, hx] += y_t * wt
             wsum[..., hy, hx] += wt
