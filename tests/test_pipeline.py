@@ -81,7 +81,7 @@ def test_cold_then_warm_paths(pipe: StreamDiffVSR, spies: dict[str, _Counter]) -
     with torch.no_grad():
         flow = pipe.raft(exp_cur, exp_prev)
         warped = warp(s0.prev_hq, flow)
-    for args, kwargs in spies["controlnet"].calls:
+    for _args, kwargs in spies["controlnet"].calls:
         torch.testing.assert_close(kwargs["controlnet_cond"], warped, atol=1e-5, rtol=0)
     torch.testing.assert_close(spies["temporal_features"].calls[0][0][0], warped, atol=1e-5, rtol=0)
 

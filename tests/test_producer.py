@@ -135,8 +135,8 @@ def test_threads_in_any_order_give_the_sequential_result() -> None:
         for base in range(0, 40, 8):
             batch = list(range(base, base + 8))
             rng.shuffle(batch)
-            threads = [threading.Thread(target=lambda n=n: results.__setitem__(n, p.get(n, fetch_with_cuts({11}))))
-                       for n in batch]
+            threads = [threading.Thread(target=lambda n=n, p=p, results=results: results.__setitem__(
+                n, p.get(n, fetch_with_cuts({11})))) for n in batch]
             for t in threads:
                 t.start()
             for t in threads:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import os
-import sys
 import threading
 import warnings
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ import torch.nn.functional as F
 
 from .models.flow import MIN_FLOW_SIDE, bicubic_x4, corr_pyramid_bytes, warp
 from .state import StreamState
-from .tiling import Tile, feather_weight, parse_tile, tile_layout
+from .tiling import feather_weight, parse_tile, tile_layout
 
 __all__ = ["StreamDiffVSR", "FlowTicket", "MIN_LR_SIDE", "NUM_INFERENCE_STEPS", "PrecisionFallbackWarning",
            "TilingFallbackWarning"]
@@ -113,18 +112,12 @@ class StreamDiffVSR:
                  channels_last: bool | None = None, tile: int | tuple[int, int] | None = None,
                  tile_overlap: int = 16, oom_fallback: bool = True, nan_fallback: bool = True,
                  raft_corr: str = "auto") -> None:
-        if raft_corr not in RAFT_CORR_MODES:
-            raise ValueError(f"raft_corr must be one of {RAFT_CORR_MODES}, got {raft_corr!r}")
-        if flow not in FLOW_MODES:
-            raise ValueError(f"flow must be one of {FLOW_MODES}, got {flow!r}")
-        if not isinstance(tile_overlap, int) or tile_overlap < 0 or tile_overlap % 4:
-            raise ValueError(f"tile_overlap must be a non-negative multiple of 4 (LR pixels), got {tile_overlap!r}")
         self.device = device
         self.dtype = dtype
-        self.flow_mode = flow
-        self.raft_corr = raft_corr
+        self.flow_mode = _choice("flow", flow, FLOW_MODES)
+        self.raft_corr = _choice("raft_corr", raft_corr, RAFT_CORR_MODES)
         self.tile = parse_tile(tile)
-        self.tile_overlap = tile_overlap
+        self.tile_overlap = _overlap(tile_overlap)
         self.oom_fallback = oom_fallback
         self.nan_fallback = nan_fallback
         self.channels_last = (device.type == "cuda") if channels_last is None else bool(channels_last)
@@ -211,24 +204,21 @@ class StreamDiffVSR:
                      nan_fallback: bool | None = None, compile: bool = False, compile_mode: str = "default",
                      compile_cache_dir: str | os.PathLike[str] | None = None,
                      raft_corr: str | None = None) -> "StreamDiffVSR":
-        """A pipeline sharing this one's weights (no reload) with other run-time settings."""
+        """A pipeline sharing this one's weights and lock (no reload) with other run-time settings.
+
+        Arguments left at None (``tile`` at ``"keep"``) keep this pipeline's value; see :meth:`from_pretrained`.
+        """
         view = copy.copy(self)
         view.stats = dict.fromkeys(self.stats, 0)
         view._fp32_twin = None
         if flow is not None:
-            if flow not in FLOW_MODES:
-                raise ValueError(f"flow must be one of {FLOW_MODES}, got {flow!r}")
-            view.flow_mode = flow
+            view.flow_mode = _choice("flow", flow, FLOW_MODES)
         if tile != "keep":
             view.tile = parse_tile(tile)  # type: ignore[arg-type]
         if tile_overlap is not None:
-            if not isinstance(tile_overlap, int) or tile_overlap < 0 or tile_overlap % 4:
-                raise ValueError(f"tile_overlap must be a non-negative multiple of 4, got {tile_overlap!r}")
-            view.tile_overlap = tile_overlap
+            view.tile_overlap = _overlap(tile_overlap)
         if raft_corr is not None:
-            if raft_corr not in RAFT_CORR_MODES:
-                raise ValueError(f"raft_corr must be one of {RAFT_CORR_MODES}, got {raft_corr!r}")
-            view.raft_corr = raft_corr
+            view.raft_corr = _choice("raft_corr", raft_corr, RAFT_CORR_MODES)
         if oom_fallback is not None:
             view.oom_fallback = oom_fallback
         if nan_fallback is not None:
@@ -506,6 +496,18 @@ class StreamDiffVSR:
                           "frame recomputed in float32", PrecisionFallbackWarning, stacklevel=4)
             y = self._fp32()._run(z, x, warped, self.tile)
         return y
+
+
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+    return value
+
+
+def _overlap(value: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0 or value % 4:
+        raise ValueError(f"tile_overlap must be a non-negative multiple of 4 (LR pixels), got {value!r}")
+    return value
 
 
 def _halve(tile: tuple[int, int]) -> tuple[int, int]:
