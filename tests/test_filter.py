@@ -208,3 +208,18 @@ def test_flow_prefetch_is_used_and_changes_nothing(tiny_ckpt: Path, pipe, monkey
     for n in range(6):
         assert torch.equal(out_tensor(without, n), got[n])
     assert calls == {"prefetch": 0, "flow": 4}
+
+
+def test_nan_in_the_source_is_a_clear_error(tiny_ckpt: Path) -> None:
+    src = make_source(32, 32, 3)
+
+    def poison(n: int, f: vs.VideoFrame) -> vs.VideoFrame:
+        out = f.copy()
+        if n == 1:
+            np.asarray(out[0])[0, 0] = np.nan
+        return out
+
+    out = vsstreamdiffvsr.upscale(src.std.ModifyFrame(src, poison), model_dir=tiny_ckpt, device="cpu")
+    out.get_frame(0)
+    with pytest.raises(vs.Error, match="source frame 1 contains NaN"):
+        out.get_frame(2)  # caught up through the bad frame 1

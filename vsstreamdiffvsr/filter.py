@@ -198,6 +198,9 @@ def upscale(clip: vs.VideoNode, *, model_dir: str | os.PathLike[str] | None = No
 
     def step(i: int, frame: vs.VideoFrame, state: StreamState) -> tuple[vs.VideoFrame, StreamState]:
         x = lq_tensor(frame)
+        if not bool(torch.isfinite(x).all()):
+            raise vs.Error(f"upscale: source frame {i} contains NaN or infinite values; fix the source "
+                           "(e.g. replace them with std.Expr) before upscaling")
         ticket = tickets.pop(i, None) if not state.is_cold else None
         tickets.clear()
         try:
