@@ -422,9 +422,9 @@ class StreamDiffVSR:
             with torch.cuda.stream(stream):
                 a = lq.to(self.device, torch.float32)
                 b = lq_prev.to(self.device, torch.float32)
-                for t in (lq, lq_prev):
-                    if t.device == self.device:
-                        t.record_stream(stream)  # made on the caller's stream, read on this one
+                for t in (lq, lq_prev, a, b):
+                    if t.is_cuda:  # made on the caller's stream, read on this one: keep it alive for both
+                        t.record_stream(stream)
                 flow = self._flow_with_fallbacks(a * 2.0 - 1.0, b * 2.0 - 1.0)
                 event = torch.cuda.Event()
                 event.record(stream)
