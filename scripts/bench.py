@@ -32,6 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vsstreamdiffvsr import StreamDiffVSR, StreamState  # noqa: E402
+from vsstreamdiffvsr.pipeline import parse_dtype  # noqa: E402
 
 FULL_UNET = dict(
     in_channels=7, out_channels=4, block_out_channels=(256, 512, 512, 1024), layers_per_block=2,
@@ -146,6 +147,7 @@ def main() -> None:
 
     device = torch.device(args.device)
     w, h = (int(v) for v in args.lr.lower().split("x"))
+    w, h = w + -w % 4, h + -h % 4  # the filter pads to multiples of 4 (480x270 runs as 480x272)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True   # what the reference's inference.py runs with
         torch.backends.cudnn.allow_tf32 = True
@@ -171,11 +173,12 @@ def main() -> None:
                                              dict(channels_last=False, raft_corr="full", oom_fallback=False))]
     opt = dict(channels_last=None, flow=args.flow, tile=args.tile, compile=args.compile,
                compile_mode=args.compile_mode, raft_corr=args.raft_corr,
-               vae_dtype=getattr(torch, args.vae_dtype) if args.vae_dtype else None)
-    paths.append((f"optimized ({args.dtype}{', compiled' if args.compile else ''}"
+               vae_dtype=parse_dtype(args.vae_dtype) if args.vae_dtype else None)
+    opt_dtype = parse_dtype(args.dtype)
+    paths.append((f"optimized ({str(opt_dtype).removeprefix('torch.')}{', compiled' if args.compile else ''}"
                   f"{', flow=lr' if args.flow == 'lr' else ''}{f', tile={args.tile}' if args.tile else ''}"
                   f"{f', vae {args.vae_dtype}' if args.vae_dtype else ''})",
-                  getattr(torch, args.dtype), opt))
+                  opt_dtype, opt))
     ref_outs = None
     for name, dtype, options in paths:
         pipe = build(load, device, dtype, **options)

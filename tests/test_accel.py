@@ -272,3 +272,45 @@ def test_half_precision_vae_close_to_float32(tiny_ckpt: Path, pipe: StreamDiffVS
     assert next(fast.vae.parameters()).dtype == torch.bfloat16
     for a, b in zip(run(fast, frames, noises), ref):
         assert a.dtype == torch.float32 and 35.0 <= psnr(a, b) < 200.0
+
+
+def test_device_corr_block_equals_torchvision() -> None:
+    from torchvision.models.optical_flow.raft import CorrBlock
+
+    from vsstreamdiffvsr.models.flow import _full_corr_block
+
+    g = torch.Generator().manual_seed(2)
+    f1, f2 = torch.randn(1, 32, 16, 24, generator=g), torch.randn(1, 32, 16, 24, generator=g)
+    ref, ours = CorrBlock(num_levels=4, radius=4), _full_corr_block(4, 4)
+    ref.build_pyramid(f1, f2)
+    ours.build_pyramid(f1, f2)
+    grid = torch.stack(torch.meshgrid(torch.arange(16.0), torch.arange(24.0), indexing="ij")[::-1])[None]
+    coords = grid + 3 * torch.randn(1, 2, 16, 24, generator=g)
+    assert torch.equal(ours.index_pyramid(coords), ref.index_pyramid(coords))
+
+
+def test_flow_lr_pads_to_multiples_of_8(pipe: StreamDiffVSR) -> None:
+    """LR sizes are multiples of 4 (320x180 for 720p output); RAFT needs multiples of 8."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.rand(1, 3, 132, 140, generator=g) * 2 - 1
+    xp = torch.roll(x, (1, -2), (2, 3))
+    with torch.inference_mode():
+        flow = pipe.compute_flow(x, xp, mode="lr")
+    assert flow.shape == (1, 2, 528, 560)
+    assert torch.isfinite(flow).all()
+
+
+def test_compiled_decoder_output_is_not_carried_by_reference(pipe: StreamDiffVSR, monkeypatch) -> None:
+    """A CUDA-graph compiled decoder reuses its output buffer: the carried frame must be a copy."""
+    view = pipe.with_options()
+    shared = torch.zeros(1, 3, 128, 128)
+
+    def graph_like_decode(z, feats):
+        shared.copy_(torch.rand(1, 3, 128, 128))
+        return shared
+
+    monkeypatch.setattr(view, "_decode", graph_like_decode)
+    view.compiled = True
+    frames, noises = frames_and_noise(1, 32, 32)
+    _, state = view.process_frame(frames[0], StreamState(), noise=noises[0])
+    assert state.prev_hq is not None and state.prev_hq.data_ptr() != shared.data_ptr()

@@ -59,6 +59,8 @@ def get_pipeline(model_dir: str | os.PathLike[str] | None, device: torch.device,
     """The process-wide pipeline for (model folder, device, dtype): loaded once, shared by every clip."""
     from .weights import resolve_model_dir
 
+    if device.type == "cuda" and device.index is None:  # "cuda" and "cuda:0" are one GPU: one model
+        device = torch.device("cuda", torch.cuda.current_device())
     key = (str(resolve_model_dir(model_dir)), str(device), str(dtype))
     with _PIPES_LOCK:
         pipe = _PIPES.get(key)

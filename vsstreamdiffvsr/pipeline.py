@@ -142,6 +142,7 @@ class StreamDiffVSR:
         self._fp32_twin: StreamDiffVSR | None = None
         self._flow_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.compiled = False
+        self.compile_mode: str | None = None
         #: counters for diagnostics and tests
         self.stats = {"frames": 0, "tiled_frames": 0, "nan_fallbacks": 0, "oom_fallbacks": 0,
                       "lean_corr_fallbacks": 0, "lr_flow_fallbacks": 0}
@@ -223,7 +224,7 @@ class StreamDiffVSR:
             view.oom_fallback = oom_fallback
         if nan_fallback is not None:
             view.nan_fallback = nan_fallback
-        if compile and not self.compiled:
+        if compile and (not self.compiled or self.compile_mode != compile_mode):
             view.enable_compile(mode=compile_mode, cache_dir=compile_cache_dir)
         return view
 
@@ -244,6 +245,7 @@ class StreamDiffVSR:
         self._step_warm = torch.compile(self._eager_step_warm, **opts)
         self._decode = torch.compile(self.vae.decode, **opts)
         self.compiled = True
+        self.compile_mode = mode
 
     # ---------------------------------------------------------------------------------------- checks
     def _check_lq(self, lq: Any) -> torch.Tensor:
@@ -290,7 +292,7 @@ class StreamDiffVSR:
             if min(x.shape[-2:]) < MIN_FLOW_SIDE:
                 raise ValueError(f'flow="lr" needs LR frames of at least {MIN_FLOW_SIDE} px per side, got '
                                  f'{tuple(x.shape[-2:])}; use flow="hr"')
-            a, b = x, x_prev
+            a, b = _pad8(x), _pad8(x_prev)  # RAFT needs multiples of 8; LR is only a multiple of 4
         else:
             a, b = bicubic_x4(x), bicubic_x4(x_prev)
         if lean is None:
@@ -298,6 +300,7 @@ class StreamDiffVSR:
                 self.raft_corr == "auto" and corr_pyramid_bytes(*a.shape[-2:]) > LEAN_CORR_ABOVE)
         flow = self.raft(a, b, lean=lean)
         if mode == "lr":
+            flow = flow[..., : x.shape[-2], : x.shape[-1]]
             flow = F.interpolate(flow, scale_factor=4, mode="bilinear", align_corners=False) * 4
         return flow
 
@@ -332,7 +335,9 @@ class StreamDiffVSR:
         tiles = tile_layout(h, w, tile, self.tile_overlap) if tile is not None else []
         if len(tiles) <= 1:
             feats = None if warped is None else self.vae.temporal_features(warped.to(self.vae_dtype))
-            return self._decode(self.denoise(z, x, warped).to(self.vae_dtype), feats).float()
+            y = self._decode(self.denoise(z, x, warped).to(self.vae_dtype), feats)
+            # a compiled decoder may return CUDA-graph memory that its next replay overwrites: own the result
+            return y.float() if y.dtype != torch.float32 else (y.clone() if self.compiled else y)
         self.stats["tiled_frames"] += 1
         acc = torch.zeros(1, 3, 4 * h, 4 * w, device=self.device, dtype=torch.float32)
         wsum = torch.zeros(1, 1, 4 * h, 4 * w, device=self.device, dtype=torch.float32)
@@ -380,7 +385,7 @@ class StreamDiffVSR:
             except torch.OutOfMemoryError:
                 if tile == (32, 32):
                     raise
-                continue
+                continue  # the loop's next _empty_cache runs outside this handler
             self.tile = tile
             return y
 
@@ -395,8 +400,13 @@ class StreamDiffVSR:
             else:
                 unet = copy.deepcopy(self.unet).float()
                 controlnet = copy.deepcopy(self.controlnet).float()
+            fmt = torch.channels_last if self.channels_last else torch.contiguous_format
             twin = copy.copy(self)
-            twin.unet, twin.controlnet, twin.dtype = unet.to(self.device), controlnet.to(self.device), torch.float32
+            twin.unet = unet.to(self.device, memory_format=fmt)
+            twin.controlnet = controlnet.to(self.device, memory_format=fmt)
+            twin.dtype = torch.float32
+            twin.stats = dict.fromkeys(self.stats, 0)
+            twin.compiled = False
             twin.prompt_embeds = self._prompt_fp32
             twin._step_cold, twin._step_warm = twin._eager_step_cold, twin._eager_step_warm
             twin._decode = self.vae.decode
@@ -483,19 +493,33 @@ class StreamDiffVSR:
                 flow = self._flow_with_fallbacks(x, x_prev)
             warped = warp(state.prev_hq.to(self.device, torch.float32), flow)
             del flow
-        try:
-            y = self._run(z, x, warped, self.tile)
-        except torch.OutOfMemoryError:
-            if not self.oom_fallback:
-                raise
-            self.stats["oom_fallbacks"] += 1
-            y = self._run_shrinking_tiles(z, x, warped)
+        y = self._run_or_tile(z, x, warped)
         if self.nan_fallback and self.dtype != torch.float32 and not bool(torch.isfinite(y).all()):
             self.stats["nan_fallbacks"] += 1
             warnings.warn(f"vsstreamdiffvsr: {str(self.dtype).removeprefix('torch.')} produced NaN/Inf; "
                           "frame recomputed in float32", PrecisionFallbackWarning, stacklevel=4)
-            y = self._fp32()._run(z, x, warped, self.tile)
+            del y
+            twin = self._fp32()
+            twin.tile = self.tile
+            y = twin._run_or_tile(z, x, warped)
+            self.tile = twin.tile
         return y
+
+    def _run_or_tile(self, z: torch.Tensor, x: torch.Tensor, warped: torch.Tensor | None) -> torch.Tensor:
+        """:meth:`_run` with this pipeline's tiling; on out-of-memory, retry in tiles (if allowed)."""
+        try:
+            return self._run(z, x, warped, self.tile)
+        except torch.OutOfMemoryError:
+            if not self.oom_fallback:
+                raise
+        # retried outside the except block: its traceback would keep the failed attempt's tensors alive
+        self.stats["oom_fallbacks"] += 1
+        return self._run_shrinking_tiles(z, x, warped)
+
+
+def _pad8(x: torch.Tensor) -> torch.Tensor:
+    ph, pw = -x.shape[-2] % 8, -x.shape[-1] % 8
+    return F.pad(x, (0, pw, 0, ph), mode="replicate") if (ph or pw) else x
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> str:

@@ -78,6 +78,42 @@ def corr_pyramid_bytes(height: int, width: int, levels: int = 4, itemsize: int =
     return total * itemsize
 
 
+def _lookup_offsets(radius: int, device: torch.device) -> torch.Tensor:
+    """(side*side, 2) offsets in the reference's order: delta[a, b] = (d[a], d[b]) added to (x, y)."""
+    side = 2 * radius + 1
+    d = torch.linspace(-radius, radius, side, device=device)
+    return torch.stack(torch.meshgrid(d, d, indexing="ij"), dim=-1).reshape(side * side, 2)
+
+
+def _full_corr_block(num_levels: int, radius: int) -> nn.Module:
+    """torchvision's CorrBlock, with its lookup offsets built on the device once.
+
+    torchvision builds them on the CPU and copies them to the GPU at each of the 12 updates; a blocking
+    copy from pageable memory stalls the host until the stream drains, which would defeat running the
+    flow of the next frame on a side stream while this frame denoises. Same numbers (integer offsets).
+    """
+    from torchvision.models.optical_flow.raft import CorrBlock
+
+    class DeviceCorrBlock(CorrBlock):
+        def index_pyramid(self, centroids_coords: torch.Tensor) -> torch.Tensor:
+            b, _, h, w = centroids_coords.shape
+            side = 2 * self.radius + 1
+            delta = _lookup_offsets(self.radius, centroids_coords.device).view(1, side, side, 2)
+            coords = centroids_coords.permute(0, 2, 3, 1).reshape(b * h * w, 1, 1, 2)
+            levels = []
+            for corr_volume in self.corr_pyramid:
+                grid = coords + delta
+                hl, wl = corr_volume.shape[-2:]
+                gx = 2 * grid[..., :1] / (wl - 1) - 1
+                gy = 2 * grid[..., 1:] / (hl - 1) - 1 if hl > 1 else grid[..., 1:]
+                levels.append(F.grid_sample(corr_volume, torch.cat([gx, gy], dim=-1), mode="bilinear",
+                                            align_corners=True).view(b, h, w, -1))
+                coords = coords / 2
+            return torch.cat(levels, dim=-1).permute(0, 3, 1, 2).contiguous()
+
+    return DeviceCorrBlock(num_levels=num_levels, radius=radius)
+
+
 class LeanCorrBlock(nn.Module):
     """Drop-in for torchvision's ``CorrBlock`` that never stores the all-pairs correlation volume.
 
@@ -113,9 +149,7 @@ class LeanCorrBlock(nn.Module):
         f1 = self._fmap1
         b, c, h, w = f1.shape
         side = 2 * self.radius + 1
-        d = torch.linspace(-self.radius, self.radius, side, device=centroids_coords.device)
-        # the reference adds delta[a, b] = (d[a], d[b]) to (x, y) and flattens (a, b) row-major
-        delta = torch.stack(torch.meshgrid(d, d, indexing="ij"), dim=-1).reshape(side * side, 2)
+        delta = _lookup_offsets(self.radius, centroids_coords.device)
         k = side * side
         norm = torch.sqrt(torch.tensor(c)).to(f1.dtype)
         rows = max(1, self.chunk_bytes // max(1, b * c * w * k * f1.element_size()))
@@ -149,8 +183,10 @@ class RaftFlow(nn.Module):
         super().__init__()
         self.raft = raft
         self.num_flow_updates = num_flow_updates
-        self._full_block = raft.corr_block
-        self._lean_block = LeanCorrBlock(num_levels=raft.corr_block.num_levels, radius=raft.corr_block.radius)
+        levels, radius = raft.corr_block.num_levels, raft.corr_block.radius
+        self._full_block = _full_corr_block(levels, radius)
+        self._lean_block = LeanCorrBlock(num_levels=levels, radius=radius)
+        raft.corr_block = self._full_block
 
     @classmethod
     def from_file(cls, path: str | Path) -> "RaftFlow":
