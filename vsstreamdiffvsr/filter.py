@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 import vapoursynth as vs
 
-from .pipeline import MIN_LR_SIDE, FlowTicket, StreamDiffVSR, parse_device, parse_dtype
+from .pipeline import MIN_LR_SIDE, FlowTicket, NonFiniteInputError, StreamDiffVSR, parse_device, parse_dtype
 from .producer import OrderedProducer, SourceFrame, frame_noise
 from .state import StreamState
 
@@ -191,7 +191,8 @@ def upscale(clip: vs.VideoNode, *, model_dir: str | os.PathLike[str] | None = No
 
     template: list[vs.VideoFrame] = []  # a blank 4x frame to copy outputs into (all blank frames are equal)
     peek: list[Callable[[int], vs.VideoFrame | None]] = []  # source frames available to the current request
-    tickets: dict[int, FlowTicket] = {}  # flows computed ahead, by frame number (pure functions of the input)
+    # the next frame, converted once, and its flow computed ahead (both pure functions of the input)
+    ahead_lq: dict[int, tuple[torch.Tensor, FlowTicket]] = {}
     last = clip.num_frames - 1
 
     def lq_tensor(frame: vs.VideoFrame) -> torch.Tensor:
@@ -199,18 +200,20 @@ def upscale(clip: vs.VideoNode, *, model_dir: str | os.PathLike[str] | None = No
         return F.pad(x, (0, pw, 0, ph), mode="replicate") if (pw or ph) else x
 
     def step(i: int, frame: vs.VideoFrame, state: StreamState) -> tuple[vs.VideoFrame, StreamState]:
-        x = lq_tensor(frame)
-        if not bool(torch.isfinite(x).all()):
-            raise vs.Error(f"upscale: source frame {i} contains NaN or infinite values; fix the source "
-                           "(e.g. replace them with std.Expr) before upscaling")
-        ticket = tickets.pop(i, None) if not state.is_cold else None
-        tickets.clear()
+        prepared = ahead_lq.pop(i, None)
+        ahead_lq.clear()
+        x, ticket = prepared if prepared is not None else (lq_tensor(frame), None)
         try:
             if prefetch_flow and i < last:
                 nxt = peek[0](i + 1)
                 if nxt is not None and not (reset_on_scene_change and nxt.props.get("_SceneChangePrev", 0)):
-                    tickets[i + 1] = pipe.prefetch_flow(lq_tensor(nxt), x)
-            hq, state = pipe.process_frame(x, state, noise=frame_noise(seed, i, lat_shape), flow=ticket)
+                    x_next = lq_tensor(nxt)
+                    ahead_lq[i + 1] = (x_next, pipe.prefetch_flow(x_next, x))
+            hq, state = pipe.process_frame(x, state, noise=frame_noise(seed, i, lat_shape),
+                                           flow=None if state.is_cold else ticket)
+        except NonFiniteInputError:
+            raise vs.Error(f"upscale: source frame {i} contains NaN or infinite values; fix the source "
+                           "(e.g. replace them with std.Expr) before upscaling") from None
         except ValueError as exc:
             raise vs.Error(f"upscale: frame {i}: {exc}") from None
         return _tensor_to_frame(hq[..., : 4 * h, : 4 * w], template[0], frame.props), state

@@ -13,7 +13,9 @@ One call of :meth:`StreamDiffVSR.process_frame` is one frame of the reference pi
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import math
 import os
 import threading
 import warnings
@@ -25,10 +27,10 @@ import torch.nn.functional as F
 
 from .models.flow import MIN_FLOW_SIDE, bicubic_x4, corr_pyramid_bytes, warp
 from .state import StreamState
-from .tiling import feather_weight, parse_tile, tile_layout
+from .tiling import Tile, feather_weight, parse_tile, tile_layout
 
-__all__ = ["StreamDiffVSR", "FlowTicket", "MIN_LR_SIDE", "NUM_INFERENCE_STEPS", "PrecisionFallbackWarning",
-           "TilingFallbackWarning"]
+__all__ = ["StreamDiffVSR", "FlowTicket", "MIN_LR_SIDE", "NUM_INFERENCE_STEPS", "NonFiniteInputError",
+           "PrecisionFallbackWarning", "TilingFallbackWarning"]
 
 #: The smallest LR side: RAFT runs at 4x and needs 128 px.
 MIN_LR_SIDE = MIN_FLOW_SIDE // 4
@@ -41,6 +43,10 @@ RAFT_CORR_MODES = ("auto", "full", "lean")
 LEAN_CORR_ABOVE = 2 * 2**30
 #: LR tile used when a frame does not fit in GPU memory and no tile size was given (720p output per tile).
 AUTO_TILE = (192, 320)
+
+
+class NonFiniteInputError(ValueError):
+    """The input frame holds NaN or infinite values."""
 
 
 class PrecisionFallbackWarning(RuntimeWarning):
@@ -121,10 +127,10 @@ class StreamDiffVSR:
         self.oom_fallback = oom_fallback
         self.nan_fallback = nan_fallback
         self.channels_last = (device.type == "cuda") if channels_last is None else bool(channels_last)
-        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
-        self.unet = unet.to(device, memory_format=fmt)
-        self.controlnet = controlnet.to(device, memory_format=fmt)
-        self.vae = vae.to(device, memory_format=fmt)
+        self._fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        self.unet = unet.to(device, memory_format=self._fmt)
+        self.controlnet = controlnet.to(device, memory_format=self._fmt)
+        self.vae = vae.to(device, memory_format=self._fmt)
         self.vae_dtype = next(vae.parameters()).dtype
         self.raft = raft.to(device)
         self.scheduler = scheduler
@@ -140,6 +146,7 @@ class StreamDiffVSR:
         self._step_warm = self._eager_step_warm
         self._decode = self.vae.decode
         self._fp32_twin: StreamDiffVSR | None = None
+        self._tile_cache: dict[tuple, list[tuple[Tile, torch.Tensor]]] = {}
         self._flow_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.compiled = False
         self.compile_mode: str | None = None
@@ -266,7 +273,9 @@ class StreamDiffVSR:
             x = x.clone()
         lo, hi = torch.aminmax(x)
         lo_f, hi_f = float(lo), float(hi)
-        if not (lo_f >= 0.0 and hi_f <= 1.0):  # also catches NaN
+        if not (math.isfinite(lo_f) and math.isfinite(hi_f)):
+            raise NonFiniteInputError("lq contains NaN or infinite values; fix the source frame")
+        if not (lo_f >= 0.0 and hi_f <= 1.0):
             raise ValueError(f"lq values must lie in [0,1], got min {lo_f:.4g}, max {hi_f:.4g} (clamp the input)")
         return x
 
@@ -317,9 +326,8 @@ class StreamDiffVSR:
 
     def denoise(self, z: torch.Tensor, x: torch.Tensor, warped: torch.Tensor | None) -> torch.Tensor:
         """The 4 DDIM steps on float32 ``z``; ``warped`` None means a cold frame (U-Net alone)."""
-        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
-        x_in = x.to(self.dtype).contiguous(memory_format=fmt)
-        cond = None if warped is None else warped.to(self.dtype).contiguous(memory_format=fmt)
+        x_in = x.to(self.dtype).contiguous(memory_format=self._fmt)
+        cond = None if warped is None else warped.to(self.dtype).contiguous(memory_format=self._fmt)
         for t, t_dev in zip(self.timesteps, self._t_tensors):
             if cond is None:
                 v = self._step_cold(z, x_in, t_dev)
@@ -328,27 +336,37 @@ class StreamDiffVSR:
             z = self.scheduler.step(v.float(), t, z, eta=0.0).prev_sample
         return z
 
+    def _denoise_decode(self, z: torch.Tensor, x: torch.Tensor, warped: torch.Tensor | None) -> torch.Tensor:
+        """TPM features of ``warped``, 4 DDIM steps, decode: raw y as float32 (may alias a compiled output)."""
+        feats = None if warped is None else self.vae.temporal_features(warped.to(self.vae_dtype))
+        return self._decode(self.denoise(z, x, warped).to(self.vae_dtype), feats).float()
+
+    def _tiles(self, h: int, w: int, tile: tuple[int, int]) -> list[tuple[Tile, torch.Tensor]]:
+        """Tile layout with its feathered weights, built once per (frame size, tile, overlap)."""
+        key = (h, w, tile, self.tile_overlap)
+        cached = self._tile_cache.get(key)
+        if cached is None:
+            tiles = tile_layout(h, w, tile, self.tile_overlap)
+            cached = [(t, feather_weight(t, tiles, h, w, 4, self.device)) for t in tiles]
+            self._tile_cache = {key: cached}  # one frame size at a time
+        return cached
+
     def _run(self, z: torch.Tensor, x: torch.Tensor, warped: torch.Tensor | None,
              tile: tuple[int, int] | None) -> torch.Tensor:
         """Denoise and decode (whole frame, or tiles blended with feathered weights): raw y (1,3,4h,4w)."""
         h, w = x.shape[-2:]
-        tiles = tile_layout(h, w, tile, self.tile_overlap) if tile is not None else []
+        tiles = self._tiles(h, w, tile) if tile is not None else []
         if len(tiles) <= 1:
-            feats = None if warped is None else self.vae.temporal_features(warped.to(self.vae_dtype))
-            y = self._decode(self.denoise(z, x, warped).to(self.vae_dtype), feats)
+            y = self._denoise_decode(z, x, warped)
             # a compiled decoder may return CUDA-graph memory that its next replay overwrites: own the result
-            return y.float() if y.dtype != torch.float32 else (y.clone() if self.compiled else y)
+            return y.clone() if self.compiled and self.vae_dtype == torch.float32 else y  # .float() copied
         self.stats["tiled_frames"] += 1
         acc = torch.zeros(1, 3, 4 * h, 4 * w, device=self.device, dtype=torch.float32)
         wsum = torch.zeros(1, 1, 4 * h, 4 * w, device=self.device, dtype=torch.float32)
-        for t in tiles:
-            ly, lx = t.lr()
-            hy, hx = t.hr()
+        for t, wt in tiles:
+            (ly, lx), (hy, hx) = t.lr(), t.hr()
             w_t = warped[..., hy, hx] if warped is not None else None
-            feats = None if w_t is None else self.vae.temporal_features(w_t.to(self.vae_dtype))
-            y_t = self._decode(self.denoise(z[..., ly, lx], x[..., ly, lx], w_t).to(self.vae_dtype), feats).float()
-            wt = feather_weight(t, tiles, h, w, 4, self.device)
-            acc[..., hy, hx] += y_t * wt
+            acc[..., hy, hx] += self._denoise_decode(z[..., ly, lx], x[..., ly, lx], w_t) * wt
             wsum[..., hy, hx] += wt
         return acc / wsum
 
@@ -400,10 +418,9 @@ class StreamDiffVSR:
             else:
                 unet = copy.deepcopy(self.unet).float()
                 controlnet = copy.deepcopy(self.controlnet).float()
-            fmt = torch.channels_last if self.channels_last else torch.contiguous_format
             twin = copy.copy(self)
-            twin.unet = unet.to(self.device, memory_format=fmt)
-            twin.controlnet = controlnet.to(self.device, memory_format=fmt)
+            twin.unet = unet.to(self.device, memory_format=self._fmt)
+            twin.controlnet = controlnet.to(self.device, memory_format=self._fmt)
             twin.dtype = torch.float32
             twin.stats = dict.fromkeys(self.stats, 0)
             twin.compiled = False
@@ -425,17 +442,18 @@ class StreamDiffVSR:
         """
         stream = self._flow_stream
         with self.lock, torch.inference_mode():
-            if stream is None:
-                return FlowTicket(self._flow_with_fallbacks(lq.to(self.device, torch.float32) * 2.0 - 1.0,
-                                                            lq_prev.to(self.device, torch.float32) * 2.0 - 1.0))
-            stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(stream):
+            if stream is not None:
+                stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
                 a = lq.to(self.device, torch.float32)
                 b = lq_prev.to(self.device, torch.float32)
-                for t in (lq, lq_prev, a, b):
-                    if t.is_cuda:  # made on the caller's stream, read on this one: keep it alive for both
-                        t.record_stream(stream)
+                if stream is not None:
+                    for t in (lq, lq_prev, a, b):
+                        if t.is_cuda:  # made on the caller's stream, read on this one: keep it alive for both
+                            t.record_stream(stream)
                 flow = self._flow_with_fallbacks(a * 2.0 - 1.0, b * 2.0 - 1.0)
+                if stream is None:
+                    return FlowTicket(flow)
                 event = torch.cuda.Event()
                 event.record(stream)
             flow.record_stream(torch.cuda.current_stream(self.device))
