@@ -86,7 +86,7 @@ def _lookup_offsets(radius: int, device: torch.device) -> torch.Tensor:
 
 
 def _full_corr_block(num_levels: int, radius: int) -> nn.Module:
-    """torchvision's CorrBlock, with its lookup offsets built on the device once.
+    """torchvision's CorrBlock, with its lookup offsets built on the device (no host copy).
 
     torchvision builds them on the CPU and copies them to the GPU at each of the 12 updates; a blocking
     copy from pageable memory stalls the host until the stream drains, which would defeat running the
