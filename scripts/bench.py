@@ -8,11 +8,14 @@
 
 Paths:
   reference  executes like the reference code: float32 (TF32 matmul/conv on CUDA), eager, RAFT at HR with
-             the all-pairs correlation volume
-  optimized  --dtype (bfloat16), channels_last on CUDA, --compile/--compile-mode, --flow, --tile, --raft-corr
+             the all-pairs correlation volume, cuDNN autotuning off, flow computed in line
+  optimized  --dtype (bfloat16), channels_last and cuDNN autotuning on CUDA, the next frame's flow queued
+             on a side stream as the filter does (--no-prefetch), --compile/--compile-mode, --flow, --tile,
+             --raft-corr, --vae-dtype
 The table gives ms/frame (median over --frames after --warmup frames), peak allocated GPU memory, the
-first frame's time (compile cost), and PSNR of each path's output against the float32 output on the same
-weights, frames and noise. Speed does not depend on weight values, so random weights are fine for timing.
+first frame's time, the warm-up overhead (time of the warm-up frames above the median: compile and
+autotuning), and PSNR of each path's output against the float32 output on the same weights, frames and
+noise. Speed does not depend on weight values, so random weights are fine for timing.
 """
 
 from __future__ import annotations
@@ -45,20 +48,26 @@ FULL_VAE = dict(encoder_block_out_channels=(64, 64, 64), decoder_block_out_chann
                 num_encoder_blocks=(1, 3, 3), num_decoder_blocks=(3, 3, 1))
 
 
-def random_full_components(seed: int = 0) -> dict:
-    """Full-size random U-Net / ARTG / VAE / RAFT state dicts on the CPU (architecture of the release)."""
+def random_full_components(seed: int = 0, init_device: str | torch.device = "cpu") -> dict:
+    """Full-size random U-Net / ARTG / VAE / RAFT modules, returned on the CPU (architecture of the release).
+
+    ``init_device="cuda"`` draws the random weights on the GPU (seconds instead of a minute of CPU init).
+    """
     from diffusers import ControlNetModel, UNet2DConditionModel
     from torchvision.models.optical_flow import raft_large
 
     from vsstreamdiffvsr.models.temporal_vae import TemporalTinyVAE
 
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**FULL_UNET)
-    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(64, 128, 256))
-    for p in list(controlnet.controlnet_down_blocks.parameters()) + list(controlnet.controlnet_mid_block.parameters()):
-        torch.nn.init.normal_(p, std=0.01)  # zero-initialised in a fresh ControlNet; make it do work
-    return dict(unet=unet, controlnet=controlnet, vae=TemporalTinyVAE(**FULL_VAE), raft=raft_large(weights=None),
-                prompt=torch.randn(1, 77, 1024) * 0.5)
+    with torch.device(init_device):
+        unet = UNet2DConditionModel(**FULL_UNET)
+        controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(64, 128, 256))
+        for p in (list(controlnet.controlnet_down_blocks.parameters())
+                  + list(controlnet.controlnet_mid_block.parameters())):
+            torch.nn.init.normal_(p, std=0.01)  # zero-initialised in a fresh ControlNet; make it do work
+        parts = dict(unet=unet, controlnet=controlnet, vae=TemporalTinyVAE(**FULL_VAE), raft=raft_large(weights=None))
+    parts = {k: torch.nn.Module.to(v, "cpu") for k, v in parts.items()}
+    return dict(parts, prompt=torch.randn(1, 77, 1024) * 0.5)
 
 
 def build(components: dict, device: torch.device, dtype: torch.dtype, **options) -> StreamDiffVSR:
@@ -102,27 +111,99 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(pipe: StreamDiffVSR, frames, noises, warmup: int, device: torch.device) -> dict:
+def measure(pipe: StreamDiffVSR, frames, noises, warmup: int, device: torch.device, prefetch: bool = False) -> dict:
+    """Run the frames in order; each frame's time is process_frame (plus queueing the next frame's flow when
+    ``prefetch``, as the filter does), from frame on the device to output on the device."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    state, times, outs = StreamState(), [], []
-    for f, z in zip(frames, noises):
-        f = f.to(device, non_blocking=True)
+    frames = [f.to(device) for f in frames]
+    state, times, outs, ticket, mem = StreamState(), [], [], None, []
+    for i, (f, z) in enumerate(zip(frames, noises)):
         sync(device)
         t0 = time.perf_counter()
-        hq, state = pipe.process_frame(f, state, noise=z)
+        nxt = pipe.prefetch_flow(frames[i + 1], f) if prefetch and i + 1 < len(frames) else None
+        hq, state = pipe.process_frame(f, state, noise=z, flow=ticket)
         sync(device)
         times.append(time.perf_counter() - t0)
+        ticket = nxt
         outs.append(hq.float().cpu())
+        if device.type == "cuda":  # held between frames: must not grow with the clip's length
+            mem.append(round(torch.cuda.memory_allocated(device) / 2**30, 3))
     steady = times[warmup:] or times
+    median = statistics.median(steady)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
-    return dict(ms=1000 * statistics.median(steady), first_ms=1000 * times[0], peak_gib=peak, outs=outs,
+    return dict(ms=1000 * median, first_ms=1000 * times[0], peak_gib=peak, outs=outs,
+                warmup_overhead_s=sum(max(0.0, t - median) for t in times[:warmup]),
+                times_ms=[round(1000 * t, 2) for t in times], allocated_between_frames_gib=mem,
                 fallbacks={k: v for k, v in pipe.stats.items() if k.endswith("fallbacks") and v})
 
 
 def psnr(outs: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
     mse = statistics.fmean(float(((a - b) ** 2).mean()) for a, b in zip(outs, ref))
     return float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)
+
+
+def max_err(outs: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
+    return max(float((a - b).abs().max()) for a, b in zip(outs, ref))
+
+
+def load_components(device: torch.device, model_dir: Path | None = None, tiny: bool = False) -> tuple[dict, str]:
+    """Weights for the paths: a real checkpoint folder, the tiny random one, or random full-size modules."""
+    if tiny or model_dir is not None:
+        from vsstreamdiffvsr import weights
+        from vsstreamdiffvsr.testing import make_tiny_checkpoint
+
+        root = Path(model_dir) if model_dir else make_tiny_checkpoint(tempfile.mkdtemp(), seed=0)
+        load = dict(unet=weights.load_unet(root), controlnet=weights.load_controlnet(root), vae=weights.load_vae(root),
+                    raft=weights.load_raft(root).raft, prompt=weights.empty_prompt_embedding(root))
+        return load, ("tiny random" if tiny else str(root))
+    return random_full_components(init_device=device if device.type == "cuda" else "cpu"), "random full-size"
+
+
+REFERENCE_OPTIONS = dict(channels_last=False, raft_corr="full", oom_fallback=False, cudnn_benchmark=False)
+
+
+def run_path(load: dict, device: torch.device, dtype: torch.dtype, options: dict, frames, noises, warmup: int,
+             prefetch: bool = False) -> dict:
+    """Build one path from ``load``, measure it, free it; the result keeps its outputs (CPU) under "outs"."""
+    pipe = build(load, device, dtype, **options)
+    try:
+        return measure(pipe, frames, noises, warmup, device, prefetch=prefetch)
+    finally:
+        del pipe
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def setup_device(device: torch.device) -> str:
+    """Reference numerics switches (TF32, as the reference's inference.py runs) and the device's name."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        return torch.cuda.get_device_name(device)
+    return "CPU"
+
+
+def _db(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:.1f}"
+
+
+def table(results: dict, title: str) -> str:
+    lines = [title, "| path | ms/frame | first frame ms | warm-up overhead s | peak GiB | PSNR vs fp32 (dB) | speed-up |",
+             "|---|---|---|---|---|---|---|"]
+    base_ms = next(iter(results.values()))["ms"]
+    for name, r in results.items():
+        extra = f" fallbacks {r['fallbacks']}" if r.get("fallbacks") else ""
+        lines.append(f"| {name} | {r['ms']:.1f} | {r['first_ms']:.0f} | {r['warmup_overhead_s']:.1f} | "
+                     f"{r['peak_gib']:.2f} | {_db(r['psnr_vs_fp32'])} | {base_ms / r['ms']:.2f}x |{extra}")
+    return "\n".join(lines)
+
+
+def parse_lr(text: str) -> tuple[int, int]:
+    """"WxH" -> (w, h), padded to multiples of 4 as the filter pads (480x270 runs as 480x272)."""
+    w, h = (int(v) for v in text.lower().split("x"))
+    return w + -w % 4, h + -h % 4
 
 
 def main() -> None:
@@ -141,36 +222,18 @@ def main() -> None:
     ap.add_argument("--vae-dtype", default=None, help="tiny VAE precision of the optimized path (default float32)")
     ap.add_argument("--raft-corr", default="auto", choices=("auto", "full", "lean"),
                     help="RAFT correlation of the optimized path (lean: no all-pairs volume)")
+    ap.add_argument("--no-prefetch", action="store_true", help="optimized path: compute each flow in line")
     ap.add_argument("--skip-reference", action="store_true", help="only the optimized path (no PSNR)")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
 
     device = torch.device(args.device)
-    w, h = (int(v) for v in args.lr.lower().split("x"))
-    w, h = w + -w % 4, h + -h % 4  # the filter pads to multiples of 4 (480x270 runs as 480x272)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True   # what the reference's inference.py runs with
-        torch.backends.cudnn.allow_tf32 = True
-        gpu = torch.cuda.get_device_name(device)
-    else:
-        gpu = "CPU"
-
-    if args.tiny or args.model_dir is not None:
-        from vsstreamdiffvsr import weights
-        from vsstreamdiffvsr.testing import make_tiny_checkpoint
-
-        root = Path(args.model_dir) if args.model_dir else make_tiny_checkpoint(tempfile.mkdtemp(), seed=0)
-        load = dict(unet=weights.load_unet(root), controlnet=weights.load_controlnet(root), vae=weights.load_vae(root),
-                    raft=weights.load_raft(root).raft, prompt=weights.empty_prompt_embedding(root))
-        weights_desc = "tiny random" if args.tiny else str(root)
-    else:
-        load = random_full_components()
-        weights_desc = "random full-size"
+    w, h = parse_lr(args.lr)
+    gpu = setup_device(device)
+    load, weights_desc = load_components(device, args.model_dir, args.tiny)
     frames, noises = make_frames(args.frames, h, w)
 
-    results = {}
-    paths = [] if args.skip_reference else [("reference", torch.float32,
-                                             dict(channels_last=False, raft_corr="full", oom_fallback=False))]
+    paths = [] if args.skip_reference else [("reference", torch.float32, REFERENCE_OPTIONS, False)]
     opt = dict(channels_last=None, flow=args.flow, tile=args.tile, compile=args.compile,
                compile_mode=args.compile_mode, raft_corr=args.raft_corr,
                vae_dtype=parse_dtype(args.vae_dtype) if args.vae_dtype else None)
@@ -178,29 +241,18 @@ def main() -> None:
     paths.append((f"optimized ({str(opt_dtype).removeprefix('torch.')}{', compiled' if args.compile else ''}"
                   f"{', flow=lr' if args.flow == 'lr' else ''}{f', tile={args.tile}' if args.tile else ''}"
                   f"{f', vae {args.vae_dtype}' if args.vae_dtype else ''})",
-                  opt_dtype, opt))
-    ref_outs = None
-    for name, dtype, options in paths:
-        pipe = build(load, device, dtype, **options)
-        res = measure(pipe, frames, noises, args.warmup, device)
+                  opt_dtype, opt, not args.no_prefetch))
+    results, ref_outs = {}, None
+    for name, dtype, options, prefetch in paths:
+        res = run_path(load, device, dtype, options, frames, noises, args.warmup, prefetch=prefetch)
         if ref_outs is None and dtype == torch.float32:
             ref_outs = res["outs"]
         res["psnr_vs_fp32"] = psnr(res["outs"], ref_outs) if ref_outs is not None else float("nan")
-        del res["outs"], pipe
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        del res["outs"]
         results[name] = res
 
-    print(f"# {gpu}, {w}x{h} -> {4 * w}x{4 * h}, {weights_desc} weights, {args.frames} frames "
-          f"(median after {args.warmup}), torch {torch.__version__}")
-    print("| path | ms/frame | first frame ms | peak GiB | PSNR vs fp32 (dB) | speed-up |")
-    print("|---|---|---|---|---|---|")
-    base_ms = next(iter(results.values()))["ms"]
-    for name, r in results.items():
-        extra = f" fallbacks {r['fallbacks']}" if r["fallbacks"] else ""
-        print(f"| {name} | {r['ms']:.1f} | {r['first_ms']:.0f} | {r['peak_gib']:.2f} | {r['psnr_vs_fp32']:.1f} | "
-              f"{base_ms / r['ms']:.2f}x |{extra}")
+    print(table(results, f"# {gpu}, {w}x{h} -> {4 * w}x{4 * h}, {weights_desc} weights, {args.frames} frames "
+                         f"(median after {args.warmup}), torch {torch.__version__}"))
     if args.json:
         args.json.write_text(json.dumps(dict(gpu=gpu, lr=[w, h], results=results), indent=2, default=str))
 

@@ -58,14 +58,16 @@ def test_channels_last_equals_contiguous(tiny_ckpt: Path, pipe: StreamDiffVSR) -
 
 
 def test_compiled_equals_eager(pipe: StreamDiffVSR, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """torch.compile of the cold/warm steps and the decoder (aot_eager backend: the CPU-affordable
-    compile path that still traces our code through dynamo and AOTAutograd)."""
+    """torch.compile of the warm step and decoder (aot_eager backend: the CPU-affordable compile path
+    that still traces our code through dynamo and AOTAutograd); cold frames stay eager."""
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     frames, noises = frames_and_noise(3, 32, 32)
     ref = run(pipe, frames, noises)
     compiled = pipe.with_options()
     compiled.enable_compile(backend="aot_eager", cache_dir=tmp_path / "inductor")
     assert compiled.compiled and not pipe.compiled
+    assert getattr(compiled._step_cold, "__func__", None) is StreamDiffVSR._eager_step_cold  # cold stays eager
+    assert getattr(compiled._step_warm, "__func__", None) is not StreamDiffVSR._eager_step_warm
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "inductor")
     for a, b in zip(run(compiled, frames, noises), ref):
         assert float((a - b).abs().max()) <= 1e-5
@@ -107,11 +109,12 @@ def test_tiling_places_and_blends_tiles_exactly(pipe: StreamDiffVSR, monkeypatch
     tiled = pipe.with_options(tile=32, tile_overlap=8)
     monkeypatch.setattr(tiled, "denoise", lambda z, x, warped: z * 0.5 + x[:, :1])
     monkeypatch.setattr(tiled, "_decode", lambda z, feats: F.interpolate(z[:, :3], scale_factor=4, mode="nearest"))
-    monkeypatch.setattr(tiled.vae, "temporal_features", lambda w: None)
+    monkeypatch.setattr(tiled, "_features", lambda w: None)
     g = torch.Generator().manual_seed(0)
     z, x = torch.randn(1, 4, 56, 72, generator=g), torch.rand(1, 3, 56, 72, generator=g)
-    whole = tiled._run(z, x, None, None)
-    parts = tiled._run(z, x, None, (32, 32))
+    warped = torch.rand(1, 3, 4 * 56, 4 * 72, generator=g)  # a warm frame: the path with the decoder seam
+    whole = tiled._run(z, x, warped, None)
+    parts = tiled._run(z, x, warped, (32, 32))
     assert tiled.stats["tiled_frames"] == 1
     assert float((whole - parts).abs().max()) <= 1e-5
 
@@ -311,6 +314,32 @@ def test_compiled_decoder_output_is_not_carried_by_reference(pipe: StreamDiffVSR
 
     monkeypatch.setattr(view, "_decode", graph_like_decode)
     view.compiled = True
-    frames, noises = frames_and_noise(1, 32, 32)
-    _, state = view.process_frame(frames[0], StreamState(), noise=noises[0])
+    frames, noises = frames_and_noise(2, 32, 32)
+    _, state = view.process_frame(frames[0], StreamState(), noise=noises[0])  # cold: eager decoder
+    _, state = view.process_frame(frames[1], state, noise=noises[1])          # warm: the compiled one
     assert state.prev_hq is not None and state.prev_hq.data_ptr() != shared.data_ptr()
+    assert torch.equal(state.prev_hq, shared)
+
+
+def test_cudnn_and_tf32_flags_are_set_while_running_and_restored(pipe: StreamDiffVSR, monkeypatch) -> None:
+    seen = []
+    view = pipe.with_options()
+    view.cudnn_benchmark, view.tf32 = True, True
+    eager = view._eager_step_cold
+
+    def spy(*args):
+        seen.append((torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32))
+        return eager(*args)
+
+    monkeypatch.setattr(view, "_step_cold", spy)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    tf32 = torch.backends.cuda.matmul.allow_tf32  # a torch property object: monkeypatch cannot undo it
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        frames, noises = frames_and_noise(1, 32, 32)
+        view.process_frame(frames[0], StreamState(), noise=noises[0])
+        assert seen == [(True, True)] * 4
+        assert torch.backends.cudnn.benchmark is False and torch.backends.cuda.matmul.allow_tf32 is False
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    assert pipe.cudnn_benchmark is False and pipe.tf32 is False  # CPU defaults

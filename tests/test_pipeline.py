@@ -48,6 +48,7 @@ def spies(pipe: StreamDiffVSR, monkeypatch: pytest.MonkeyPatch) -> dict[str, _Co
     }
     monkeypatch.setattr(pipe.controlnet, "forward", out["controlnet"])
     monkeypatch.setattr(pipe.vae, "temporal_features", out["temporal_features"])
+    monkeypatch.setattr(pipe, "_features", out["temporal_features"])  # the bound (or compiled) entry point
     monkeypatch.setattr(pipe.raft, "forward", out["raft"])
     monkeypatch.setattr(pipe.unet, "forward", out["unet"])
     return out

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .accel import run_flags
 from .models.flow import MIN_FLOW_SIDE, bicubic_x4, corr_pyramid_bytes, warp
 from .state import StreamState
 from .tiling import Tile, feather_weight, parse_tile, tile_layout
@@ -117,7 +118,7 @@ class StreamDiffVSR:
                  dtype: torch.dtype, num_inference_steps: int = NUM_INFERENCE_STEPS, flow: str = "hr",
                  channels_last: bool | None = None, tile: int | tuple[int, int] | None = None,
                  tile_overlap: int = 16, oom_fallback: bool = True, nan_fallback: bool = True,
-                 raft_corr: str = "auto") -> None:
+                 raft_corr: str = "auto", cudnn_benchmark: bool | None = None) -> None:
         self.device = device
         self.dtype = dtype
         self.flow_mode = _choice("flow", flow, FLOW_MODES)
@@ -128,6 +129,8 @@ class StreamDiffVSR:
         self.nan_fallback = nan_fallback
         self.channels_last = (device.type == "cuda") if channels_last is None else bool(channels_last)
         self._fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        self.cudnn_benchmark = (device.type == "cuda") if cudnn_benchmark is None else bool(cudnn_benchmark)
+        self.tf32 = device.type == "cuda"  # float32 matmuls as the reference runs them (TF32)
         self.unet = unet.to(device, memory_format=self._fmt)
         self.controlnet = controlnet.to(device, memory_format=self._fmt)
         self.vae = vae.to(device, memory_format=self._fmt)
@@ -145,6 +148,7 @@ class StreamDiffVSR:
         self._step_cold = self._eager_step_cold
         self._step_warm = self._eager_step_warm
         self._decode = self.vae.decode
+        self._features = self.vae.temporal_features
         self._fp32_twin: StreamDiffVSR | None = None
         self._tile_cache: dict[tuple, list[tuple[Tile, torch.Tensor]]] = {}
         self._flow_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
@@ -162,7 +166,8 @@ class StreamDiffVSR:
                         compile_cache_dir: str | os.PathLike[str] | None = None,
                         tile: int | tuple[int, int] | None = None, tile_overlap: int = 16,
                         oom_fallback: bool = True, nan_fallback: bool = True,
-                        raft_corr: str = "auto", vae_dtype: torch.dtype | str | None = None) -> "StreamDiffVSR":
+                        raft_corr: str = "auto", vae_dtype: torch.dtype | str | None = None,
+                        cudnn_benchmark: bool | None = None) -> "StreamDiffVSR":
         """Load from a model folder in the Hugging Face layout (see :mod:`vsstreamdiffvsr.weights`).
 
         Args:
@@ -173,7 +178,8 @@ class StreamDiffVSR:
             flow: ``"hr"`` (reference: RAFT on the bicubic x4 frames) or ``"lr"`` (faster deviation: RAFT
                 on the LR frames, flow upsampled x4 with values x4; needs LR >= 128 px per side).
             channels_last: NHWC weights/activations for U-Net and ControlNet (default: on CUDA).
-            compile: ``torch.compile`` the denoising step (U-Net + ControlNet) and the decoder.
+            compile: ``torch.compile`` the warm denoising step (U-Net + ControlNet), TPM encoder and decoder
+                (cold frames, one per start, seek or scene cut, run eagerly: half the compile time).
             compile_mode: torch.compile mode (``"default"``, ``"reduce-overhead"`` = CUDA graphs, ``"max-autotune"``).
             compile_cache_dir: on-disk cache of compiled kernels (default ``<user cache>/inductor``).
             tile: LR tile size (int or (h, w), multiples of 8) for diffusion + decoding; None = whole frame.
@@ -185,6 +191,8 @@ class StreamDiffVSR:
                 ``"auto"`` (full up to a 2 GiB pyramid, i.e. up to 720p output, lean above).
             vae_dtype: precision of the tiny VAE (TPM features and decoder); None = float32. Half precision
                 is faster at HR but is not the reference numerics: measure it with scripts/bench.py.
+            cudnn_benchmark: let cuDNN time its convolution algorithms for each new shape and keep the
+                fastest (default: on for CUDA). It is set only while this pipeline runs, then restored.
 
         Raises:
             ModelFilesError: a file is missing, truncated, corrupt or does not match its config.
@@ -201,7 +209,7 @@ class StreamDiffVSR:
                    raft=weights.load_raft(root), prompt_embeds=weights.empty_prompt_embedding(root),
                    device=dev, dtype=dt, flow=flow, channels_last=channels_last, tile=tile,
                    tile_overlap=tile_overlap, oom_fallback=oom_fallback, nan_fallback=nan_fallback,
-                   raft_corr=raft_corr)
+                   raft_corr=raft_corr, cudnn_benchmark=cudnn_benchmark)
         pipe.model_dir = str(root)
         if compile:
             pipe.enable_compile(mode=compile_mode, cache_dir=compile_cache_dir)
@@ -237,8 +245,10 @@ class StreamDiffVSR:
 
     def enable_compile(self, mode: str = "default", cache_dir: str | os.PathLike[str] | None = None,
                        backend: str = "inductor") -> None:
-        """``torch.compile`` the cold and warm denoising steps and the decoder (static shapes).
+        """``torch.compile`` the warm denoising step, the TPM encoder and the warm decoder (static shapes).
 
+        Cold frames (the U-Net alone, the decoder without TPM features) come once per start, seek or scene
+        cut, so they stay eager: compiling them would double the first-run compile time for one frame each.
         Kernels are cached on disk (``cache_dir``, default ``<user cache>/inductor``), so only the first
         run on a machine pays the full compile time.
         """
@@ -248,9 +258,9 @@ class StreamDiffVSR:
         opts = dict(mode=mode, dynamic=False, backend=backend, fullgraph=False)
         if backend != "inductor":
             opts.pop("mode")
-        self._step_cold = torch.compile(self._eager_step_cold, **opts)
         self._step_warm = torch.compile(self._eager_step_warm, **opts)
         self._decode = torch.compile(self.vae.decode, **opts)
+        self._features = torch.compile(self.vae.temporal_features, **opts)
         self.compiled = True
         self.compile_mode = mode
 
@@ -338,7 +348,9 @@ class StreamDiffVSR:
 
     def _denoise_decode(self, z: torch.Tensor, x: torch.Tensor, warped: torch.Tensor | None) -> torch.Tensor:
         """TPM features of ``warped``, 4 DDIM steps, decode: raw y as float32 (may alias a compiled output)."""
-        feats = None if warped is None else self.vae.temporal_features(warped.to(self.vae_dtype))
+        if warped is None:
+            return self.vae.decode(self.denoise(z, x, None).to(self.vae_dtype), None).float()
+        feats = self._features(warped.to(self.vae_dtype))
         return self._decode(self.denoise(z, x, warped).to(self.vae_dtype), feats).float()
 
     def _tiles(self, h: int, w: int, tile: tuple[int, int]) -> list[tuple[Tile, torch.Tensor]]:
@@ -359,7 +371,8 @@ class StreamDiffVSR:
         if len(tiles) <= 1:
             y = self._denoise_decode(z, x, warped)
             # a compiled decoder may return CUDA-graph memory that its next replay overwrites: own the result
-            return y.clone() if self.compiled and self.vae_dtype == torch.float32 else y  # .float() copied
+            compiled = self.compiled and warped is not None and self.vae_dtype == torch.float32  # .float() copies
+            return y.clone() if compiled else y
         self.stats["tiled_frames"] += 1
         acc = torch.zeros(1, 3, 4 * h, 4 * w, device=self.device, dtype=torch.float32)
         wsum = torch.zeros(1, 1, 4 * h, 4 * w, device=self.device, dtype=torch.float32)
@@ -426,7 +439,7 @@ class StreamDiffVSR:
             twin.compiled = False
             twin.prompt_embeds = self._prompt_fp32
             twin._step_cold, twin._step_warm = twin._eager_step_cold, twin._eager_step_warm
-            twin._decode = self.vae.decode
+            twin._decode, twin._features = self.vae.decode, self.vae.temporal_features
             twin.nan_fallback = False
             twin._fp32_twin = None
             self._fp32_twin = twin
@@ -441,7 +454,7 @@ class StreamDiffVSR:
         state of ``lq_prev``. Inputs are (1,3,h,w) in [0,1]; they are validated by :meth:`process_frame`.
         """
         stream = self._flow_stream
-        with self.lock, torch.inference_mode():
+        with self.lock, torch.inference_mode(), run_flags(self.cudnn_benchmark, self.tf32):
             if stream is not None:
                 stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
@@ -492,7 +505,7 @@ class StreamDiffVSR:
             flow = FlowTicket(flow)
         if flow is not None and tuple(flow.flow.shape) != (1, 2, 4 * h, 4 * w):
             raise ValueError(f"flow must have shape (1, 2, {4 * h}, {4 * w}), got {tuple(flow.flow.shape)}")
-        with self.lock:
+        with self.lock, run_flags(self.cudnn_benchmark, self.tf32):
             y = self._frame(lq32, state, z, flow)
             self.stats["frames"] += 1
         hq = (y / 2 + 0.5).clamp(0, 1)

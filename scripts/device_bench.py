@@ -1,0 +1,216 @@
+#!/usr/bin/env python3
+"""Every figure of the README's speed table in one process, for a short GPU lease (see device_bench.sh).
+
+Runs scripts/bench.py's paths in priority order and writes results.json and tables.md to --out after each
+step, so a run cut short still returns what it measured. A step whose estimated time no longer fits in
+--budget-s is skipped (and listed as skipped). Random full-size weights are drawn once and shared.
+
+    python scripts/device_bench.py --out bench-out --budget-s 520          # on a CUDA machine
+    python scripts/device_bench.py --tiny --device cpu --out /tmp/b        # dry run of the whole driver
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench import (  # noqa: E402
+    REFERENCE_OPTIONS, load_components, make_frames, max_err, psnr, run_path, setup_device, table,
+)
+
+OPT = dict(channels_last=None, raft_corr="auto")  # the optimised path's defaults (cuDNN autotune on CUDA)
+
+
+class Driver:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.device = torch.device(args.device)
+        self.t0 = time.perf_counter()
+        self.out = Path(args.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.gpu = setup_device(self.device)
+        self.load, self.weights_desc = load_components(self.device, tiny=args.tiny)
+        self.results: dict[str, dict] = {}   # section -> path -> result
+        self.notes: list[str] = []
+        self.refs: dict[str, list[torch.Tensor]] = {}  # "<section>/<path>" -> outputs kept for comparisons
+        self.log(f"setup done: {self.gpu}, {self.weights_desc} weights, torch {torch.__version__}")
+
+    # --------------------------------------------------------------------------------------- helpers
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def log(self, msg: str) -> None:
+        print(f"[{self.elapsed():6.1f}s] {msg}", flush=True)
+
+    def size(self, name: str) -> tuple[int, int]:
+        """LR (w, h) of a named size; --tiny shrinks them to CPU-affordable ones."""
+        full = {"720p": (320, 180), "1080p": (480, 272), "4K": (960, 540)}
+        tiny = {"720p": (40, 32), "1080p": (48, 40), "4K": (64, 48)}
+        return (tiny if self.args.tiny else full)[name]
+
+    def path(self, section: str, name: str, dtype: torch.dtype, options: dict, *, prefetch: bool,
+             frames: int | None = None, warmup: int | None = None, ref: str | None = None,
+             keep: bool = False, compare: str | None = None) -> dict:
+        """Measure one path at ``section``'s size and record it (PSNR against ``ref``'s kept outputs)."""
+        w, h = self.size(section.split()[0])
+        n, wu = frames or self.args.frames, warmup if warmup is not None else self.args.warmup
+        fr, nz = make_frames(n, h, w)
+        self.log(f"{section}: {name} ...")
+        res = run_path(self.load, self.device, dtype, options, fr, nz, wu, prefetch=prefetch)
+        outs = res.pop("outs")
+        ref_outs = self.refs.get(ref) if ref else None
+        res["psnr_vs_fp32"] = psnr(outs, ref_outs[:n]) if ref_outs is not None else float("nan")
+        res["max_err_vs_fp32"] = max_err(outs, ref_outs[:n]) if ref_outs is not None else float("nan")
+        if compare and compare in self.refs:
+            res[f"max_err_vs {compare}"] = max_err(outs, self.refs[compare][:n])
+            res[f"psnr_vs {compare}"] = psnr(outs, self.refs[compare][:n])
+        if keep:
+            self.refs[f"{section}/{name}"] = outs
+        res["lr"], res["frames"], res["warmup"], res["prefetch"] = [w, h], n, wu, prefetch
+        self.results.setdefault(section, {})[name] = res
+        self.log(f"{section}: {name}: {res['ms']:.1f} ms/frame, first {res['first_ms']:.0f} ms, warm-up overhead "
+                 f"{res['warmup_overhead_s']:.1f} s, peak {res['peak_gib']:.2f} GiB, PSNR {res['psnr_vs_fp32']:.1f}")
+        self.save()
+        return res
+
+    def save(self) -> None:
+        (self.out / "results.json").write_text(json.dumps(
+            dict(gpu=self.gpu, torch=torch.__version__, weights=self.weights_desc, results=self.results,
+                 notes=self.notes), indent=2, default=str))
+        parts = []
+        for section, res in self.results.items():
+            w, h = next(iter(res.values()))["lr"]
+            parts.append(table(res, f"### {section}: {w}x{h} -> {4 * w}x{4 * h} ({self.gpu}, {self.weights_desc} "
+                                    f"weights, torch {torch.__version__})"))
+            extra = [f"- {name}: {k.removeprefix('max_err_vs ')}: max abs error {r[k]:.3g}, PSNR "
+                     f"{r['psnr_vs ' + k.removeprefix('max_err_vs ')]:.1f} dB"
+                     for name, r in res.items() for k in r if k.startswith("max_err_vs ")]
+            parts.extend(extra)
+        parts.extend(f"- {n}" for n in self.notes)
+        (self.out / "tables.md").write_text("\n\n".join(parts) + "\n")
+
+    def step(self, name: str, estimate_s: float, fn: Callable[[], None]) -> None:
+        left = self.args.budget_s - self.elapsed()
+        if estimate_s > left:
+            self.notes.append(f"skipped: {name} (needs ~{estimate_s:.0f} s, {left:.0f} s left)")
+            self.log(self.notes[-1])
+            self.save()
+            return
+        self.log(f"== {name} (estimate {estimate_s:.0f} s, {left:.0f} s left)")
+        try:
+            fn()
+        except Exception as exc:  # report and go on: the other steps' figures still count
+            traceback.print_exc()
+            self.notes.append(f"failed: {name}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
+            self.save()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    # ----------------------------------------------------------------------------------------- steps
+    def s720_core(self) -> None:
+        s = "720p"
+        self.path(s, "reference (fp32/TF32, eager)", torch.float32, REFERENCE_OPTIONS, prefetch=False, keep=True)
+        ref = f"{s}/reference (fp32/TF32, eager)"
+        self.path(s, "bf16 + channels_last (eager)", torch.bfloat16, dict(OPT, cudnn_benchmark=False),
+                  prefetch=False, ref=ref)
+        self.path(s, "optimised eager: bf16 + channels_last + cuDNN autotune + flow prefetch", torch.bfloat16,
+                  OPT, prefetch=True, ref=ref, keep=True)
+        self.path(s, "optimised eager, fp16", torch.float16, OPT, prefetch=True, ref=ref)
+        self.path(s, "optimised eager, lean RAFT correlation", torch.bfloat16, dict(OPT, raft_corr="lean"),
+                  prefetch=True, ref=ref)
+
+    def s720_compiled(self) -> None:
+        s = "720p"
+        self.path(s, "optimised + torch.compile (default mode)", torch.bfloat16, dict(OPT, compile=True),
+                  prefetch=True, ref=f"{s}/reference (fp32/TF32, eager)",
+                  compare=f"{s}/optimised eager: bf16 + channels_last + cuDNN autotune + flow prefetch")
+
+    def s1080(self) -> None:
+        s = "1080p"
+        self.path(s, "reference (fp32/TF32, eager)", torch.float32, REFERENCE_OPTIONS, prefetch=False, keep=True)
+        ref = f"{s}/reference (fp32/TF32, eager)"
+        self.path(s, "optimised eager", torch.bfloat16, OPT, prefetch=True, ref=ref, keep=True)
+        tile = (32, 32) if self.args.tiny else (192, 320)
+        self.path(s, f"optimised eager, tiled {tile[0]}x{tile[1]} LR", torch.bfloat16, dict(OPT, tile=tile),
+                  prefetch=True, ref=ref, compare=f"{s}/optimised eager")
+
+    def s4k(self) -> None:
+        tile = (32, 32) if self.args.tiny else (192, 320)
+        self.path("4K", f"optimised eager, tiled {tile[0]}x{tile[1]} LR (lean RAFT correlation)", torch.bfloat16,
+                  dict(OPT, tile=tile), prefetch=True, frames=6, warmup=2)
+
+    def s1080_compiled(self) -> None:
+        self.path("1080p", "optimised + torch.compile (default mode)", torch.bfloat16, dict(OPT, compile=True),
+                  prefetch=True, ref="1080p/reference (fp32/TF32, eager)")
+
+    def s720_extras(self) -> None:
+        s, ref = "720p extras", "720p/reference (fp32/TF32, eager)"
+        self.path(s, "bf16 + channels_last + cuDNN autotune (no prefetch)", torch.bfloat16, OPT, prefetch=False,
+                  ref=ref)
+        self.path(s, "optimised eager, VAE bf16", torch.bfloat16, dict(OPT, vae_dtype=torch.bfloat16),
+                  prefetch=True, ref=ref)
+        if min(self.size("720p")) >= 128:  # RAFT at LR needs 128 px (not at --tiny sizes)
+            self.path(s, 'optimised eager, flow="lr" (deviation)', torch.bfloat16, dict(OPT, flow="lr"),
+                      prefetch=True, ref=ref)
+
+    def s720_cached(self) -> None:
+        """A second process compiles the same 720p path again: what a user's second run pays."""
+        w, h = self.size("720p")
+        out = self.out / "720p-compiled-cached.json"
+        cmd = [sys.executable, str(Path(__file__).with_name("bench.py")), "--device", self.args.device,
+               "--lr", f"{w}x{h}", "--compile", "--skip-reference", "--frames", "8", "--warmup", "4",
+               "--json", str(out)] + (["--tiny"] if self.args.tiny else [])
+        t = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        wall = time.perf_counter() - t
+        print(proc.stdout[-2000:], proc.stderr[-3000:], flush=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"bench.py exited {proc.returncode}")
+        (name, res), = json.loads(out.read_text())["results"].items()
+        res.update(lr=[w, h], frames=8, warmup=4, prefetch=True, process_wall_s=round(wall, 1))
+        self.results.setdefault("720p, second process (compile cache warm)", {})[name] = res
+        self.save()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--tiny", action="store_true", help="tiny random model at tiny sizes (dry run on CPU)")
+    ap.add_argument("--frames", type=int, default=24)
+    ap.add_argument("--warmup", type=int, default=4)
+    ap.add_argument("--budget-s", type=float, default=520.0, help="skip steps that would end after this")
+    ap.add_argument("--out", default="bench-out")
+    args = ap.parse_args()
+    d = Driver(args)
+    compile_s = 150.0  # first-run compile of the warm step + decoder at 720p (updated once measured)
+
+    def compiled_720() -> None:
+        nonlocal compile_s
+        d.s720_compiled()
+        r = d.results["720p"]["optimised + torch.compile (default mode)"]
+        compile_s = r["warmup_overhead_s"]
+
+    d.step("720p: reference, bf16 eager, optimised eager, fp16, lean correlation", 70, d.s720_core)
+    d.step("720p: torch.compile", compile_s + 20, compiled_720)
+    d.step("1080p: reference, optimised eager, tiled", 80, d.s1080)
+    d.step("4K: tiled", 60, d.s4k)
+    d.step("1080p: torch.compile", 1.2 * compile_s + 30, d.s1080_compiled)
+    d.step("720p extras: levers one by one", 35, d.s720_extras)
+    d.step("720p: torch.compile in a second process (cache warm)", 0.5 * compile_s + 30, d.s720_cached)
+    d.save()
+    d.log("done")
+    print((d.out / "tables.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
