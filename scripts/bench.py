@@ -121,11 +121,17 @@ def measure(pipe: StreamDiffVSR, frames, noises, warmup: int, device: torch.devi
     for i, (f, z) in enumerate(zip(frames, noises)):
         sync(device)
         t0 = time.perf_counter()
-        nxt = pipe.prefetch_flow(frames[i + 1], f) if prefetch and i + 1 < len(frames) else None
-        hq, state = pipe.process_frame(f, state, noise=z, flow=ticket)
+        nxt: list = []
+        queue_next = None
+        if prefetch and i + 1 < len(frames):
+            ready = pipe.inputs_ready()
+
+            def queue_next(i=i, f=f, ready=ready) -> None:  # as the filter: RAFT of i+1 while i denoises
+                nxt.append(pipe.prefetch_flow(frames[i + 1], f, ready=ready))
+        hq, state = pipe.process_frame(f, state, noise=z, flow=ticket, on_enqueued=queue_next)
         sync(device)
         times.append(time.perf_counter() - t0)
-        ticket = nxt
+        ticket = nxt[0] if nxt else None
         outs.append(hq.float().cpu())
         if device.type == "cuda":  # held between frames: must not grow with the clip's length
             mem.append(round(torch.cuda.memory_allocated(device) / 2**30, 3))
@@ -220,8 +226,8 @@ def main() -> None:
     ap.add_argument("--flow", default="hr", choices=("hr", "lr"))
     ap.add_argument("--tile", type=int, default=None, help="LR tile size for the optimized path")
     ap.add_argument("--vae-dtype", default=None, help="tiny VAE precision of the optimized path (default float32)")
-    ap.add_argument("--raft-corr", default="auto", choices=("auto", "full", "lean"),
-                    help="RAFT correlation of the optimized path (lean: no all-pairs volume)")
+    ap.add_argument("--raft-corr", default="auto", choices=("auto", "full", "half", "lean"),
+                    help="RAFT correlation of the optimized path (half: float16 pyramid; lean: none)")
     ap.add_argument("--no-prefetch", action="store_true", help="optimized path: compute each flow in line")
     ap.add_argument("--skip-reference", action="store_true", help="only the optimized path (no PSNR)")
     ap.add_argument("--json", type=Path, help="also write the results here")

@@ -117,59 +117,46 @@ class Driver:
                 torch.cuda.empty_cache()
 
     # ----------------------------------------------------------------------------------------- steps
-    def s720_core(self) -> None:
-        s = "720p"
-        self.path(s, "reference (fp32/TF32, eager)", torch.float32, REFERENCE_OPTIONS, prefetch=False, keep=True)
-        ref = f"{s}/reference (fp32/TF32, eager)"
-        self.path(s, "bf16 + channels_last (eager)", torch.bfloat16, dict(OPT, cudnn_benchmark=False),
-                  prefetch=False, ref=ref)
-        self.path(s, "optimised eager: bf16 + channels_last + cuDNN autotune + flow prefetch", torch.bfloat16,
-                  OPT, prefetch=True, ref=ref, keep=True)
-        self.path(s, "optimised eager, fp16", torch.float16, OPT, prefetch=True, ref=ref)
-        self.path(s, "optimised eager, lean RAFT correlation", torch.bfloat16, dict(OPT, raft_corr="lean"),
-                  prefetch=True, ref=ref)
+    REF = "reference (fp32/TF32, eager)"
+    EAGER = "optimised eager: bf16 + channels_last + cuDNN autotune + flow overlap"
 
-    def s720_compiled(self) -> None:
-        s = "720p"
-        self.path(s, "optimised + torch.compile (default mode)", torch.bfloat16, dict(OPT, compile=True),
-                  prefetch=True, ref=f"{s}/reference (fp32/TF32, eager)",
-                  compare=f"{s}/optimised eager: bf16 + channels_last + cuDNN autotune + flow prefetch")
+    def ref(self, size: str) -> None:
+        self.path(size, self.REF, torch.float32, REFERENCE_OPTIONS, prefetch=False, keep=True)
 
-    def s1080(self) -> None:
-        s = "1080p"
-        self.path(s, "reference (fp32/TF32, eager)", torch.float32, REFERENCE_OPTIONS, prefetch=False, keep=True)
-        ref = f"{s}/reference (fp32/TF32, eager)"
-        self.path(s, "optimised eager", torch.bfloat16, OPT, prefetch=True, ref=ref, keep=True)
+    def eager(self, size: str) -> None:
+        self.path(size, self.EAGER, torch.bfloat16, OPT, prefetch=True, ref=f"{size}/{self.REF}", keep=True)
+
+    def levers(self, size: str) -> None:
+        r = f"{size}/{self.REF}"
+        self.path(size, "bf16 + channels_last (eager)", torch.bfloat16, dict(OPT, cudnn_benchmark=False),
+                  prefetch=False, ref=r)
+        self.path(size, "optimised eager, fp16", torch.float16, OPT, prefetch=True, ref=r)
+        self.path(size, "optimised eager, lean RAFT correlation", torch.bfloat16, dict(OPT, raft_corr="lean"),
+                  prefetch=True, ref=r)
+        self.path(size, "optimised eager, VAE bf16", torch.bfloat16, dict(OPT, vae_dtype=torch.bfloat16),
+                  prefetch=True, ref=r)
+        if min(self.size(size)) >= 128:  # RAFT at LR needs 128 px (not at --tiny sizes)
+            self.path(size, 'optimised eager, flow="lr" (deviation)', torch.bfloat16, dict(OPT, flow="lr"),
+                      prefetch=True, ref=r)
+
+    def compiled(self, size: str, mode: str) -> dict:
+        return self.path(size, f"optimised + torch.compile ({mode})", torch.bfloat16,
+                         dict(OPT, compile=True, compile_mode=mode), prefetch=True, ref=f"{size}/{self.REF}",
+                         compare=f"{size}/{self.EAGER}")
+
+    def tiled(self, size: str, frames: int | None = None, warmup: int | None = None) -> None:
         tile = (32, 32) if self.args.tiny else (192, 320)
-        self.path(s, f"optimised eager, tiled {tile[0]}x{tile[1]} LR", torch.bfloat16, dict(OPT, tile=tile),
-                  prefetch=True, ref=ref, compare=f"{s}/optimised eager")
+        self.path(size, f"optimised eager, tiled {tile[0]}x{tile[1]} LR", torch.bfloat16, dict(OPT, tile=tile),
+                  prefetch=True, ref=f"{size}/{self.REF}", compare=f"{size}/{self.EAGER}", frames=frames,
+                  warmup=warmup)
 
-    def s4k(self) -> None:
-        tile = (32, 32) if self.args.tiny else (192, 320)
-        self.path("4K", f"optimised eager, tiled {tile[0]}x{tile[1]} LR (lean RAFT correlation)", torch.bfloat16,
-                  dict(OPT, tile=tile), prefetch=True, frames=6, warmup=2)
-
-    def s1080_compiled(self) -> None:
-        self.path("1080p", "optimised + torch.compile (default mode)", torch.bfloat16, dict(OPT, compile=True),
-                  prefetch=True, ref="1080p/reference (fp32/TF32, eager)")
-
-    def s720_extras(self) -> None:
-        s, ref = "720p extras", "720p/reference (fp32/TF32, eager)"
-        self.path(s, "bf16 + channels_last + cuDNN autotune (no prefetch)", torch.bfloat16, OPT, prefetch=False,
-                  ref=ref)
-        self.path(s, "optimised eager, VAE bf16", torch.bfloat16, dict(OPT, vae_dtype=torch.bfloat16),
-                  prefetch=True, ref=ref)
-        if min(self.size("720p")) >= 128:  # RAFT at LR needs 128 px (not at --tiny sizes)
-            self.path(s, 'optimised eager, flow="lr" (deviation)', torch.bfloat16, dict(OPT, flow="lr"),
-                      prefetch=True, ref=ref)
-
-    def s720_cached(self) -> None:
-        """A second process compiles the same 720p path again: what a user's second run pays."""
-        w, h = self.size("720p")
-        out = self.out / "720p-compiled-cached.json"
+    def cached(self, size: str, mode: str) -> None:
+        """A second process compiles the same path again: what a user's second run pays."""
+        w, h = self.size(size)
+        out = self.out / f"{size}-compiled-cached.json"
         cmd = [sys.executable, str(Path(__file__).with_name("bench.py")), "--device", self.args.device,
-               "--lr", f"{w}x{h}", "--compile", "--skip-reference", "--frames", "8", "--warmup", "4",
-               "--json", str(out)] + (["--tiny"] if self.args.tiny else [])
+               "--lr", f"{w}x{h}", "--compile", "--compile-mode", mode, "--skip-reference", "--frames", "8",
+               "--warmup", "4", "--json", str(out)] + (["--tiny"] if self.args.tiny else [])
         t = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         wall = time.perf_counter() - t
@@ -178,8 +165,26 @@ class Driver:
             raise RuntimeError(f"bench.py exited {proc.returncode}")
         (name, res), = json.loads(out.read_text())["results"].items()
         res.update(lr=[w, h], frames=8, warmup=4, prefetch=True, process_wall_s=round(wall, 1))
-        self.results.setdefault("720p, second process (compile cache warm)", {})[name] = res
+        self.results.setdefault(f"{size}, second process (compile cache warm)", {})[name] = res
         self.save()
+
+
+#: every step: name -> (estimated seconds, given the first compile's measured time c; action)
+def plan(d: Driver, c: float) -> dict[str, tuple[float, Callable[[], None]]]:
+    return {
+        "720p-ref": (15, lambda: d.ref("720p")),
+        "720p-eager": (12, lambda: d.eager("720p")),
+        "720p-graphs": (c + 20, lambda: d.compiled("720p", "reduce-overhead")),
+        "720p-compiled": (c + 20, lambda: d.compiled("720p", "default")),
+        "1080p-ref": (20, lambda: d.ref("1080p")),
+        "1080p-eager": (20, lambda: d.eager("1080p")),
+        "1080p-graphs": (c + 30, lambda: d.compiled("1080p", "reduce-overhead")),
+        "1080p-compiled": (c + 30, lambda: d.compiled("1080p", "default")),
+        "1080p-tiled": (45, lambda: d.tiled("1080p")),
+        "4K-tiled": (60, lambda: d.tiled("4K", frames=6, warmup=2)),
+        "720p-levers": (60, lambda: d.levers("720p")),
+        "720p-cached": (0.5 * c + 30, lambda: d.cached("720p", "reduce-overhead")),
+    }
 
 
 def main() -> None:
@@ -190,23 +195,24 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=4)
     ap.add_argument("--budget-s", type=float, default=520.0, help="skip steps that would end after this")
     ap.add_argument("--out", default="bench-out")
+    ap.add_argument("--steps", default="720p-ref,720p-eager,720p-graphs,1080p-ref,1080p-eager,1080p-graphs,"
+                    "4K-tiled,1080p-tiled,720p-compiled,720p-levers,720p-cached",
+                    help="comma-separated steps, run in this order (see plan())")
     args = ap.parse_args()
     d = Driver(args)
-    compile_s = 150.0  # first-run compile of the warm step + decoder at 720p (updated once measured)
-
-    def compiled_720() -> None:
-        nonlocal compile_s
-        d.s720_compiled()
-        r = d.results["720p"]["optimised + torch.compile (default mode)"]
-        compile_s = r["warmup_overhead_s"]
-
-    d.step("720p: reference, bf16 eager, optimised eager, fp16, lean correlation", 70, d.s720_core)
-    d.step("720p: torch.compile", compile_s + 20, compiled_720)
-    d.step("1080p: reference, optimised eager, tiled", 80, d.s1080)
-    d.step("4K: tiled", 60, d.s4k)
-    d.step("1080p: torch.compile", 1.2 * compile_s + 30, d.s1080_compiled)
-    d.step("720p extras: levers one by one", 35, d.s720_extras)
-    d.step("720p: torch.compile in a second process (cache warm)", 0.5 * compile_s + 30, d.s720_cached)
+    first_compile = 110.0  # s, an H100's first compile of the warm step + TPM + decoder; updated once seen
+    graphs_failed = False
+    for name in args.steps.split(","):
+        if graphs_failed and name.endswith("-graphs"):  # CUDA graphs failed once: measure plain compile instead
+            name = name.replace("-graphs", "-compiled")
+        estimate, action = plan(d, first_compile)[name]
+        notes = len(d.notes)
+        d.step(name, estimate, action)
+        graphs_failed |= name.endswith("-graphs") and any(n.startswith("failed") for n in d.notes[notes:])
+        compiled = [r["warmup_overhead_s"] for sec in d.results.values() for k, r in sec.items()
+                    if "torch.compile" in k]
+        if compiled:
+            first_compile = max(compiled)
     d.save()
     d.log("done")
     print((d.out / "tables.md").read_text())

@@ -4,7 +4,7 @@
 # Wheels missing on the GPU image (diffusers, importlib_metadata; see the device tool's notes) travel in
 # ./.whl (git-ignored via .git/info/exclude) and are installed to /tmp/site first. Results land in $OUT
 # (or ./bench-out): tables.md for the README, results.json behind it, log.txt. BUDGET_S (default 520)
-# bounds the run: steps that would not fit are skipped and listed.
+# bounds the run: steps that would not fit are skipped and listed; STEPS picks and orders them.
 #
 #   bash scripts/device_bench.sh
 #   PYTHON=.venv/bin/python DEVICE=cpu TINY=1 bash scripts/device_bench.sh   # dry run on a CPU
@@ -20,4 +20,4 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv || true; } | tee "$OUT/gpu.txt"
 "$PY" scripts/device_bench.py --device "${DEVICE:-cuda}" --out "$OUT" --budget-s "${BUDGET_S:-520}" \
-    --frames "${FRAMES:-24}" ${TINY:+--tiny} 2>&1 | tee "$OUT/log.txt"
+    --frames "${FRAMES:-24}" ${TINY:+--tiny} ${STEPS:+--steps "$STEPS"} 2>&1 | tee "$OUT/log.txt"

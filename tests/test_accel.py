@@ -74,6 +74,22 @@ def test_compiled_equals_eager(pipe: StreamDiffVSR, tmp_path: Path, monkeypatch:
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
 
 
+def test_cuda_graph_modes_mark_steps_and_copy_outputs(pipe: StreamDiffVSR, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """reduce-overhead: each compiled call starts a graph generation and hands back copies (same numbers)."""
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    marks = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    frames, noises = frames_and_noise(2, 32, 32)
+    ref = run(pipe, frames, noises)
+    graphed = pipe.with_options()
+    graphed.enable_compile(mode="reduce-overhead", backend="aot_eager", cache_dir=tmp_path / "inductor")
+    for a, b in zip(run(graphed, frames, noises), ref):
+        assert float((a - b).abs().max()) <= 1e-5
+    assert len(marks) == 4 + 1 + 1  # the warm frame: 4 steps, TPM features, decoder
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+
+
 def test_flow_lr_is_upsampled_raft_at_lr(pipe: StreamDiffVSR) -> None:
     g = torch.Generator().manual_seed(3)
     x, xp = torch.rand(1, 3, 128, 128, generator=g) * 2 - 1, torch.rand(1, 3, 128, 128, generator=g) * 2 - 1
@@ -187,10 +203,10 @@ def test_raft_out_of_memory_falls_back_to_lr_flow(pipe: StreamDiffVSR, monkeypat
     lean = pipe.with_options()
     real = lean.compute_flow
 
-    def hr_too_big(x, x_prev, mode=None, lean=None):
+    def hr_too_big(x, x_prev, mode=None, corr=None):
         if (mode or "hr") == "hr":  # neither the full nor the lean correlation fits at HR
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real(x, x_prev, mode, lean)
+        return real(x, x_prev, mode, corr)
 
     monkeypatch.setattr(lean, "compute_flow", hr_too_big)
     with warnings.catch_warnings():
@@ -218,18 +234,43 @@ def test_lean_correlation_matches_torchvision() -> None:
     assert float((got - want).abs().max()) <= 1e-5 * float(want.abs().max())
 
 
-def test_lean_flow_equals_full_flow_and_is_used_for_large_frames(pipe: StreamDiffVSR) -> None:
-    from vsstreamdiffvsr.models.flow import corr_pyramid_bytes
+def test_half_correlation_matches_torchvision() -> None:
+    """float16 storage: rounding-level differences; float32 storage: the gather lookup equals grid_sample."""
+    from torchvision.models.optical_flow.raft import CorrBlock
 
+    from vsstreamdiffvsr.models.flow import HalfCorrBlock
+
+    g = torch.Generator().manual_seed(0)
+    f1, f2 = torch.randn(1, 64, 16, 20, generator=g), torch.randn(1, 64, 16, 20, generator=g)
+    ref = CorrBlock(num_levels=4, radius=4)
+    ref.build_pyramid(f1, f2)
+    grid = torch.stack(torch.meshgrid(torch.arange(16.0), torch.arange(20.0), indexing="ij")[::-1])[None]
+    coords = grid + 4 * torch.randn(1, 2, 16, 20, generator=g)  # some lookups fall outside the frame
+    coords[0, :, 0, 0] = torch.tensor([3.0, 5.0])  # an exact integer position
+    want = ref.index_pyramid(coords)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.float16, 1e-3)):
+        block = HalfCorrBlock(num_levels=4, radius=4, storage_dtype=dtype, chunk_bytes=4 * 320 * 7)  # 7 rows
+        block.build_pyramid(f1, f2)
+        assert block.corr_pyramid[0].dtype == dtype and len(block.corr_pyramid) == 4
+        got = block.index_pyramid(coords)
+        assert got.shape == want.shape == (1, 324, 16, 20) and got.dtype == torch.float32
+        assert float((got - want).abs().max()) <= tol * float(want.abs().max()), dtype
+
+
+def test_lean_and_half_flow_equal_full_flow_and_auto_picks_by_size(pipe: StreamDiffVSR) -> None:
     g = torch.Generator().manual_seed(1)
     x = torch.rand(1, 3, 32, 40, generator=g) * 2 - 1
     xp = torch.roll(x, (1, 2), (2, 3))
     with torch.inference_mode():
-        full = pipe.compute_flow(x, xp, lean=False)
-        lean = pipe.compute_flow(x, xp, lean=True)
+        full = pipe.compute_flow(x, xp, corr="full")
+        lean = pipe.compute_flow(x, xp, corr="lean")
+        half = pipe.compute_flow(x, xp, corr="half")
     assert float((full - lean).abs().max()) <= 1e-4
+    assert 0 < float((full - half).abs().max()) <= 2e-2  # float16 storage: close, not identical
     assert pipe.raft.raft.corr_block is pipe.raft._full_block  # restored after the call
-    assert corr_pyramid_bytes(720, 1280) < 2 * 2**30 < corr_pyramid_bytes(1080, 1920)  # auto: 720p full, 1080p lean
+    assert not pipe.raft._blocks["half"].corr_pyramid        # and the pyramid freed
+    assert [pipe.corr_for(h, w) for h, w in ((720, 1280), (1088, 1920), (2160, 3840))] == ["full", "half", "lean"]
+    assert pipe.with_options(raft_corr="half").corr_for(720, 1280) == "half"
     with pytest.raises(ValueError, match="raft_corr"):
         pipe.with_options(raft_corr="huge")
 
@@ -240,10 +281,10 @@ def test_raft_out_of_memory_tries_lean_correlation_first(pipe: StreamDiffVSR, mo
     lean = pipe.with_options()
     real = lean.compute_flow
 
-    def full_too_big(x, x_prev, mode=None, lean=None):
-        if not lean:
+    def full_too_big(x, x_prev, mode=None, corr=None):
+        if corr != "lean":
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real(x, x_prev, mode, lean)
+        return real(x, x_prev, mode, corr)
 
     monkeypatch.setattr(lean, "compute_flow", full_too_big)
     out = run(lean, frames, noises)
@@ -258,10 +299,19 @@ def test_prefetched_flow_equals_inline_flow(pipe: StreamDiffVSR) -> None:
     state, outs = StreamState(), []
     ticket = None
     for i, (f, z) in enumerate(zip(frames, noises)):
-        nxt = pipe.prefetch_flow(frames[i + 1], f) if i + 1 < len(frames) else None
-        hq, state = pipe.process_frame(f, state, noise=z, flow=ticket)
+        if i % 2:  # before the frame, as a caller may; or from on_enqueued, as the filter does
+            nxt = [pipe.prefetch_flow(frames[i + 1], f)] if i + 1 < len(frames) else []
+            hq, state = pipe.process_frame(f, state, noise=z, flow=ticket)
+        else:
+            nxt, ready = [], pipe.inputs_ready()
+
+            def queue(i: int = i, f: torch.Tensor = f, ready: object = ready) -> None:
+                if i + 1 < len(frames):
+                    nxt.append(pipe.prefetch_flow(frames[i + 1], f, ready=ready))
+
+            hq, state = pipe.process_frame(f, state, noise=z, flow=ticket, on_enqueued=queue)
         outs.append(hq)
-        ticket = nxt
+        ticket = nxt[0] if nxt else None
     for a, b in zip(outs, inline):
         assert torch.equal(a, b)
     with pytest.raises(ValueError, match="flow must have shape"):

@@ -203,14 +203,18 @@ def upscale(clip: vs.VideoNode, *, model_dir: str | os.PathLike[str] | None = No
         prepared = ahead_lq.pop(i, None)
         ahead_lq.clear()
         x, ticket = prepared if prepared is not None else (lq_tensor(frame), None)
+        queue_next = None
+        if prefetch_flow and i < last:
+            nxt = peek[0](i + 1)
+            if nxt is not None and not (reset_on_scene_change and nxt.props.get("_SceneChangePrev", 0)):
+                x_next = lq_tensor(nxt)
+                ready = pipe.inputs_ready()
+
+                def queue_next() -> None:  # runs once frame i is queued on the GPU: RAFT overlaps its denoising
+                    ahead_lq[i + 1] = (x_next, pipe.prefetch_flow(x_next, x, ready=ready))
         try:
-            if prefetch_flow and i < last:
-                nxt = peek[0](i + 1)
-                if nxt is not None and not (reset_on_scene_change and nxt.props.get("_SceneChangePrev", 0)):
-                    x_next = lq_tensor(nxt)
-                    ahead_lq[i + 1] = (x_next, pipe.prefetch_flow(x_next, x))
             hq, state = pipe.process_frame(x, state, noise=frame_noise(seed, i, lat_shape),
-                                           flow=None if state.is_cold else ticket)
+                                           flow=None if state.is_cold else ticket, on_enqueued=queue_next)
         except NonFiniteInputError:
             raise vs.Error(f"upscale: source frame {i} contains NaN or infinite values; fix the source "
                            "(e.g. replace them with std.Expr) before upscaling") from None

@@ -19,6 +19,7 @@ import math
 import os
 import threading
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .accel import run_flags
-from .models.flow import MIN_FLOW_SIDE, bicubic_x4, corr_pyramid_bytes, warp
+from .models.flow import CORR_MODES, MIN_FLOW_SIDE, bicubic_x4, corr_pyramid_bytes, warp
 from .state import StreamState
 from .tiling import Tile, feather_weight, parse_tile, tile_layout
 
@@ -38,10 +39,14 @@ MIN_LR_SIDE = MIN_FLOW_SIDE // 4
 NUM_INFERENCE_STEPS = 4
 
 FLOW_MODES = ("hr", "lr")
-RAFT_CORR_MODES = ("auto", "full", "lean")
-#: raft_corr="auto" switches to the lean correlation above this pyramid size (float32 pyramid: 1.1 GB at
-#: 720p output, 5.6 GB at 1080p, 88 GB at 4K).
-LEAN_CORR_ABOVE = 2 * 2**30
+#: torch.compile modes that replay CUDA graphs
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+RAFT_CORR_MODES = ("auto", *CORR_MODES)
+#: raft_corr="auto" keeps the reference's float32 pyramid up to this size (1.1 GB at 720p output, 5.6 GB at
+#: 1080p, 88 GB at 4K), stores it in float16 up to HALF_CORR_MAX (2.8 GB at 1080p), and above that uses
+#: the lean correlation (no pyramid).
+FULL_CORR_MAX = 2 * 2**30
+HALF_CORR_MAX = 4 * 2**30
 #: LR tile used when a frame does not fit in GPU memory and no tile size was given (720p output per tile).
 AUTO_TILE = (192, 320)
 
@@ -186,9 +191,11 @@ class StreamDiffVSR:
             tile_overlap: LR pixels shared by neighbouring tiles (feathered), a multiple of 4.
             oom_fallback: on CUDA out-of-memory, recompute the frame in tiles (and keep tiling).
             nan_fallback: a half-precision frame with NaN/Inf is recomputed in float32 (one warning).
-            raft_corr: RAFT's correlation: ``"full"`` (torchvision's all-pairs pyramid), ``"lean"`` (the same
-                flow up to rounding without storing the (HW/64)^2 volume: far less memory, more time) or
-                ``"auto"`` (full up to a 2 GiB pyramid, i.e. up to 720p output, lean above).
+            raft_corr: RAFT's correlation: ``"full"`` (torchvision's all-pairs float32 pyramid, the reference),
+                ``"half"`` (that pyramid stored in float16: half the memory; values rounded to the 11 bits TF32
+                keeps of the matmul's inputs), ``"lean"`` (no (HW/64)^2 volume: the same flow up to rounding,
+                far less memory, much more time) or ``"auto"``: full up to a 2 GiB pyramid (720p output),
+                half up to 4 GiB stored (1080p), lean above (4K).
             vae_dtype: precision of the tiny VAE (TPM features and decoder); None = float32. Half precision
                 is faster at HR but is not the reference numerics: measure it with scripts/bench.py.
             cudnn_benchmark: let cuDNN time its convolution algorithms for each new shape and keep the
@@ -258,9 +265,10 @@ class StreamDiffVSR:
         opts = dict(mode=mode, dynamic=False, backend=backend, fullgraph=False)
         if backend != "inductor":
             opts.pop("mode")
-        self._step_warm = torch.compile(self._eager_step_warm, **opts)
-        self._decode = torch.compile(self.vae.decode, **opts)
-        self._features = torch.compile(self.vae.temporal_features, **opts)
+        wrap = _own_outputs if mode in CUDA_GRAPH_MODES else (lambda fn: fn)
+        self._step_warm = wrap(torch.compile(self._eager_step_warm, **opts))
+        self._decode = wrap(torch.compile(self.vae.decode, **opts))
+        self._features = wrap(torch.compile(self.vae.temporal_features, **opts))
         self.compiled = True
         self.compile_mode = mode
 
@@ -300,11 +308,18 @@ class StreamDiffVSR:
         return torch.randn(shape, generator=generator, device=gen_device, dtype=torch.float32).to(self.device)
 
     # ------------------------------------------------------------------------------------------ steps
+    def corr_for(self, height: int, width: int) -> str:
+        """The RAFT correlation (``"full"``, ``"half"`` or ``"lean"``) used for RAFT input of this size."""
+        if self.raft_corr != "auto":
+            return self.raft_corr
+        full = corr_pyramid_bytes(height, width)
+        return "full" if full <= FULL_CORR_MAX else "half" if full // 2 <= HALF_CORR_MAX else "lean"
+
     def compute_flow(self, x: torch.Tensor, x_prev: torch.Tensor, mode: str | None = None,
-                     lean: bool | None = None) -> torch.Tensor:
+                     corr: str | None = None) -> torch.Tensor:
         """Flow current -> previous at HR (N,2,4h,4w), from LR frames in [-1, 1].
 
-        ``mode`` overrides the pipeline's flow mode; ``lean`` overrides its correlation choice.
+        ``mode`` overrides the pipeline's flow mode; ``corr`` its correlation choice (:meth:`corr_for`).
         """
         mode = mode or self.flow_mode
         if mode == "lr":
@@ -314,10 +329,7 @@ class StreamDiffVSR:
             a, b = _pad8(x), _pad8(x_prev)  # RAFT needs multiples of 8; LR is only a multiple of 4
         else:
             a, b = bicubic_x4(x), bicubic_x4(x_prev)
-        if lean is None:
-            lean = self.raft_corr == "lean" or (
-                self.raft_corr == "auto" and corr_pyramid_bytes(*a.shape[-2:]) > LEAN_CORR_ABOVE)
-        flow = self.raft(a, b, lean=lean)
+        flow = self.raft(a, b, corr=corr or self.corr_for(*a.shape[-2:]))
         if mode == "lr":
             flow = flow[..., : x.shape[-2], : x.shape[-1]]
             flow = F.interpolate(flow, scale_factor=4, mode="bilinear", align_corners=False) * 4
@@ -393,7 +405,7 @@ class StreamDiffVSR:
         _empty_cache(self.device)
         try:
             self.stats["lean_corr_fallbacks"] += 1
-            return self.compute_flow(x, x_prev, lean=True)
+            return self.compute_flow(x, x_prev, corr="lean")
         except torch.OutOfMemoryError:
             if self.flow_mode != "hr" or min(x.shape[-2:]) < MIN_FLOW_SIDE:
                 raise
@@ -401,7 +413,7 @@ class StreamDiffVSR:
         self.stats["lr_flow_fallbacks"] += 1
         warnings.warn("vsstreamdiffvsr: RAFT at HR ran out of GPU memory; using flow at LR for this frame (a "
                       "documented deviation)", TilingFallbackWarning, stacklevel=5)
-        return self.compute_flow(x, x_prev, mode="lr", lean=False)
+        return self.compute_flow(x, x_prev, mode="lr")
 
     def _run_shrinking_tiles(self, z: torch.Tensor, x: torch.Tensor, warped: torch.Tensor | None) -> torch.Tensor:
         """After an out-of-memory error: tiles (then smaller tiles) until the frame fits; they stay in use."""
@@ -445,18 +457,38 @@ class StreamDiffVSR:
             self._fp32_twin = twin
         return self._fp32_twin
 
+    def inputs_ready(self) -> Any:
+        """A CUDA event marking what the caller's stream has queued so far (None off CUDA).
+
+        Record it once the next frame's tensor exists, and pass it as ``prefetch_flow(..., ready=)`` from
+        :meth:`process_frame`'s ``on_enqueued``: the side stream then waits for the inputs only, not for
+        the denoising queued since.
+        """
+        if self.device.type != "cuda":
+            return None
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        return event
+
     @torch.inference_mode()
-    def prefetch_flow(self, lq: torch.Tensor, lq_prev: torch.Tensor) -> FlowTicket:
+    def prefetch_flow(self, lq: torch.Tensor, lq_prev: torch.Tensor, ready: Any = None) -> FlowTicket:
         """Start the optical flow of frame ``lq`` (against ``lq_prev``) ahead of its :meth:`process_frame`.
 
         The flow depends on the inputs only, so it can run while the previous frame is still denoising:
         on CUDA it is queued on a side stream. Pass the ticket as ``flow=`` when processing ``lq`` with the
         state of ``lq_prev``. Inputs are (1,3,h,w) in [0,1]; they are validated by :meth:`process_frame`.
+
+        Best called from :meth:`process_frame`'s ``on_enqueued`` (the host then queues RAFT while the GPU
+        denoises), with ``ready`` from :meth:`inputs_ready`. Without ``ready`` the side stream waits for
+        everything queued on the caller's stream, which is always safe but serialises after that work.
         """
         stream = self._flow_stream
         with self.lock, torch.inference_mode(), run_flags(self.cudnn_benchmark, self.tf32):
             if stream is not None:
-                stream.wait_stream(torch.cuda.current_stream(self.device))
+                if ready is not None:
+                    stream.wait_event(ready)
+                else:
+                    stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
                 a = lq.to(self.device, torch.float32)
                 b = lq_prev.to(self.device, torch.float32)
@@ -475,7 +507,8 @@ class StreamDiffVSR:
     @torch.inference_mode()
     def process_frame(self, lq: torch.Tensor, state: StreamState | None = None, noise: torch.Tensor | None = None,
                       generator: torch.Generator | None = None,
-                      flow: FlowTicket | torch.Tensor | None = None) -> tuple[torch.Tensor, StreamState]:
+                      flow: FlowTicket | torch.Tensor | None = None,
+                      on_enqueued: Callable[[], Any] | None = None) -> tuple[torch.Tensor, StreamState]:
         """Super-resolve one frame.
 
         Args:
@@ -485,6 +518,8 @@ class StreamDiffVSR:
             generator: a torch.Generator for the noise draw (its device is where the draw happens).
             flow: this frame's flow against the state's previous frame, computed ahead
                 (:meth:`prefetch_flow`, or a (1,2,4h,4w) tensor); ignored on a cold start.
+            on_enqueued: called once this frame's GPU work is queued, before the host waits for it: the
+                place to queue overlapping work, such as :meth:`prefetch_flow` of the next frame.
 
         Returns:
             ``(hq, new_state)``: hq is (1,3,4h,4w) float32 in [0,1] on this pipeline's device.
@@ -506,13 +541,13 @@ class StreamDiffVSR:
         if flow is not None and tuple(flow.flow.shape) != (1, 2, 4 * h, 4 * w):
             raise ValueError(f"flow must have shape (1, 2, {4 * h}, {4 * w}), got {tuple(flow.flow.shape)}")
         with self.lock, run_flags(self.cudnn_benchmark, self.tf32):
-            y = self._frame(lq32, state, z, flow)
+            y = self._frame(lq32, state, z, flow, on_enqueued)
             self.stats["frames"] += 1
         hq = (y / 2 + 0.5).clamp(0, 1)
         return hq, StreamState(prev_hq=y, prev_lq=lq32, frame_count=state.frame_count + 1)
 
-    def _frame(self, lq32: torch.Tensor, state: StreamState, z: torch.Tensor,
-               ticket: FlowTicket | None = None) -> torch.Tensor:
+    def _frame(self, lq32: torch.Tensor, state: StreamState, z: torch.Tensor, ticket: FlowTicket | None = None,
+               on_enqueued: Callable[[], Any] | None = None) -> torch.Tensor:
         x = lq32 * 2.0 - 1.0
         warped = None
         if not state.is_cold:
@@ -525,6 +560,8 @@ class StreamDiffVSR:
             warped = warp(state.prev_hq.to(self.device, torch.float32), flow)
             del flow
         y = self._run_or_tile(z, x, warped)
+        if on_enqueued is not None:
+            on_enqueued()  # before the NaN check below makes the host wait for the GPU
         if self.nan_fallback and self.dtype != torch.float32 and not bool(torch.isfinite(y).all()):
             self.stats["nan_fallbacks"] += 1
             warnings.warn(f"vsstreamdiffvsr: {str(self.dtype).removeprefix('torch.')} produced NaN/Inf; "
@@ -546,6 +583,21 @@ class StreamDiffVSR:
         # retried outside the except block: its traceback would keep the failed attempt's tensors alive
         self.stats["oom_fallbacks"] += 1
         return self._run_shrinking_tiles(z, x, warped)
+
+
+def _own_outputs(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """For CUDA-graph compile modes: each call starts a new graph generation and returns copies.
+
+    A replayed graph writes its outputs into memory that the next replay (of any graph in the tree) may
+    reuse; our outputs are small next to the work (a latent, TPM features, one HR frame), so copying them
+    makes every result safe to keep, in any order of calls.
+    """
+    def call(*args: Any) -> Any:
+        torch.compiler.cudagraph_mark_step_begin()
+        out = fn(*args)
+        return [t.clone() for t in out] if isinstance(out, (list, tuple)) else out.clone()
+
+    return call
 
 
 def _pad8(x: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["RAFT_FILENAME", "RAFT_URL", "MIN_FLOW_SIDE", "bicubic_x4", "warp", "build_raft", "RaftFlow",
-           "LeanCorrBlock", "corr_pyramid_bytes"]
+           "HalfCorrBlock", "LeanCorrBlock", "corr_pyramid_bytes", "CORR_MODES"]
+
+#: RAFT correlation implementations: torchvision's float32 pyramid, the float16-stored pyramid, no pyramid.
+CORR_MODES = ("full", "half", "lean")
 
 #: torchvision's ``Raft_Large_Weights.C_T_SKHT_V2`` (= ``DEFAULT``) file, used by the reference.
 RAFT_FILENAME = "raft_large_C_T_SKHT_V2-ff5fadd5.pth"
@@ -114,6 +117,79 @@ def _full_corr_block(num_levels: int, radius: int) -> nn.Module:
     return DeviceCorrBlock(num_levels=num_levels, radius=radius)
 
 
+def _check_fmaps(fmap1: torch.Tensor, fmap2: torch.Tensor, num_levels: int) -> None:
+    if fmap1.shape != fmap2.shape:
+        raise ValueError(f"feature maps differ in shape: {tuple(fmap1.shape)} vs {tuple(fmap2.shape)}")
+    min_size = 2 * 2 ** (num_levels - 1)
+    if any(s < min_size for s in fmap1.shape[-2:]):
+        raise ValueError(f"feature maps must be at least {min_size} px (inputs {8 * min_size} px)")
+
+
+class HalfCorrBlock(nn.Module):
+    """Drop-in for torchvision's ``CorrBlock`` that stores the correlation pyramid in float16 (half the memory).
+
+    Each row chunk of the all-pairs volume is computed in float32 (TF32 matmul on CUDA, as the reference
+    runs it) and pooled to every level in float32 before it is stored, so the one change is the rounding of
+    the stored values to float16's 11 significant bits, the precision TF32 already gives the matmul's
+    inputs. The 9x9 bilinear lookup gathers each point's 10x10 integer neighbourhood (all 81 points share
+    one fractional offset) and interpolates in float32 with zero padding: grid_sample's numbers up to
+    rounding, without converting the volume back to float32.
+    """
+
+    def __init__(self, *, num_levels: int = 4, radius: int = 4, storage_dtype: torch.dtype = torch.float16,
+                 chunk_bytes: int = 128 * 2**20) -> None:
+        super().__init__()
+        self.num_levels = num_levels
+        self.radius = radius
+        self.storage_dtype = storage_dtype
+        self.chunk_bytes = chunk_bytes
+        self.out_channels = num_levels * (2 * radius + 1) ** 2
+        self.corr_pyramid: list[torch.Tensor] = []
+        self._sizes: list[tuple[int, int]] = []
+
+    def build_pyramid(self, fmap1: torch.Tensor, fmap2: torch.Tensor) -> None:
+        _check_fmaps(fmap1, fmap2, self.num_levels)
+        b, c, h, w = fmap1.shape
+        n = h * w
+        f1, f2 = fmap1.reshape(b, c, n), fmap2.reshape(b, c, n)
+        norm = torch.sqrt(torch.tensor(c, dtype=torch.float32))  # the reference divides by sqrt(tensor(C))
+        sizes = [(h, w)]
+        for _ in range(self.num_levels - 1):
+            sizes.append((sizes[-1][0] // 2, sizes[-1][1] // 2))
+        pyramid = [torch.empty(b * n, hl * wl, device=fmap1.device, dtype=self.storage_dtype) for hl, wl in sizes]
+        rows = max(1, self.chunk_bytes // (4 * n))
+        for bi in range(b):
+            for r0 in range(0, n, rows):
+                r1 = min(n, r0 + rows)
+                vol = (torch.matmul(f1[bi, :, r0:r1].transpose(0, 1), f2[bi]) / norm).view(r1 - r0, 1, h, w)
+                for level, dst in enumerate(pyramid):
+                    if level:
+                        vol = F.avg_pool2d(vol, kernel_size=2, stride=2)
+                    dst[bi * n + r0: bi * n + r1] = vol.reshape(r1 - r0, -1)
+        self.corr_pyramid, self._sizes = pyramid, sizes
+
+    def index_pyramid(self, centroids_coords: torch.Tensor) -> torch.Tensor:
+        assert self.corr_pyramid, "build_pyramid first"
+        b, _, h, w = centroids_coords.shape
+        r, side = self.radius, 2 * self.radius + 1
+        n = b * h * w
+        xy = centroids_coords.permute(0, 2, 3, 1).reshape(n, 2).float()
+        offs = torch.arange(-r, r + 2, device=xy.device)  # the 10 integer positions around the 9 points
+        levels = []
+        for vol, (hl, wl) in zip(self.corr_pyramid, self._sizes):
+            x0, y0 = torch.floor(xy[:, 0]), torch.floor(xy[:, 1])
+            fx, fy = (xy[:, 0] - x0)[:, None, None], (xy[:, 1] - y0)[:, None, None]
+            ix, iy = x0.long()[:, None] + offs, y0.long()[:, None] + offs  # (n, 10)
+            inside = ((iy >= 0) & (iy < hl))[:, :, None] & ((ix >= 0) & (ix < wl))[:, None, :]
+            idx = iy.clamp(0, hl - 1)[:, :, None] * wl + ix.clamp(0, wl - 1)[:, None, :]  # (n, 10y, 10x)
+            g = vol.gather(1, idx.view(n, -1)).view(n, side + 1, side + 1).float() * inside
+            rows = g[:, :-1] * (1 - fy) + g[:, 1:] * fy                  # (n, 9y, 10x)
+            val = rows[:, :, :-1] * (1 - fx) + rows[:, :, 1:] * fx       # (n, 9y, 9x)
+            levels.append(val.transpose(1, 2).reshape(b, h, w, side * side))  # x offset outer, as the reference
+            xy = xy / 2
+        return torch.cat(levels, dim=-1).permute(0, 3, 1, 2).contiguous()
+
+
 class LeanCorrBlock(nn.Module):
     """Drop-in for torchvision's ``CorrBlock`` that never stores the all-pairs correlation volume.
 
@@ -134,11 +210,7 @@ class LeanCorrBlock(nn.Module):
         self._pyramid: list[torch.Tensor] = []
 
     def build_pyramid(self, fmap1: torch.Tensor, fmap2: torch.Tensor) -> None:
-        if fmap1.shape != fmap2.shape:
-            raise ValueError(f"feature maps differ in shape: {tuple(fmap1.shape)} vs {tuple(fmap2.shape)}")
-        min_size = 2 * 2 ** (self.num_levels - 1)
-        if any(s < min_size for s in fmap1.shape[-2:]):
-            raise ValueError(f"feature maps must be at least {min_size} px (inputs {8 * min_size} px)")
+        _check_fmaps(fmap1, fmap2, self.num_levels)
         self._fmap1 = fmap1
         self._pyramid = [fmap2]
         for _ in range(self.num_levels - 1):
@@ -175,8 +247,9 @@ class LeanCorrBlock(nn.Module):
 class RaftFlow(nn.Module):
     """RAFT-large flow ``current -> previous`` on [-1, 1] frames, 12 refinement updates.
 
-    ``lean=False`` uses torchvision's all-pairs correlation pyramid, ``lean=True`` the
-    :class:`LeanCorrBlock` (same flow up to float rounding, far less memory, more arithmetic).
+    ``corr="full"`` uses torchvision's all-pairs float32 correlation pyramid (the reference), ``"half"``
+    the :class:`HalfCorrBlock` (the pyramid stored in float16: half the memory) and ``"lean"`` the
+    :class:`LeanCorrBlock` (no pyramid: the same flow up to float rounding, far less memory, much more time).
     """
 
     def __init__(self, raft: nn.Module, num_flow_updates: int = 12) -> None:
@@ -185,7 +258,9 @@ class RaftFlow(nn.Module):
         self.num_flow_updates = num_flow_updates
         levels, radius = raft.corr_block.num_levels, raft.corr_block.radius
         self._full_block = _full_corr_block(levels, radius)
-        self._lean_block = LeanCorrBlock(num_levels=levels, radius=radius)
+        self._blocks: dict[str, nn.Module] = {
+            "full": self._full_block, "half": HalfCorrBlock(num_levels=levels, radius=radius),
+            "lean": LeanCorrBlock(num_levels=levels, radius=radius)}
         raft.corr_block = self._full_block
 
     @classmethod
@@ -195,13 +270,17 @@ class RaftFlow(nn.Module):
         raft.load_state_dict(state)
         return cls(raft.eval())
 
-    def forward(self, current: torch.Tensor, previous: torch.Tensor, lean: bool = False) -> torch.Tensor:
+    def forward(self, current: torch.Tensor, previous: torch.Tensor, corr: str = "full") -> torch.Tensor:
         """Flow (N,2,H,W) in pixels that maps each pixel of ``current`` to its position in ``previous``."""
-        self.raft.corr_block = self._lean_block if lean else self._full_block
+        if corr not in self._blocks:
+            raise ValueError(f"corr must be one of {CORR_MODES}, got {corr!r}")
+        self.raft.corr_block = self._blocks[corr]
         try:
             return self.raft(current, previous, num_flow_updates=self.num_flow_updates)[-1]
         finally:
             # torchvision keeps the pyramid alive until the next call: free it now, before denoising
             self._full_block.corr_pyramid = [torch.tensor(0)]
             self.raft.corr_block = self._full_block
-            self._lean_block._fmap1, self._lean_block._pyramid = None, []
+            half, lean = self._blocks["half"], self._blocks["lean"]
+            half.corr_pyramid, half._sizes = [], []
+            lean._fmap1, lean._pyramid = None, []
