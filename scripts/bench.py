@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vsstreamdiffvsr import StreamDiffVSR, StreamState  # noqa: E402
-from vsstreamdiffvsr.pipeline import parse_dtype  # noqa: E402
+from vsstreamdiffvsr.pipeline import DEFAULT_COMPILE_MODE, parse_dtype  # noqa: E402
 
 FULL_UNET = dict(
     in_channels=7, out_channels=4, block_out_channels=(256, 512, 512, 1024), layers_per_block=2,
@@ -80,7 +80,7 @@ def build(components: dict, device: torch.device, dtype: torch.dtype, **options)
 
     compile_ = options.pop("compile", False)
     vae_dtype = options.pop("vae_dtype", None) or torch.float32
-    compile_mode = options.pop("compile_mode", "default")
+    compile_mode = options.pop("compile_mode", DEFAULT_COMPILE_MODE)
     to = torch.nn.Module.to  # not diffusers' override, which logs a warning for every dtype cast
     pipe = StreamDiffVSR(unet=to(copy.deepcopy(components["unet"]), dtype).eval(),
                          controlnet=to(copy.deepcopy(components["controlnet"]), dtype).eval(),
@@ -222,7 +222,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=4)
     ap.add_argument("--dtype", default="bfloat16", help="optimized path precision (bfloat16 or float16)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the optimized path")
-    ap.add_argument("--compile-mode", default="default")
+    ap.add_argument("--compile-mode", default=DEFAULT_COMPILE_MODE, help="torch.compile mode (default: %(default)s)")
     ap.add_argument("--flow", default="hr", choices=("hr", "lr"))
     ap.add_argument("--tile", type=int, default=None, help="LR tile size for the optimized path")
     ap.add_argument("--vae-dtype", default=None, help="tiny VAE precision of the optimized path (default float32)")

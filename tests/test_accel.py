@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import warnings
 from pathlib import Path
 
@@ -64,8 +65,8 @@ def test_compiled_equals_eager(pipe: StreamDiffVSR, tmp_path: Path, monkeypatch:
     frames, noises = frames_and_noise(3, 32, 32)
     ref = run(pipe, frames, noises)
     compiled = pipe.with_options()
-    compiled.enable_compile(backend="aot_eager", cache_dir=tmp_path / "inductor")
-    assert compiled.compiled and not pipe.compiled
+    compiled.enable_compile(mode="default", backend="aot_eager", cache_dir=tmp_path / "inductor")
+    assert compiled.compiled and not pipe.compiled and compiled._worker is None
     assert getattr(compiled._step_cold, "__func__", None) is StreamDiffVSR._eager_step_cold  # cold stays eager
     assert getattr(compiled._step_warm, "__func__", None) is not StreamDiffVSR._eager_step_warm
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "inductor")
@@ -79,14 +80,29 @@ def test_cuda_graph_modes_mark_steps_and_copy_outputs(pipe: StreamDiffVSR, tmp_p
     """reduce-overhead: each compiled call starts a graph generation and hands back copies (same numbers)."""
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     marks = []
-    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
-    frames, noises = frames_and_noise(2, 32, 32)
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin",
+                        lambda: marks.append(threading.current_thread().name))
+    frames, noises = frames_and_noise(3, 32, 32)
     ref = run(pipe, frames, noises)
     graphed = pipe.with_options()
-    graphed.enable_compile(mode="reduce-overhead", backend="aot_eager", cache_dir=tmp_path / "inductor")
-    for a, b in zip(run(graphed, frames, noises), ref):
+    graphed.enable_compile(backend="aot_eager", cache_dir=tmp_path / "inductor")  # reduce-overhead by default
+    assert graphed.compile_mode == "reduce-overhead"
+    state, out = StreamState(), []
+    for i in range(3):  # frame 0 from this thread, frames 1 and 2 from two other threads
+        box: list = []
+        call = lambda: box.append(graphed.process_frame(frames[i], state, noise=noises[i]))  # noqa: B023, E731
+        if i == 0:
+            call()
+        else:
+            worker = threading.Thread(target=call)
+            worker.start()
+            worker.join()
+        (hq, state), = box
+        out.append(hq)
+    for a, b in zip(out, ref):
         assert float((a - b).abs().max()) <= 1e-5
-    assert len(marks) == 4 + 1 + 1  # the warm frame: 4 steps, TPM features, decoder
+    assert len(marks) == 2 * (4 + 1 + 1)  # each warm frame: 4 steps, TPM features, decoder
+    assert set(marks) == {graphed._worker._threads.copy().pop().name}  # all on the pipeline's one thread
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -162,6 +163,10 @@ def test_nothing_reaches_stdout(tiny_ckpt: Path, capfd: pytest.CaptureFixture[st
         (lambda: core.std.BlankClip(format=vs.RGBS, width=64, height=64), {"device": "cuda"}, ["CUDA"]),
         (lambda: core.std.BlankClip(format=vs.RGBS, width=64, height=64), {"device": "cpu", "dtype": "int8"},
          ["dtype"]),
+        (lambda: core.std.BlankClip(format=vs.RGBS, width=64, height=64), {"raft_corr": "huge"},
+         ["raft_corr", "'huge'", "'half'"]),
+        (lambda: core.std.BlankClip(format=vs.RGBS, width=64, height=64), {"compile_mode": "fast"},
+         ["compile_mode", "'fast'", "'reduce-overhead'"]),
     ],
 )
 def test_bad_input_gets_a_clear_error(make, kwargs, needles, tiny_ckpt: Path) -> None:
@@ -208,6 +213,33 @@ def test_flow_prefetch_is_used_and_changes_nothing(tiny_ckpt: Path, pipe, monkey
     for n in range(6):
         assert torch.equal(out_tensor(without, n), got[n])
     assert calls == {"prefetch": 0, "flow": 4}
+
+
+def test_compile_graph_mode_runs_frames_on_one_thread(tiny_ckpt: Path, pipe, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """compile=True (CUDA-graph mode by default): callbacks on VapourSynth's threads all hand their frames
+    to the pipeline's one worker thread, with the same output (aot_eager stands in for inductor on CPU)."""
+    real_compile = vsstreamdiffvsr.StreamDiffVSR.enable_compile
+    real_frame = vsstreamdiffvsr.StreamDiffVSR._frame
+    threads: set[str] = set()
+
+    def aot_eager(self, mode="reduce-overhead", cache_dir=None, backend="inductor"):
+        return real_compile(self, mode, cache_dir, "aot_eager")
+
+    def spy(self, *a, **k):
+        threads.add(threading.current_thread().name)
+        return real_frame(self, *a, **k)
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    monkeypatch.setattr(vsstreamdiffvsr.StreamDiffVSR, "enable_compile", aot_eager)
+    monkeypatch.setattr(vsstreamdiffvsr.StreamDiffVSR, "_frame", spy)
+    src = make_source(32, 32, 4)
+    out = vsstreamdiffvsr.upscale(src, model_dir=tiny_ckpt, device="cpu", compile=True)
+    expected = expected_run(pipe, src, range(4))
+    threads.clear()
+    for n in range(4):
+        assert_close(out_tensor(out, n), expected[n], tol=1e-5)
+    assert len(threads) == 1 and threads.pop().startswith("vsstreamdiffvsr")
 
 
 def test_nan_in_the_source_is_a_clear_error(tiny_ckpt: Path) -> None:

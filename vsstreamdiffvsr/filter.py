@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 import vapoursynth as vs
 
-from .pipeline import MIN_LR_SIDE, FlowTicket, NonFiniteInputError, StreamDiffVSR, parse_device, parse_dtype
+from .pipeline import (DEFAULT_COMPILE_MODE, MIN_LR_SIDE, FlowTicket, NonFiniteInputError, StreamDiffVSR,
+                       parse_device, parse_dtype)
 from .producer import OrderedProducer, SourceFrame, frame_noise
 from .state import StreamState
 
@@ -118,8 +119,8 @@ def _tensor_to_frame(hq: torch.Tensor, blank: vs.VideoFrame, props: Any) -> vs.V
 def upscale(clip: vs.VideoNode, *, model_dir: str | os.PathLike[str] | None = None, device: str = "cuda",
             dtype: torch.dtype | str | None = None, seed: int = 0, max_gap: int = 16, warmup: int = 0,
             reset_on_scene_change: bool = True, flow: str = "hr", tile: int | tuple[int, int] | None = None,
-            tile_overlap: int = 16, compile: bool = False, compile_mode: str = "default",
-            prefetch_flow: bool = True) -> vs.VideoNode:
+            tile_overlap: int = 16, compile: bool = False, compile_mode: str = DEFAULT_COMPILE_MODE,
+            prefetch_flow: bool = True, raft_corr: str = "auto") -> vs.VideoNode:
     """Stream-DiffVSR x4 super-resolution of an RGBS/RGBH clip.
 
     Args:
@@ -140,9 +141,12 @@ def upscale(clip: vs.VideoNode, *, model_dir: str | os.PathLike[str] | None = No
             overlapping, feathered tiles; None = whole frames, with automatic tiling on CUDA out-of-memory.
         tile_overlap: LR pixels shared by neighbouring tiles (multiple of 4).
         compile: ``torch.compile`` the denoising step and decoder (first frames slow; kernels cached on disk).
-        compile_mode: ``"default"``, ``"reduce-overhead"`` (CUDA graphs) or ``"max-autotune"``.
+        compile_mode: ``"reduce-overhead"`` (CUDA graphs, the default), ``"default"`` or ``"max-autotune"``.
         prefetch_flow: compute frame n+1's optical flow (it depends on the inputs only) while frame n is
             denoised, on a side CUDA stream; the output is the same either way.
+        raft_corr: RAFT's correlation volume: ``"auto"`` (the reference's float32 pyramid up to 720p output,
+            stored in float16 up to 1080p, none above), ``"full"``, ``"half"`` or ``"lean"`` (see
+            :meth:`StreamDiffVSR.from_pretrained`).
 
     Returns:
         The same format at exactly 4x width and height; each frame carries its own source frame's props.
@@ -173,7 +177,7 @@ def upscale(clip: vs.VideoNode, *, model_dir: str | os.PathLike[str] | None = No
         raise vs.Error(f"upscale: {exc}") from None
     try:
         pipe = base.with_options(flow=flow, tile=tile, tile_overlap=tile_overlap, compile=compile,
-                                 compile_mode=compile_mode)
+                                 compile_mode=compile_mode, raft_corr=raft_corr)
     except ValueError as exc:
         raise vs.Error(f"upscale: {exc}") from None
     if flow == "lr" and min(clip.width, clip.height) < 128:

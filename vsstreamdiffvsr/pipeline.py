@@ -13,6 +13,7 @@ One call of :meth:`StreamDiffVSR.process_frame` is one frame of the reference pi
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import copy
 import math
@@ -39,8 +40,13 @@ MIN_LR_SIDE = MIN_FLOW_SIDE // 4
 NUM_INFERENCE_STEPS = 4
 
 FLOW_MODES = ("hr", "lr")
+#: torch.compile modes we accept
+COMPILE_MODES = ("reduce-overhead", "default", "max-autotune", "max-autotune-no-cudagraphs")
 #: torch.compile modes that replay CUDA graphs
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+#: compile=True's mode: CUDA graphs (on an H100 at 720p, 81 ms per frame's denoise+decode vs 128 ms for
+#: "default"; scripts/bench.py)
+DEFAULT_COMPILE_MODE = "reduce-overhead"
 RAFT_CORR_MODES = ("auto", *CORR_MODES)
 #: raft_corr="auto" keeps the reference's float32 pyramid up to this size (1.1 GB at 720p output, 5.6 GB at
 #: 1080p, 88 GB at 4K), stores it in float16 up to HALF_CORR_MAX (2.8 GB at 1080p), and above that uses
@@ -159,6 +165,7 @@ class StreamDiffVSR:
         self._flow_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.compiled = False
         self.compile_mode: str | None = None
+        self._worker: concurrent.futures.ThreadPoolExecutor | None = None
         #: counters for diagnostics and tests
         self.stats = {"frames": 0, "tiled_frames": 0, "nan_fallbacks": 0, "oom_fallbacks": 0,
                       "lean_corr_fallbacks": 0, "lr_flow_fallbacks": 0}
@@ -167,7 +174,8 @@ class StreamDiffVSR:
     @classmethod
     def from_pretrained(cls, model_dir: str | os.PathLike[str] | None = None, device: torch.device | str = "cuda",
                         dtype: torch.dtype | str = torch.bfloat16, *, flow: str = "hr",
-                        channels_last: bool | None = None, compile: bool = False, compile_mode: str = "default",
+                        channels_last: bool | None = None, compile: bool = False,
+                        compile_mode: str = DEFAULT_COMPILE_MODE,
                         compile_cache_dir: str | os.PathLike[str] | None = None,
                         tile: int | tuple[int, int] | None = None, tile_overlap: int = 16,
                         oom_fallback: bool = True, nan_fallback: bool = True,
@@ -185,7 +193,8 @@ class StreamDiffVSR:
             channels_last: NHWC weights/activations for U-Net and ControlNet (default: on CUDA).
             compile: ``torch.compile`` the warm denoising step (U-Net + ControlNet), TPM encoder and decoder
                 (cold frames, one per start, seek or scene cut, run eagerly: half the compile time).
-            compile_mode: torch.compile mode (``"default"``, ``"reduce-overhead"`` = CUDA graphs, ``"max-autotune"``).
+            compile_mode: torch.compile mode: ``"reduce-overhead"`` (CUDA graphs, the default; frames then run
+                on one worker thread of the pipeline's), ``"default"`` or ``"max-autotune"`` (also graphs).
             compile_cache_dir: on-disk cache of compiled kernels (default ``<user cache>/inductor``).
             tile: LR tile size (int or (h, w), multiples of 8) for diffusion + decoding; None = whole frame.
             tile_overlap: LR pixels shared by neighbouring tiles (feathered), a multiple of 4.
@@ -209,6 +218,7 @@ class StreamDiffVSR:
 
         dev = parse_device(device)
         dt = parse_dtype(dtype)
+        _choice("compile_mode", compile_mode, COMPILE_MODES)
         root = weights.validate_model_dir(model_dir)
         pipe = cls(unet=weights.load_unet(root, dt), controlnet=weights.load_controlnet(root, dt),
                    vae=weights.load_vae(root, parse_dtype(vae_dtype) if vae_dtype is not None else torch.float32),
@@ -224,13 +234,15 @@ class StreamDiffVSR:
 
     def with_options(self, *, flow: str | None = None, tile: int | tuple[int, int] | None | str = "keep",
                      tile_overlap: int | None = None, oom_fallback: bool | None = None,
-                     nan_fallback: bool | None = None, compile: bool = False, compile_mode: str = "default",
+                     nan_fallback: bool | None = None, compile: bool = False,
+                     compile_mode: str = DEFAULT_COMPILE_MODE,
                      compile_cache_dir: str | os.PathLike[str] | None = None,
                      raft_corr: str | None = None) -> "StreamDiffVSR":
         """A pipeline sharing this one's weights and lock (no reload) with other run-time settings.
 
         Arguments left at None (``tile`` at ``"keep"``) keep this pipeline's value; see :meth:`from_pretrained`.
         """
+        _choice("compile_mode", compile_mode, COMPILE_MODES)
         view = copy.copy(self)
         view.stats = dict.fromkeys(self.stats, 0)
         view._fp32_twin = None
@@ -250,7 +262,7 @@ class StreamDiffVSR:
             view.enable_compile(mode=compile_mode, cache_dir=compile_cache_dir)
         return view
 
-    def enable_compile(self, mode: str = "default", cache_dir: str | os.PathLike[str] | None = None,
+    def enable_compile(self, mode: str = DEFAULT_COMPILE_MODE, cache_dir: str | os.PathLike[str] | None = None,
                        backend: str = "inductor") -> None:
         """``torch.compile`` the warm denoising step, the TPM encoder and the warm decoder (static shapes).
 
@@ -261,6 +273,7 @@ class StreamDiffVSR:
         """
         from .accel import compile_cache
 
+        _choice("compile_mode", mode, COMPILE_MODES)
         compile_cache(cache_dir)
         opts = dict(mode=mode, dynamic=False, backend=backend, fullgraph=False)
         if backend != "inductor":
@@ -269,6 +282,12 @@ class StreamDiffVSR:
         self._step_warm = wrap(torch.compile(self._eager_step_warm, **opts))
         self._decode = wrap(torch.compile(self.vae.decode, **opts))
         self._features = wrap(torch.compile(self.vae.temporal_features, **opts))
+        if mode in CUDA_GRAPH_MODES and self._worker is None:
+            # torch's CUDA-graph trees are per thread: graphs recorded on one VapourSynth worker thread would
+            # be recorded again, each with its own memory pool, on every other one. All frames of a graphed
+            # pipeline therefore run on one thread of its own (shared by its with_options views).
+            self._worker = concurrent.futures.ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="vsstreamdiffvsr", initializer=_mark_worker)
         self.compiled = True
         self.compile_mode = mode
 
@@ -482,6 +501,8 @@ class StreamDiffVSR:
         denoises), with ``ready`` from :meth:`inputs_ready`. Without ``ready`` the side stream waits for
         everything queued on the caller's stream, which is always safe but serialises after that work.
         """
+        if self._worker is not None and not _on_worker():
+            return self._worker.submit(self.prefetch_flow, lq, lq_prev, ready).result()
         stream = self._flow_stream
         with self.lock, torch.inference_mode(), run_flags(self.cudnn_benchmark, self.tf32):
             if stream is not None:
@@ -527,6 +548,8 @@ class StreamDiffVSR:
         Raises:
             ValueError: wrong shape, dtype, range or size, or a frame size different from the state's.
         """
+        if self._worker is not None and not _on_worker():
+            return self._worker.submit(self.process_frame, lq, state, noise, generator, flow, on_enqueued).result()
         state = state if state is not None else StreamState()
         if not isinstance(state, StreamState):
             raise ValueError(f"state must be a StreamState, got {type(state).__name__}")
@@ -583,6 +606,17 @@ class StreamDiffVSR:
         # retried outside the except block: its traceback would keep the failed attempt's tensors alive
         self.stats["oom_fallbacks"] += 1
         return self._run_shrinking_tiles(z, x, warped)
+
+
+_worker_flag = threading.local()
+
+
+def _mark_worker() -> None:
+    _worker_flag.active = True
+
+
+def _on_worker() -> bool:
+    return getattr(_worker_flag, "active", False)
 
 
 def _own_outputs(fn: Callable[..., Any]) -> Callable[..., Any]:
