@@ -115,6 +115,7 @@ def measure(pipe: StreamDiffVSR, frames, noises, warmup: int, device: torch.devi
     """Run the frames in order; each frame's time is process_frame (plus queueing the next frame's flow when
     ``prefetch``, as the filter does), from frame on the device to output on the device."""
     if device.type == "cuda":
+        torch.cuda.empty_cache()  # reserved-memory figures start from this path's weights alone
         torch.cuda.reset_peak_memory_stats(device)
     frames = [f.to(device) for f in frames]
     state, times, outs, ticket, mem = StreamState(), [], [], None, []
@@ -137,8 +138,10 @@ def measure(pipe: StreamDiffVSR, frames, noises, warmup: int, device: torch.devi
             mem.append(round(torch.cuda.memory_allocated(device) / 2**30, 3))
     steady = times[warmup:] or times
     median = statistics.median(steady)
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
-    return dict(ms=1000 * median, first_ms=1000 * times[0], peak_gib=peak, outs=outs,
+    cuda = device.type == "cuda"
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else float("nan")
+    reserved = torch.cuda.max_memory_reserved(device) / 2**30 if cuda else float("nan")  # incl. graph pools
+    return dict(ms=1000 * median, first_ms=1000 * times[0], peak_gib=peak, peak_reserved_gib=reserved, outs=outs,
                 warmup_overhead_s=sum(max(0.0, t - median) for t in times[:warmup]),
                 times_ms=[round(1000 * t, 2) for t in times], allocated_between_frames_gib=mem,
                 fallbacks={k: v for k, v in pipe.stats.items() if k.endswith("fallbacks") and v})

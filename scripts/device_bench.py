@@ -195,8 +195,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=4)
     ap.add_argument("--budget-s", type=float, default=520.0, help="skip steps that would end after this")
     ap.add_argument("--out", default="bench-out")
-    ap.add_argument("--steps", default="720p-ref,720p-eager,720p-graphs,1080p-ref,1080p-eager,1080p-graphs,"
-                    "4K-tiled,1080p-tiled,720p-compiled,720p-levers,720p-cached",
+    ap.add_argument("--steps", default="720p-ref,720p-graphs,1080p-ref,1080p-graphs,1080p-eager,720p-eager,"
+                    "4K-tiled,720p-cached,720p-levers,1080p-tiled,720p-compiled",
                     help="comma-separated steps, run in this order (see plan())")
     args = ap.parse_args()
     d = Driver(args)

@@ -102,7 +102,8 @@ def test_cuda_graph_modes_mark_steps_and_copy_outputs(pipe: StreamDiffVSR, tmp_p
     for a, b in zip(out, ref):
         assert float((a - b).abs().max()) <= 1e-5
     assert len(marks) == 2 * (4 + 1 + 1)  # each warm frame: 4 steps, TPM features, decoder
-    assert set(marks) == {graphed._worker._threads.copy().pop().name}  # all on the pipeline's one thread
+    assert set(marks) == {graphed._worker.thread_name}  # all on the pipeline's one thread
+    assert graphed._worker.thread_name.startswith("vsstreamdiffvsr")
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
 
 

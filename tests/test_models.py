@@ -113,6 +113,29 @@ def test_warp_rejects_wrong_flow_shape(shape: tuple[int, ...]) -> None:
 
 # ------------------------------------------------------------------------------------------ bicubic x4
 
+def test_raft_flow_is_torchvisions_last_estimate_bit_for_bit() -> None:
+    """Our RAFT loop (one final upsampling, device-side grid) returns exactly torchvision's flow[-1]."""
+    from torchvision.models.optical_flow import raft_large
+
+    from vsstreamdiffvsr.models.flow import RaftFlow
+
+    torch.manual_seed(0)
+    raft = raft_large(weights=None).eval()
+    for m in raft.modules():  # fresh RAFT heads are near zero: make every update move the flow
+        if isinstance(m, torch.nn.Conv2d) and m.bias is not None:
+            torch.nn.init.normal_(m.bias, std=0.05)
+    g = torch.Generator().manual_seed(1)
+    a = torch.rand(1, 3, 128, 136, generator=g) * 2 - 1
+    b = torch.roll(a, (3, -2), (2, 3)) + 0.05 * torch.randn(1, 3, 128, 136, generator=g)
+    with torch.inference_mode():
+        want = raft(a, b, num_flow_updates=12)
+        got = RaftFlow(raft).forward(a, b)
+    assert float((want[-1] - want[-2]).abs().max()) > 1e-4  # the updates matter: this compares the last one
+    assert torch.equal(got, want[-1])
+    with pytest.raises(ValueError, match="divisible by 8"):
+        RaftFlow(raft).forward(a[..., :124], b[..., :124])
+
+
 def _cubic(t: float, a: float = -0.75) -> float:
     t = abs(t)
     if t <= 1:

@@ -165,7 +165,7 @@ class StreamDiffVSR:
         self._flow_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.compiled = False
         self.compile_mode: str | None = None
-        self._worker: concurrent.futures.ThreadPoolExecutor | None = None
+        self._worker: _Worker | None = None
         #: counters for diagnostics and tests
         self.stats = {"frames": 0, "tiled_frames": 0, "nan_fallbacks": 0, "oom_fallbacks": 0,
                       "lean_corr_fallbacks": 0, "lr_flow_fallbacks": 0}
@@ -286,8 +286,7 @@ class StreamDiffVSR:
             # torch's CUDA-graph trees are per thread: graphs recorded on one VapourSynth worker thread would
             # be recorded again, each with its own memory pool, on every other one. All frames of a graphed
             # pipeline therefore run on one thread of its own (shared by its with_options views).
-            self._worker = concurrent.futures.ThreadPoolExecutor(
-                max_workers=1, thread_name_prefix="vsstreamdiffvsr", initializer=_mark_worker)
+            self._worker = _Worker()
         self.compiled = True
         self.compile_mode = mode
 
@@ -501,8 +500,8 @@ class StreamDiffVSR:
         denoises), with ``ready`` from :meth:`inputs_ready`. Without ``ready`` the side stream waits for
         everything queued on the caller's stream, which is always safe but serialises after that work.
         """
-        if self._worker is not None and not _on_worker():
-            return self._worker.submit(self.prefetch_flow, lq, lq_prev, ready).result()
+        if self._worker is not None and not self._worker.on_it():
+            return self._worker.run(self.prefetch_flow, lq, lq_prev, ready)
         stream = self._flow_stream
         with self.lock, torch.inference_mode(), run_flags(self.cudnn_benchmark, self.tf32):
             if stream is not None:
@@ -548,8 +547,8 @@ class StreamDiffVSR:
         Raises:
             ValueError: wrong shape, dtype, range or size, or a frame size different from the state's.
         """
-        if self._worker is not None and not _on_worker():
-            return self._worker.submit(self.process_frame, lq, state, noise, generator, flow, on_enqueued).result()
+        if self._worker is not None and not self._worker.on_it():
+            return self._worker.run(self.process_frame, lq, state, noise, generator, flow, on_enqueued)
         state = state if state is not None else StreamState()
         if not isinstance(state, StreamState):
             raise ValueError(f"state must be a StreamState, got {type(state).__name__}")
@@ -608,15 +607,26 @@ class StreamDiffVSR:
         return self._run_shrinking_tiles(z, x, warped)
 
 
-_worker_flag = threading.local()
+class _Worker:
+    """One thread that runs a graphed pipeline's frames (calls from that thread itself run in place)."""
 
+    def __init__(self) -> None:
+        self._ident: int | None = None
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="vsstreamdiffvsr",
+                                                           initializer=self._started)
 
-def _mark_worker() -> None:
-    _worker_flag.active = True
+    def _started(self) -> None:
+        self._ident = threading.get_ident()
 
+    @property
+    def thread_name(self) -> str | None:
+        return next((t.name for t in threading.enumerate() if t.ident == self._ident), None)
 
-def _on_worker() -> bool:
-    return getattr(_worker_flag, "active", False)
+    def on_it(self) -> bool:
+        return threading.get_ident() == self._ident
+
+    def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return self._pool.submit(fn, *args).result()
 
 
 def _own_outputs(fn: Callable[..., Any]) -> Callable[..., Any]:

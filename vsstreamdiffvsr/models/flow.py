@@ -263,6 +263,38 @@ class RaftFlow(nn.Module):
             "lean": LeanCorrBlock(num_levels=levels, radius=radius)}
         raft.corr_block = self._full_block
 
+    def _final_flow(self, image1: torch.Tensor, image2: torch.Tensor) -> torch.Tensor:
+        """torchvision's ``RAFT.forward(...)[-1]``, with its own modules, in its order of operations.
+
+        Two differences that leave the result bit for bit the same: only the final estimate is upsampled
+        (torchvision runs the mask head and the convex x8 upsampling after each of the 12 updates and we keep
+        the last), and the coordinate grid is made on the device (torchvision builds it on the CPU and copies
+        it, a host stall that would hold up a flow queued on a side stream).
+        """
+        from torchvision.models.optical_flow._utils import upsample_flow
+
+        raft = self.raft
+        b, _, h, w = image1.shape
+        if image2.shape != image1.shape or h % 8 or w % 8:
+            raise ValueError(f"RAFT needs two frames of one size with sides divisible by 8, got "
+                             f"{tuple(image1.shape)} and {tuple(image2.shape)}")
+        fmap1, fmap2 = torch.chunk(raft.feature_encoder(torch.cat([image1, image2], dim=0)), chunks=2, dim=0)
+        raft.corr_block.build_pyramid(fmap1, fmap2)
+        context_out = raft.context_encoder(image1)
+        hidden_size = raft.update_block.hidden_state_size
+        hidden, context = torch.split(context_out, [hidden_size, context_out.shape[1] - hidden_size], dim=1)
+        hidden, context = torch.tanh(hidden), F.relu(context)
+        gy, gx = torch.meshgrid(torch.arange(h // 8, device=image1.device), torch.arange(w // 8, device=image1.device),
+                                indexing="ij")
+        coords0 = torch.stack((gx, gy), dim=0).float()[None].repeat(b, 1, 1, 1)
+        coords1 = coords0.clone()
+        for _ in range(self.num_flow_updates):
+            corr_features = raft.corr_block.index_pyramid(centroids_coords=coords1)
+            hidden, delta_flow = raft.update_block(hidden, context, corr_features, coords1 - coords0)
+            coords1 = coords1 + delta_flow
+        up_mask = None if raft.mask_predictor is None else raft.mask_predictor(hidden)
+        return upsample_flow(flow=coords1 - coords0, up_mask=up_mask)
+
     @classmethod
     def from_file(cls, path: str | Path) -> "RaftFlow":
         raft = build_raft()
@@ -276,7 +308,7 @@ class RaftFlow(nn.Module):
             raise ValueError(f"corr must be one of {CORR_MODES}, got {corr!r}")
         self.raft.corr_block = self._blocks[corr]
         try:
-            return self.raft(current, previous, num_flow_updates=self.num_flow_updates)[-1]
+            return self._final_flow(current, previous)
         finally:
             # torchvision keeps the pyramid alive until the next call: free it now, before denoising
             self._full_block.corr_pyramid = [torch.tensor(0)]
