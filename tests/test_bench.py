@@ -25,3 +25,19 @@ def test_bench_smoke(tmp_path: Path) -> None:
     assert ref["ms"] > 0 and opt["ms"] > 0
     assert ref["psnr_vs_fp32"] == float("inf")           # the reference is the float32 output itself
     assert 35.0 < opt["psnr_vs_fp32"] < float("inf")      # bf16: close, not identical
+
+
+def test_device_bench_driver_smoke(tmp_path: Path) -> None:
+    """The one-shot GPU driver runs its steps in order, saves after each, and lists what did not fit."""
+    res = subprocess.run([sys.executable, str(REPO / "scripts" / "device_bench.py"), "--tiny", "--device", "cpu",
+                          "--frames", "3", "--warmup", "1", "--steps", "720p-ref,720p-eager,720p-graphs",
+                          "--budget-s", "60", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    data = json.loads((tmp_path / "results.json").read_text())
+    paths = data["results"]["720p"]
+    assert list(paths) == ["reference (fp32/TF32, eager)",
+                           "optimised eager: bf16 + channels_last + cuDNN autotune + flow overlap"]
+    assert 35.0 < paths["optimised eager: bf16 + channels_last + cuDNN autotune + flow overlap"]["psnr_vs_fp32"]
+    assert data["notes"] == [data["notes"][0]] and data["notes"][0].startswith("skipped: 720p-graphs")
+    assert "| reference (fp32/TF32, eager) |" in (tmp_path / "tables.md").read_text()
