@@ -104,6 +104,9 @@ def test_cuda_graph_modes_mark_steps_and_copy_outputs(pipe: StreamDiffVSR, tmp_p
     assert len(marks) == 2 * (4 + 1 + 1)  # each warm frame: 4 steps, TPM features, decoder
     assert set(marks) == {graphed._worker.thread_name}  # all on the pipeline's one thread
     assert graphed._worker.thread_name.startswith("vsstreamdiffvsr")
+    again = pipe.with_options(tile=64)  # another view (a second upscale() call, a reloaded script)
+    again.enable_compile(backend="aot_eager", cache_dir=tmp_path / "inductor")
+    assert again._step_warm is graphed._step_warm and again._worker is graphed._worker  # nothing recompiled
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
 
 

@@ -166,6 +166,10 @@ class StreamDiffVSR:
         self.compiled = False
         self.compile_mode: str | None = None
         self._worker: _Worker | None = None
+        # compiled functions by (mode, backend), shared with every with_options view of this pipeline (a
+        # shallow copy shares the dict): upscale() called again, or a script reloaded in vspreview, reuses
+        # them and their CUDA graphs instead of compiling and recording anew
+        self._compiled_sets: dict[tuple[str, str], tuple[Any, ...]] = {}
         #: counters for diagnostics and tests
         self.stats = {"frames": 0, "tiled_frames": 0, "nan_fallbacks": 0, "oom_fallbacks": 0,
                       "lean_corr_fallbacks": 0, "lr_flow_fallbacks": 0}
@@ -278,15 +282,17 @@ class StreamDiffVSR:
         opts = dict(mode=mode, dynamic=False, backend=backend, fullgraph=False)
         if backend != "inductor":
             opts.pop("mode")
-        wrap = _own_outputs if mode in CUDA_GRAPH_MODES else (lambda fn: fn)
-        self._step_warm = wrap(torch.compile(self._eager_step_warm, **opts))
-        self._decode = wrap(torch.compile(self.vae.decode, **opts))
-        self._features = wrap(torch.compile(self.vae.temporal_features, **opts))
-        if mode in CUDA_GRAPH_MODES and self._worker is None:
+        key = (mode, backend)
+        if key not in self._compiled_sets:
+            wrap = _own_outputs if mode in CUDA_GRAPH_MODES else (lambda fn: fn)
             # torch's CUDA-graph trees are per thread: graphs recorded on one VapourSynth worker thread would
             # be recorded again, each with its own memory pool, on every other one. All frames of a graphed
-            # pipeline therefore run on one thread of its own (shared by its with_options views).
-            self._worker = _Worker()
+            # pipeline therefore run on one thread of its own.
+            self._compiled_sets[key] = (wrap(torch.compile(self._eager_step_warm, **opts)),
+                                        wrap(torch.compile(self.vae.decode, **opts)),
+                                        wrap(torch.compile(self.vae.temporal_features, **opts)),
+                                        _Worker() if mode in CUDA_GRAPH_MODES else None)
+        self._step_warm, self._decode, self._features, self._worker = self._compiled_sets[key]
         self.compiled = True
         self.compile_mode = mode
 
