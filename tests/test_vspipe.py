@@ -93,7 +93,8 @@ def test_main_job_vspipe_to_ffmpeg(tiny_ckpt: Path, tmp_path: Path) -> None:
                     "6", "-pix_fmt", "yuv420p", "-c:v", "libx264", str(src)], check=True, timeout=120)
     out = tmp_path / "out.mkv"
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "PWD": str(tmp_path)}
-    cmd = (f"'{vspipe()}' -c y4m -a input=in.mkv -a model_dir='{tiny_ckpt}' -a device=cpu "
+    cmd = (f"'{vspipe()}' -c y4m -a input=in.mkv -a model_dir='{tiny_ckpt}' -a device=cpu -a compile=0 "
+           f"-a raft_corr=half -a tile=32 "
            f"'{REPO / 'scripts' / 'upscale.vpy'}' - | ffmpeg -v error -y -i - -c:v libx265 -crf 18 '{out}'")
     res = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], cwd=tmp_path, env=env, capture_output=True,
                          timeout=600)
@@ -102,3 +103,18 @@ def test_main_job_vspipe_to_ffmpeg(tiny_ckpt: Path, tmp_path: Path) -> None:
                             "stream=width,height,nb_read_frames,pix_fmt", "-of", "csv=p=0", str(out)],
                            capture_output=True, text=True, check=True)
     assert probe.stdout.strip() == "256,192,yuv420p10le,6"
+
+
+@pytest.mark.parametrize(("arg", "needle"), [("compile=maybe", "compile must be 0 or 1"),
+                                             ("tile=big", "tile must be an integer"),
+                                             ("raft_corr=huge", "raft_corr must be one of")])
+def test_main_job_rejects_bad_arguments(tiny_ckpt: Path, tmp_path: Path, arg: str, needle: str) -> None:
+    src = tmp_path / "in.mkv"
+    subprocess.run(["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i", "testsrc=size=64x48:rate=24", "-frames:v",
+                    "2", "-pix_fmt", "yuv420p", "-c:v", "libx264", str(src)], check=True, timeout=120)
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "PWD": str(tmp_path)}
+    res = subprocess.run([vspipe(), "--info", "-a", "input=in.mkv", "-a", f"model_dir={tiny_ckpt}", "-a", "device=cpu",
+                          "-a", arg, str(REPO / "scripts" / "upscale.vpy")], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0
+    assert needle in res.stderr, res.stderr[-2000:]
