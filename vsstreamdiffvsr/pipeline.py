@@ -291,7 +291,7 @@ class StreamDiffVSR:
             self._compiled_sets[key] = (wrap(torch.compile(self._eager_step_warm, **opts)),
                                         wrap(torch.compile(self.vae.decode, **opts)),
                                         wrap(torch.compile(self.vae.temporal_features, **opts)),
-                                        _Worker() if mode in CUDA_GRAPH_MODES else None)
+                                        _Worker(self.device) if mode in CUDA_GRAPH_MODES else None)
         self._step_warm, self._decode, self._features, self._worker = self._compiled_sets[key]
         self.compiled = True
         self.compile_mode = mode
@@ -616,13 +616,16 @@ class StreamDiffVSR:
 class _Worker:
     """One thread that runs a graphed pipeline's frames (calls from that thread itself run in place)."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device) -> None:
         self._ident: int | None = None
+        self._device = device
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="vsstreamdiffvsr",
                                                            initializer=self._started)
 
     def _started(self) -> None:
         self._ident = threading.get_ident()
+        if self._device.type == "cuda" and self._device.index is not None:
+            torch.cuda.set_device(self._device)  # graph capture and syncs without a device use the current one
 
     @property
     def thread_name(self) -> str | None:
