@@ -76,7 +76,8 @@ def test_compiled_equals_eager(pipe: StreamDiffVSR, tmp_path: Path, monkeypatch:
 
 
 def test_cuda_graph_modes_mark_steps_and_copy_outputs(pipe: StreamDiffVSR, tmp_path: Path,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+                                                     monkeypatch: pytest.MonkeyPatch,
+                                                     capfd: pytest.CaptureFixture[str]) -> None:
     """reduce-overhead: each compiled call starts a graph generation and hands back copies (same numbers)."""
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     marks = []
@@ -102,6 +103,8 @@ def test_cuda_graph_modes_mark_steps_and_copy_outputs(pipe: StreamDiffVSR, tmp_p
     for a, b in zip(out, ref):
         assert float((a - b).abs().max()) <= 1e-5
     assert len(marks) == 2 * (4 + 1 + 1)  # each warm frame: 4 steps, TPM features, decoder
+    announced = capfd.readouterr()
+    assert announced.out == "" and announced.err.count("vsstreamdiffvsr: compiling for 32x32 input") == 1
     assert set(marks) == {graphed._worker.thread_name}  # all on the pipeline's one thread
     assert graphed._worker.thread_name.startswith("vsstreamdiffvsr")
     again = pipe.with_options(tile=64)  # another view (a second upscale() call, a reloaded script)

@@ -18,6 +18,7 @@ import contextlib
 import copy
 import math
 import os
+import sys
 import threading
 import warnings
 from collections.abc import Callable
@@ -170,6 +171,7 @@ class StreamDiffVSR:
         # shallow copy shares the dict): upscale() called again, or a script reloaded in vspreview, reuses
         # them and their CUDA graphs instead of compiling and recording anew
         self._compiled_sets: dict[tuple[str, str], tuple[Any, ...]] = {}
+        self._compiled_shapes: set[tuple[Any, ...]] = set()  # (mode, LR size, tile): announced on stderr
         #: counters for diagnostics and tests
         self.stats = {"frames": 0, "tiled_frames": 0, "nan_fallbacks": 0, "oom_fallbacks": 0,
                       "lean_corr_fallbacks": 0, "lr_flow_fallbacks": 0}
@@ -587,6 +589,8 @@ class StreamDiffVSR:
                 flow = self._flow_with_fallbacks(x, x_prev)
             warped = warp(state.prev_hq.to(self.device, torch.float32), flow)
             del flow
+            if self.compiled:
+                self._announce_compile(tuple(x.shape[-2:]))
         y = self._run_or_tile(z, x, warped)
         if on_enqueued is not None:
             on_enqueued()  # before the NaN check below makes the host wait for the GPU
@@ -600,6 +604,16 @@ class StreamDiffVSR:
             y = twin._run_or_tile(z, x, warped)
             self.tile = twin.tile
         return y
+
+    def _announce_compile(self, lr_size: tuple[int, ...]) -> None:
+        """One line on stderr before a new shape compiles, so a first run does not look hung."""
+        key = (self.compile_mode, lr_size, self.tile)
+        if key in self._compiled_shapes:
+            return
+        self._compiled_shapes.add(key)
+        print(f"vsstreamdiffvsr: compiling for {lr_size[1]}x{lr_size[0]} input ({self.compile_mode}); the first "
+              "time on a machine this takes a few minutes, later runs reuse the kernel cache", file=sys.stderr,
+              flush=True)
 
     def _run_or_tile(self, z: torch.Tensor, x: torch.Tensor, warped: torch.Tensor | None) -> torch.Tensor:
         """:meth:`_run` with this pipeline's tiling; on out-of-memory, retry in tiles (if allowed)."""
