@@ -278,6 +278,9 @@ def test_half_correlation_matches_torchvision() -> None:
         got = block.index_pyramid(coords)
         assert got.shape == want.shape == (1, 324, 16, 20) and got.dtype == torch.float32
         assert float((got - want).abs().max()) <= tol * float(want.abs().max()), dtype
+    huge = HalfCorrBlock(num_levels=4, radius=4)
+    huge.build_pyramid(f1 * 300, f2 * 300)  # correlations beyond float16's range saturate, never inf
+    assert bool(torch.isfinite(huge.corr_pyramid[0]).all()) and float(huge.corr_pyramid[0].abs().max()) == 65504
 
 
 def test_lean_and_half_flow_equal_full_flow_and_auto_picks_by_size(pipe: StreamDiffVSR) -> None:

@@ -158,6 +158,8 @@ class HalfCorrBlock(nn.Module):
             sizes.append((sizes[-1][0] // 2, sizes[-1][1] // 2))
         pyramid = [torch.empty(b * n, hl * wl, device=fmap1.device, dtype=self.storage_dtype) for hl, wl in sizes]
         rows = max(1, self.chunk_bytes // (4 * n))
+        # saturate rather than store inf (float16 tops out at 65504): a NaN flow would poison every later frame
+        limit = torch.finfo(self.storage_dtype).max
         for bi in range(b):
             for r0 in range(0, n, rows):
                 r1 = min(n, r0 + rows)
@@ -165,7 +167,7 @@ class HalfCorrBlock(nn.Module):
                 for level, dst in enumerate(pyramid):
                     if level:
                         vol = F.avg_pool2d(vol, kernel_size=2, stride=2)
-                    dst[bi * n + r0: bi * n + r1] = vol.reshape(r1 - r0, -1)
+                    dst[bi * n + r0: bi * n + r1] = vol.reshape(r1 - r0, -1).clamp(-limit, limit)
         self.corr_pyramid, self._sizes = pyramid, sizes
 
     def index_pyramid(self, centroids_coords: torch.Tensor) -> torch.Tensor:
