@@ -2,7 +2,7 @@
 """Speed, memory and picture of Stream-DiffVSR paths, side by side.
 
     python scripts/bench.py --lr 320x180                      # 720p out, random full-size weights, CUDA
-    python scripts/bench.py --lr 480x270 --compile            # 1080p out, with torch.compile
+    python scripts/bench.py --lr 480x270 --no-compile         # 1080p out, eager (no compile wait)
     python scripts/bench.py --model-dir DIR --lr 320x180      # real weights
     python scripts/bench.py --tiny --device cpu --frames 3    # CI smoke test (tiny random model)
 
@@ -10,8 +10,8 @@ Paths:
   reference  executes like the reference code: float32 (TF32 matmul/conv on CUDA), eager, RAFT at HR with
              the all-pairs correlation volume, cuDNN autotuning off, flow computed in line
   optimized  --dtype (bfloat16), channels_last and cuDNN autotuning on CUDA, the next frame's flow queued
-             on a side stream as the filter does (--no-prefetch), --compile/--compile-mode, --flow, --tile,
-             --raft-corr, --vae-dtype
+             on a side stream as the filter does (--no-prefetch), torch.compile with CUDA graphs on CUDA
+             (--no-compile, --compile-mode), --flow, --tile, --raft-corr, --vae-dtype
 The table gives ms/frame (median over --frames after --warmup frames), peak allocated GPU memory, the
 first frame's time, the warm-up overhead (time of the warm-up frames above the median: compile and
 autotuning), and PSNR of each path's output against the float32 output on the same weights, frames and
@@ -224,7 +224,8 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=24)
     ap.add_argument("--warmup", type=int, default=4)
     ap.add_argument("--dtype", default="bfloat16", help="optimized path precision (bfloat16 or float16)")
-    ap.add_argument("--compile", action="store_true", help="torch.compile the optimized path")
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                    help="torch.compile the optimized path (default: on for CUDA, off elsewhere)")
     ap.add_argument("--compile-mode", default=DEFAULT_COMPILE_MODE, help="torch.compile mode (default: %(default)s)")
     ap.add_argument("--flow", default="hr", choices=("hr", "lr"))
     ap.add_argument("--tile", type=int, default=None, help="LR tile size for the optimized path")
@@ -237,6 +238,8 @@ def main() -> None:
     args = ap.parse_args()
 
     device = torch.device(args.device)
+    if args.compile is None:
+        args.compile = device.type == "cuda"
     w, h = parse_lr(args.lr)
     gpu = setup_device(device)
     load, weights_desc = load_components(device, args.model_dir, args.tiny)
