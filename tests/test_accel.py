@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from vsstreamdiffvsr import StreamDiffVSR, StreamState
-from vsstreamdiffvsr.pipeline import PrecisionFallbackWarning, TilingFallbackWarning
+from vsstreamdiffvsr.pipeline import PrecisionFallbackWarning, TilingFallbackWarning, _own_outputs
 from vsstreamdiffvsr.tiling import feather_weight, parse_tile, tile_layout
 
 
@@ -380,7 +380,8 @@ def test_flow_lr_pads_to_multiples_of_8(pipe: StreamDiffVSR) -> None:
 
 
 def test_compiled_decoder_output_is_not_carried_by_reference(pipe: StreamDiffVSR, monkeypatch) -> None:
-    """A CUDA-graph compiled decoder reuses its output buffer: the carried frame must be a copy."""
+    """A CUDA-graph compiled decoder reuses its output buffer: the carried frame must be a copy (made where
+    graphed calls are wrapped, so nothing downstream copies again)."""
     view = pipe.with_options()
     shared = torch.zeros(1, 3, 128, 128)
 
@@ -388,8 +389,7 @@ def test_compiled_decoder_output_is_not_carried_by_reference(pipe: StreamDiffVSR
         shared.copy_(torch.rand(1, 3, 128, 128))
         return shared
 
-    monkeypatch.setattr(view, "_decode", graph_like_decode)
-    view.compiled = True
+    monkeypatch.setattr(view, "_decode", _own_outputs(graph_like_decode))  # as enable_compile wraps it
     frames, noises = frames_and_noise(2, 32, 32)
     _, state = view.process_frame(frames[0], StreamState(), noise=noises[0])  # cold: eager decoder
     _, state = view.process_frame(frames[1], state, noise=noises[1])          # warm: the compiled one

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .accel import run_flags
+from .accel import compile_cache, run_flags
 from .models.flow import CORR_MODES, MIN_FLOW_SIDE, bicubic_x4, corr_pyramid_bytes, warp
 from .state import StreamState
 from .tiling import Tile, feather_weight, parse_tile, tile_layout
@@ -277,8 +277,6 @@ class StreamDiffVSR:
         Kernels are cached on disk (``cache_dir``, default ``<user cache>/inductor``), so only the first
         run on a machine pays the full compile time.
         """
-        from .accel import compile_cache
-
         _choice("compile_mode", mode, COMPILE_MODES)
         compile_cache(cache_dir)
         opts = dict(mode=mode, dynamic=False, backend=backend, fullgraph=False)
@@ -385,7 +383,8 @@ class StreamDiffVSR:
         return z
 
     def _denoise_decode(self, z: torch.Tensor, x: torch.Tensor, warped: torch.Tensor | None) -> torch.Tensor:
-        """TPM features of ``warped``, 4 DDIM steps, decode: raw y as float32 (may alias a compiled output)."""
+        """TPM features of ``warped``, 4 DDIM steps, decode: raw y as float32 (CUDA-graph outputs come back as
+        copies, :func:`_own_outputs`, so y is safe to carry)."""
         if warped is None:
             return self.vae.decode(self.denoise(z, x, None).to(self.vae_dtype), None).float()
         feats = self._features(warped.to(self.vae_dtype))
@@ -407,10 +406,7 @@ class StreamDiffVSR:
         h, w = x.shape[-2:]
         tiles = self._tiles(h, w, tile) if tile is not None else []
         if len(tiles) <= 1:
-            y = self._denoise_decode(z, x, warped)
-            # a compiled decoder may return CUDA-graph memory that its next replay overwrites: own the result
-            compiled = self.compiled and warped is not None and self.vae_dtype == torch.float32  # .float() copies
-            return y.clone() if compiled else y
+            return self._denoise_decode(z, x, warped)
         self.stats["tiled_frames"] += 1
         acc = torch.zeros(1, 3, 4 * h, 4 * w, device=self.device, dtype=torch.float32)
         wsum = torch.zeros(1, 1, 4 * h, 4 * w, device=self.device, dtype=torch.float32)
@@ -611,9 +607,10 @@ class StreamDiffVSR:
         if key in self._compiled_shapes:
             return
         self._compiled_shapes.add(key)
-        print(f"vsstreamdiffvsr: compiling for {lr_size[1]}x{lr_size[0]} input ({self.compile_mode}); the first "
-              "time on a machine this takes a few minutes, later runs reuse the kernel cache", file=sys.stderr,
-              flush=True)
+        # stderr, never stdout: vspipe writes the video there
+        sys.stderr.write(f"vsstreamdiffvsr: compiling for {lr_size[1]}x{lr_size[0]} input ({self.compile_mode}); "
+                         "the first time on a machine this takes a few minutes, later runs reuse the kernel cache\n")
+        sys.stderr.flush()
 
     def _run_or_tile(self, z: torch.Tensor, x: torch.Tensor, warped: torch.Tensor | None) -> torch.Tensor:
         """:meth:`_run` with this pipeline's tiling; on out-of-memory, retry in tiles (if allowed)."""

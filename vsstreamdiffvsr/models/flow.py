@@ -114,6 +114,9 @@ def _full_corr_block(num_levels: int, radius: int) -> nn.Module:
                 coords = coords / 2
             return torch.cat(levels, dim=-1).permute(0, 3, 1, 2).contiguous()
 
+        def release(self) -> None:
+            self.corr_pyramid = [torch.tensor(0)]
+
     return DeviceCorrBlock(num_levels=num_levels, radius=radius)
 
 
@@ -191,6 +194,9 @@ class HalfCorrBlock(nn.Module):
             xy = xy / 2
         return torch.cat(levels, dim=-1).permute(0, 3, 1, 2).contiguous()
 
+    def release(self) -> None:
+        self.corr_pyramid, self._sizes = [], []
+
 
 class LeanCorrBlock(nn.Module):
     """Drop-in for torchvision's ``CorrBlock`` that never stores the all-pairs correlation volume.
@@ -245,6 +251,9 @@ class LeanCorrBlock(nn.Module):
             coords = coords / 2
         return torch.cat(levels, dim=-1).permute(0, 3, 1, 2).contiguous()
 
+    def release(self) -> None:
+        self._fmap1, self._pyramid = None, []
+
 
 class RaftFlow(nn.Module):
     """RAFT-large flow ``current -> previous`` on [-1, 1] frames, 12 refinement updates.
@@ -263,9 +272,9 @@ class RaftFlow(nn.Module):
         self._blocks: dict[str, nn.Module] = {
             "full": self._full_block, "half": HalfCorrBlock(num_levels=levels, radius=radius),
             "lean": LeanCorrBlock(num_levels=levels, radius=radius)}
-        raft.corr_block = self._full_block
+        raft.corr_block = self._full_block  # for torchvision's own forward; ours passes the block it uses
 
-    def _final_flow(self, image1: torch.Tensor, image2: torch.Tensor) -> torch.Tensor:
+    def _final_flow(self, image1: torch.Tensor, image2: torch.Tensor, block: nn.Module) -> torch.Tensor:
         """torchvision's ``RAFT.forward(...)[-1]``, with its own modules, in its order of operations.
 
         Two differences that leave the result bit for bit the same: only the final estimate is upsampled
@@ -281,7 +290,7 @@ class RaftFlow(nn.Module):
             raise ValueError(f"RAFT needs two frames of one size with sides divisible by 8, got "
                              f"{tuple(image1.shape)} and {tuple(image2.shape)}")
         fmap1, fmap2 = torch.chunk(raft.feature_encoder(torch.cat([image1, image2], dim=0)), chunks=2, dim=0)
-        raft.corr_block.build_pyramid(fmap1, fmap2)
+        block.build_pyramid(fmap1, fmap2)
         context_out = raft.context_encoder(image1)
         hidden_size = raft.update_block.hidden_state_size
         hidden, context = torch.split(context_out, [hidden_size, context_out.shape[1] - hidden_size], dim=1)
@@ -291,7 +300,7 @@ class RaftFlow(nn.Module):
         coords0 = torch.stack((gx, gy), dim=0).float()[None].repeat(b, 1, 1, 1)
         coords1 = coords0.clone()
         for _ in range(self.num_flow_updates):
-            corr_features = raft.corr_block.index_pyramid(centroids_coords=coords1)
+            corr_features = block.index_pyramid(centroids_coords=coords1)
             hidden, delta_flow = raft.update_block(hidden, context, corr_features, coords1 - coords0)
             coords1 = coords1 + delta_flow
         up_mask = None if raft.mask_predictor is None else raft.mask_predictor(hidden)
@@ -308,13 +317,8 @@ class RaftFlow(nn.Module):
         """Flow (N,2,H,W) in pixels that maps each pixel of ``current`` to its position in ``previous``."""
         if corr not in self._blocks:
             raise ValueError(f"corr must be one of {CORR_MODES}, got {corr!r}")
-        self.raft.corr_block = self._blocks[corr]
+        block = self._blocks[corr]
         try:
-            return self._final_flow(current, previous)
+            return self._final_flow(current, previous, block)
         finally:
-            # torchvision keeps the pyramid alive until the next call: free it now, before denoising
-            self._full_block.corr_pyramid = [torch.tensor(0)]
-            self.raft.corr_block = self._full_block
-            half, lean = self._blocks["half"], self._blocks["lean"]
-            half.corr_pyramid, half._sizes = [], []
-            lean._fmap1, lean._pyramid = None, []
+            block.release()  # the blocks keep their pyramid until told: free it now, before denoising
