@@ -107,10 +107,11 @@ def _frame_to_tensor(frame: vs.VideoFrame, device: torch.device) -> torch.Tensor
 
 def _tensor_to_frame(hq: torch.Tensor, blank: vs.VideoFrame, props: Any) -> vs.VideoFrame:
     out = blank.copy()
-    dtype = np.float16 if blank.format.bytes_per_sample == 2 else np.float32
-    data = hq[0].to("cpu", torch.float32).numpy()
+    # rounded to the output precision on the device: one copy of exactly the output's bytes to the host
+    dtype = torch.float16 if blank.format.bytes_per_sample == 2 else torch.float32
+    data = hq[0].to(dtype=dtype).cpu().numpy()
     for p in range(3):
-        np.copyto(np.asarray(out[p]), data[p].astype(dtype, copy=False))
+        np.copyto(np.asarray(out[p]), data[p])
     out.props.clear()
     out.props.update(props)
     return out
