@@ -10,8 +10,9 @@ Paths:
   reference  executes like the reference code: float32 (TF32 matmul/conv on CUDA), eager, RAFT at HR with
              the all-pairs correlation volume, cuDNN autotuning off, flow computed in line
   optimized  --dtype (bfloat16), channels_last and cuDNN autotuning on CUDA, the next frame's flow queued
-             on a side stream as the filter does (--no-prefetch), torch.compile with CUDA graphs on CUDA
-             (--no-compile, --compile-mode), --flow, --tile, --raft-corr, --vae-dtype
+             on a side stream as the filter does (--no-prefetch) and replayed from a CUDA graph
+             (--no-graph-flow), torch.compile with CUDA graphs on CUDA (--no-compile, --compile-mode),
+             --flow, --tile, --raft-corr, --vae-dtype
 The table gives ms/frame (median over --frames after --warmup frames), peak allocated GPU memory, the
 first frame's time, the warm-up overhead (time of the warm-up frames above the median: compile and
 autotuning), and PSNR of each path's output against the float32 output on the same weights, frames and
@@ -169,7 +170,8 @@ def load_components(device: torch.device, model_dir: Path | None = None, tiny: b
     return random_full_components(init_device=device if device.type == "cuda" else "cpu"), "random full-size"
 
 
-REFERENCE_OPTIONS = dict(channels_last=False, raft_corr="full", oom_fallback=False, cudnn_benchmark=False)
+REFERENCE_OPTIONS = dict(channels_last=False, raft_corr="full", oom_fallback=False, cudnn_benchmark=False,
+                         graph_flow=False)
 
 
 def run_path(load: dict, device: torch.device, dtype: torch.dtype, options: dict, frames, noises, warmup: int,
@@ -233,6 +235,8 @@ def main() -> None:
     ap.add_argument("--raft-corr", default="auto", choices=("auto", "full", "half", "lean"),
                     help="RAFT correlation of the optimized path (half: float16 pyramid; lean: none)")
     ap.add_argument("--no-prefetch", action="store_true", help="optimized path: compute each flow in line")
+    ap.add_argument("--graph-flow", action=argparse.BooleanOptionalAction, default=None,
+                    help="replay the prefetched flow from a CUDA graph (default: on for CUDA)")
     ap.add_argument("--skip-reference", action="store_true", help="only the optimized path (no PSNR)")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
@@ -247,7 +251,7 @@ def main() -> None:
 
     paths = [] if args.skip_reference else [("reference", torch.float32, REFERENCE_OPTIONS, False)]
     opt = dict(channels_last=None, flow=args.flow, tile=args.tile, compile=args.compile,
-               compile_mode=args.compile_mode, raft_corr=args.raft_corr,
+               compile_mode=args.compile_mode, raft_corr=args.raft_corr, graph_flow=args.graph_flow,
                vae_dtype=parse_dtype(args.vae_dtype) if args.vae_dtype else None)
     opt_dtype = parse_dtype(args.dtype)
     paths.append((f"optimized ({str(opt_dtype).removeprefix('torch.')}{', compiled' if args.compile else ''}"

@@ -12,7 +12,10 @@ step, so a run cut short still returns what it measured. A step whose estimated 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -25,10 +28,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench import (  # noqa: E402
-    REFERENCE_OPTIONS, load_components, make_frames, max_err, psnr, run_path, setup_device, table,
+    REFERENCE_OPTIONS, build, load_components, make_frames, max_err, measure, psnr, setup_device, sync, table,
 )
 
 OPT = dict(channels_last=None, raft_corr="auto")  # the optimised path's defaults (cuDNN autotune on CUDA)
+
+
+def pipe_flags(pipe):
+    from vsstreamdiffvsr.accel import run_flags
+
+    return run_flags(pipe.cudnn_benchmark, pipe.tf32)
 
 
 class Driver:
@@ -42,6 +51,7 @@ class Driver:
         self.load, self.weights_desc = load_components(self.device, tiny=args.tiny)
         self.results: dict[str, dict] = {}   # section -> path -> result
         self.notes: list[str] = []
+        self.raft: dict[str, dict] = {}  # size -> RAFT alone, eager against replayed from a CUDA graph
         self.refs: dict[str, list[torch.Tensor]] = {}  # "<section>/<path>" -> outputs kept for comparisons
         self.log(f"setup done: {self.gpu}, {self.weights_desc} weights, torch {torch.__version__}")
 
@@ -60,13 +70,35 @@ class Driver:
 
     def path(self, section: str, name: str, dtype: torch.dtype, options: dict, *, prefetch: bool,
              frames: int | None = None, warmup: int | None = None, ref: str | None = None,
-             keep: bool = False, compare: str | None = None) -> dict:
-        """Measure one path at ``section``'s size and record it (PSNR against ``ref``'s kept outputs)."""
+             keep: bool = False, compare: str | None = None, views: dict[str, dict] | None = None) -> dict:
+        """Measure one path at ``section``'s size and record it (PSNR against ``ref``'s kept outputs).
+
+        ``views``: more paths, each ``with_options(**kwargs)`` of the same pipeline (sharing its compiled
+        functions and CUDA graphs), measured after it and compared with it.
+        """
         w, h = self.size(section.split()[0])
         n, wu = frames or self.args.frames, warmup if warmup is not None else self.args.warmup
         fr, nz = make_frames(n, h, w)
         self.log(f"{section}: {name} ...")
-        res = run_path(self.load, self.device, dtype, options, fr, nz, wu, prefetch=prefetch)
+        pipe = build(self.load, self.device, dtype, **options)
+        try:
+            res = self.record(section, name, measure(pipe, fr, nz, wu, self.device, prefetch=prefetch), n, wu,
+                              prefetch, (w, h), ref, keep or bool(views), compare)
+            for view_name, kwargs in (views or {}).items():
+                self.log(f"{section}: {view_name} ...")
+                self.record(section, view_name, measure(pipe.with_options(**kwargs), fr, nz, wu, self.device,
+                                                        prefetch=prefetch),
+                            n, wu, prefetch, (w, h), ref, False, f"{section}/{name}")
+        finally:
+            del pipe
+            gc.collect()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+        return res
+
+    def record(self, section: str, name: str, res: dict, n: int, wu: int, prefetch: bool, size: tuple[int, int],
+               ref: str | None, keep: bool, compare: str | None) -> dict:
+        w, h = size
         outs = res.pop("outs")
         ref_outs = self.refs.get(ref) if ref else None
         res["psnr_vs_fp32"] = psnr(outs, ref_outs[:n]) if ref_outs is not None else float("nan")
@@ -86,8 +118,15 @@ class Driver:
     def save(self) -> None:
         (self.out / "results.json").write_text(json.dumps(
             dict(gpu=self.gpu, torch=torch.__version__, weights=self.weights_desc, results=self.results,
-                 notes=self.notes), indent=2, default=str))
+                 raft_alone=self.raft, notes=self.notes), indent=2, default=str))
         parts = []
+        if self.raft:
+            rows = [f"| {size} ({r['lr'][0]}x{r['lr'][1]} in), corr {r['corr']} | {r['eager_ms']:.1f} | "
+                    f"{r.get('graph_ms', float('nan')):.1f} | {r.get('record_s', float('nan')):.1f} | "
+                    f"{r.get('graph_max_abs_diff_px', float('nan')):.2g} |" for size, r in self.raft.items()]
+            parts.append("\n".join([f"### RAFT alone: bicubic x4 + 12 updates at HR ({self.gpu})",
+                                    "| size | eager ms | CUDA graph ms | recording s | max flow difference px |",
+                                    "|---|---|---|---|---|", *rows]))
         for section, res in self.results.items():
             w, h = next(iter(res.values()))["lr"]
             parts.append(table(res, f"### {section}: {w}x{h} -> {4 * w}x{4 * h} ({self.gpu}, {self.weights_desc} "
@@ -120,11 +159,53 @@ class Driver:
     REF = "reference (fp32/TF32, eager)"
     EAGER = "optimised eager: bf16 + channels_last + cuDNN autotune + flow overlap"
 
+    def flow_graph(self, size: str, reps: int = 10) -> None:
+        """RAFT alone at ``size``: eager against replayed from a CUDA graph (time and max difference)."""
+        from vsstreamdiffvsr.accel import GraphedCall
+
+        w, h = self.size(size)
+        pipe = build(self.load, self.device, torch.bfloat16, **OPT)
+        fr, _ = make_frames(2, h, w)
+        x, xp = (f.to(self.device) * 2 - 1 for f in fr)
+        stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        out: dict = dict(lr=[w, h], corr=pipe.corr_for(4 * h, 4 * w))
+
+        def timed(fn) -> tuple[float, torch.Tensor]:
+            times = []
+            for _ in range(reps):
+                sync(self.device)
+                t = time.perf_counter()
+                y = fn()
+                sync(self.device)
+                times.append(1000 * (time.perf_counter() - t))
+            return statistics.median(times), y
+
+        try:
+            with (torch.inference_mode(), torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext(),
+                  pipe_flags(pipe)):
+                out["eager_ms"], eager = timed(lambda: pipe.compute_flow(x, xp))
+                if stream is not None:
+                    t = time.perf_counter()
+                    graphed = GraphedCall(pipe.compute_flow, x, xp)
+                    sync(self.device)
+                    out["record_s"] = round(time.perf_counter() - t, 2)
+                    out["graph_ms"], g = timed(lambda: graphed(x, xp))
+                    out["graph_max_abs_diff_px"] = float((g - eager).abs().max())
+                    out["graph_pool_reserved_gib"] = round(torch.cuda.memory_reserved(self.device) / 2**30, 2)
+                    del graphed
+        finally:
+            pipe = None  # drop the weights before the next step
+            gc.collect()
+        self.raft[size] = out
+        self.log(f"flow graph {size}: {out}")
+        self.save()
+
     def ref(self, size: str) -> None:
         self.path(size, self.REF, torch.float32, REFERENCE_OPTIONS, prefetch=False, keep=True)
 
     def eager(self, size: str) -> None:
-        self.path(size, self.EAGER, torch.bfloat16, OPT, prefetch=True, ref=f"{size}/{self.REF}", keep=True)
+        self.path(size, self.EAGER, torch.bfloat16, OPT, prefetch=True, ref=f"{size}/{self.REF}", keep=True,
+                  views=self.no_graph_flow())
 
     def levers(self, size: str) -> None:
         r = f"{size}/{self.REF}"
@@ -142,7 +223,15 @@ class Driver:
     def compiled(self, size: str, mode: str) -> dict:
         return self.path(size, f"optimised + torch.compile ({mode})", torch.bfloat16,
                          dict(OPT, compile=True, compile_mode=mode), prefetch=True, ref=f"{size}/{self.REF}",
-                         compare=f"{size}/{self.EAGER}")
+                         compare=f"{size}/{self.EAGER}", views=self.no_graph_flow())
+
+    def no_graph_flow(self) -> dict[str, dict]:
+        """The same pipeline with the flow run eagerly on the side stream: what the flow graph buys."""
+        return {"  the same, flow not graphed (graph_flow=False)": dict(graph_flow=False)} if self.cuda else {}
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
 
     def tiled(self, size: str, frames: int | None = None, warmup: int | None = None) -> None:
         tile = (32, 32) if self.args.tiny else (192, 320)
@@ -172,13 +261,14 @@ class Driver:
 #: every step: name -> (estimated seconds, given the first compile's measured time c; action)
 def plan(d: Driver, c: float) -> dict[str, tuple[float, Callable[[], None]]]:
     return {
+        "flow-graph": (25, lambda: (d.flow_graph("720p"), d.flow_graph("1080p"))),
         "720p-ref": (15, lambda: d.ref("720p")),
-        "720p-eager": (12, lambda: d.eager("720p")),
-        "720p-graphs": (c + 20, lambda: d.compiled("720p", "reduce-overhead")),
+        "720p-eager": (25, lambda: d.eager("720p")),
+        "720p-graphs": (c + 30, lambda: d.compiled("720p", "reduce-overhead")),
         "720p-compiled": (c + 20, lambda: d.compiled("720p", "default")),
         "1080p-ref": (20, lambda: d.ref("1080p")),
-        "1080p-eager": (20, lambda: d.eager("1080p")),
-        "1080p-graphs": (c + 30, lambda: d.compiled("1080p", "reduce-overhead")),
+        "1080p-eager": (40, lambda: d.eager("1080p")),
+        "1080p-graphs": (c + 45, lambda: d.compiled("1080p", "reduce-overhead")),
         "1080p-compiled": (c + 30, lambda: d.compiled("1080p", "default")),
         "1080p-tiled": (45, lambda: d.tiled("1080p")),
         "4K-tiled": (60, lambda: d.tiled("4K", frames=6, warmup=2)),
@@ -195,8 +285,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=4)
     ap.add_argument("--budget-s", type=float, default=520.0, help="skip steps that would end after this")
     ap.add_argument("--out", default="bench-out")
-    ap.add_argument("--steps", default="720p-ref,720p-graphs,1080p-ref,1080p-graphs,1080p-eager,720p-eager,"
-                    "4K-tiled,720p-cached,720p-levers,1080p-tiled,720p-compiled",
+    ap.add_argument("--steps", default="flow-graph,720p-ref,720p-graphs,720p-eager,720p-cached,1080p-ref,"
+                    "1080p-graphs,1080p-eager,4K-tiled,720p-levers,1080p-tiled,720p-compiled",
                     help="comma-separated steps, run in this order (see plan())")
     args = ap.parse_args()
     d = Driver(args)

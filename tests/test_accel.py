@@ -5,6 +5,7 @@ Timings are never asserted here (see scripts/bench.py); these tests check correc
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import threading
@@ -16,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from vsstreamdiffvsr import StreamDiffVSR, StreamState
-from vsstreamdiffvsr.pipeline import PrecisionFallbackWarning, TilingFallbackWarning, _own_outputs
+from vsstreamdiffvsr.accel import GraphedCall
+from vsstreamdiffvsr.pipeline import FlowGraphWarning, PrecisionFallbackWarning, TilingFallbackWarning, _own_outputs
 from vsstreamdiffvsr.tiling import feather_weight, parse_tile, tile_layout
 
 
@@ -419,3 +421,84 @@ def test_cudnn_and_tf32_flags_are_set_while_running_and_restored(pipe: StreamDif
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
     assert pipe.cudnn_benchmark is False and pipe.tf32 is False  # CPU defaults
+
+
+class CpuGraph(GraphedCall):
+    """GraphedCall with its three CUDA operations stood in for on the CPU: "recording" remembers ``fn`` and a
+    replay reruns it on the input buffers into the output buffer, as a replayed graph rewrites its memory."""
+
+    made: list["CpuGraph"] = []
+
+    def __init__(self, fn, *args, **kwargs) -> None:
+        self.fn, self.recordings, self.replays = fn, 0, 0
+        CpuGraph.made.append(self)
+        super().__init__(fn, *args, **kwargs)
+
+    def _new_graph(self) -> object:
+        return object()
+
+    @contextlib.contextmanager
+    def _recording(self, graph):
+        self.recordings += 1
+        yield
+
+    def _replay(self) -> None:
+        self.replays += 1
+        self.output.copy_(self.fn(*self.inputs))
+
+
+def test_graphed_call_copies_inputs_in_and_outputs_out() -> None:
+    g = CpuGraph(lambda a, b: a * 2 + b, torch.ones(2, 3), torch.zeros(2, 3))
+    assert g.recordings == 1 and g.replays == 0
+    a, b = torch.rand(2, 3), torch.rand(2, 3)
+    first = g(a, b)
+    assert torch.equal(first, a * 2 + b)
+    second = g(b, a)  # a replay must not change what an earlier call returned
+    assert torch.equal(second, b * 2 + a) and torch.equal(first, a * 2 + b)
+    with pytest.raises(ValueError, match="keep their shape"):
+        g(torch.ones(3, 3), b)
+    with pytest.raises(TypeError, match="expected 2 tensors"):
+        g(a)
+
+
+def test_graphed_flow_equals_eager_flow_and_is_recorded_once_per_size(tiny_ckpt: Path) -> None:
+    pipe = StreamDiffVSR.from_pretrained(tiny_ckpt, device="cpu", dtype="float32")
+    assert pipe.graph_flow is False  # CPU default
+    pipe.graph_flow, pipe._graph_factory = True, CpuGraph  # stand in for CUDA
+    CpuGraph.made.clear()
+    frames, _ = frames_and_noise(4, 32, 32, seed=3)
+    for prev, cur in zip(frames, frames[1:]):
+        got = pipe.prefetch_flow(cur, prev).result()
+        assert torch.equal(got, pipe.compute_flow(cur * 2 - 1, prev * 2 - 1))
+    assert len(CpuGraph.made) == 1 and CpuGraph.made[0].replays == 3
+    wide, _ = frames_and_noise(2, 32, 40)
+    taller, _ = frames_and_noise(2, 40, 32)
+    pipe.prefetch_flow(wide[1], wide[0])
+    pipe.prefetch_flow(taller[1], taller[0])
+    assert len(CpuGraph.made) == 3 and len(pipe._flow_graphs) == 2  # the oldest size's graph was dropped
+    view = pipe.with_options(graph_flow=False)
+    assert view._flow_graphs is pipe._flow_graphs and view.graph_flow is False
+    view.prefetch_flow(wide[1], wide[0])
+    assert len(CpuGraph.made) == 3 and CpuGraph.made[1].replays == 1  # graph_flow=False: eager, no replay
+    with pytest.raises(ValueError, match="graph_flow=True needs a CUDA device"):
+        pipe.with_options(graph_flow=True)
+
+
+def test_flow_graph_that_cannot_be_recorded_falls_back_to_eager_once(tiny_ckpt: Path) -> None:
+    pipe = StreamDiffVSR.from_pretrained(tiny_ckpt, device="cpu", dtype="float32")
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    pipe.graph_flow, pipe._graph_factory = True, failing
+    frames, _ = frames_and_noise(3, 32, 32, seed=4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        flows = [pipe.prefetch_flow(cur, prev).result() for prev, cur in zip(frames, frames[1:])]
+    graph_warnings = [w for w in caught if issubclass(w.category, FlowGraphWarning)]
+    assert len(graph_warnings) == 1 and "not permitted when stream is capturing" in str(graph_warnings[0].message)
+    assert len(calls) == 1  # not retried on every frame
+    for (prev, cur), got in zip(zip(frames, frames[1:]), flows):
+        assert torch.equal(got, pipe.compute_flow(cur * 2 - 1, prev * 2 - 1))

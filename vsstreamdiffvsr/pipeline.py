@@ -28,13 +28,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .accel import compile_cache, run_flags
+from .accel import GraphedCall, compile_cache, run_flags
 from .models.flow import CORR_MODES, MIN_FLOW_SIDE, bicubic_x4, corr_pyramid_bytes, warp
 from .state import StreamState
 from .tiling import Tile, feather_weight, parse_tile, tile_layout
 
 __all__ = ["StreamDiffVSR", "FlowTicket", "MIN_LR_SIDE", "NUM_INFERENCE_STEPS", "NonFiniteInputError",
-           "PrecisionFallbackWarning", "TilingFallbackWarning"]
+           "PrecisionFallbackWarning", "TilingFallbackWarning", "FlowGraphWarning"]
 
 #: The smallest LR side: RAFT runs at 4x and needs 128 px.
 MIN_LR_SIDE = MIN_FLOW_SIDE // 4
@@ -68,6 +68,10 @@ class PrecisionFallbackWarning(RuntimeWarning):
 
 class TilingFallbackWarning(RuntimeWarning):
     """A frame ran out of GPU memory and was recomputed in tiles."""
+
+
+class FlowGraphWarning(RuntimeWarning):
+    """RAFT could not be recorded as a CUDA graph; its flow is computed eagerly (same numbers, slower)."""
 
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -130,7 +134,8 @@ class StreamDiffVSR:
                  dtype: torch.dtype, num_inference_steps: int = NUM_INFERENCE_STEPS, flow: str = "hr",
                  channels_last: bool | None = None, tile: int | tuple[int, int] | None = None,
                  tile_overlap: int = 16, oom_fallback: bool = True, nan_fallback: bool = True,
-                 raft_corr: str = "auto", cudnn_benchmark: bool | None = None) -> None:
+                 raft_corr: str = "auto", cudnn_benchmark: bool | None = None,
+                 graph_flow: bool | None = None) -> None:
         self.device = device
         self.dtype = dtype
         self.flow_mode = _choice("flow", flow, FLOW_MODES)
@@ -143,6 +148,7 @@ class StreamDiffVSR:
         self._fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         self.cudnn_benchmark = (device.type == "cuda") if cudnn_benchmark is None else bool(cudnn_benchmark)
         self.tf32 = device.type == "cuda"  # float32 matmuls as the reference runs them (TF32)
+        self.graph_flow = _graph_flow(graph_flow, device)
         self.unet = unet.to(device, memory_format=self._fmt)
         self.controlnet = controlnet.to(device, memory_format=self._fmt)
         self.vae = vae.to(device, memory_format=self._fmt)
@@ -172,6 +178,10 @@ class StreamDiffVSR:
         # them and their CUDA graphs instead of compiling and recording anew
         self._compiled_sets: dict[tuple[str, str], tuple[Any, ...]] = {}
         self._compiled_shapes: set[tuple[Any, ...]] = set()  # (mode, LR size, tile): announced on stderr
+        # prefetched flow recorded as CUDA graphs, by (LR shape, flow mode, raft_corr); None: recording failed.
+        # Shared with with_options views like the compiled functions.
+        self._flow_graphs: dict[tuple[Any, ...], GraphedCall | None] = {}
+        self._graph_factory: Callable[..., GraphedCall] = GraphedCall
         #: counters for diagnostics and tests
         self.stats = {"frames": 0, "tiled_frames": 0, "nan_fallbacks": 0, "oom_fallbacks": 0,
                       "lean_corr_fallbacks": 0, "lr_flow_fallbacks": 0}
@@ -186,7 +196,7 @@ class StreamDiffVSR:
                         tile: int | tuple[int, int] | None = None, tile_overlap: int = 16,
                         oom_fallback: bool = True, nan_fallback: bool = True,
                         raft_corr: str = "auto", vae_dtype: torch.dtype | str | None = None,
-                        cudnn_benchmark: bool | None = None) -> "StreamDiffVSR":
+                        cudnn_benchmark: bool | None = None, graph_flow: bool | None = None) -> "StreamDiffVSR":
         """Load from a model folder in the Hugging Face layout (see :mod:`vsstreamdiffvsr.weights`).
 
         Args:
@@ -215,6 +225,10 @@ class StreamDiffVSR:
                 is faster at HR but is not the reference numerics: measure it with scripts/bench.py.
             cudnn_benchmark: let cuDNN time its convolution algorithms for each new shape and keep the
                 fastest (default: on for CUDA). It is set only while this pipeline runs, then restored.
+            graph_flow: record the flow computed ahead (:meth:`prefetch_flow`: bicubic x4 and RAFT's 12
+                updates, about a thousand kernels) as one CUDA graph per frame size and replay it, so that
+                launching it no longer holds up the host while the GPU denoises (default: on for CUDA;
+                CUDA only). The same numbers; if recording fails the flow runs eagerly, with one warning.
 
         Raises:
             ModelFilesError: a file is missing, truncated, corrupt or does not match its config.
@@ -232,7 +246,7 @@ class StreamDiffVSR:
                    raft=weights.load_raft(root), prompt_embeds=weights.empty_prompt_embedding(root),
                    device=dev, dtype=dt, flow=flow, channels_last=channels_last, tile=tile,
                    tile_overlap=tile_overlap, oom_fallback=oom_fallback, nan_fallback=nan_fallback,
-                   raft_corr=raft_corr, cudnn_benchmark=cudnn_benchmark)
+                   raft_corr=raft_corr, cudnn_benchmark=cudnn_benchmark, graph_flow=graph_flow)
         pipe.model_dir = str(root)
         if compile:
             pipe.enable_compile(mode=compile_mode, cache_dir=compile_cache_dir)
@@ -243,7 +257,7 @@ class StreamDiffVSR:
                      nan_fallback: bool | None = None, compile: bool = False,
                      compile_mode: str = DEFAULT_COMPILE_MODE,
                      compile_cache_dir: str | os.PathLike[str] | None = None,
-                     raft_corr: str | None = None) -> "StreamDiffVSR":
+                     raft_corr: str | None = None, graph_flow: bool | None = None) -> "StreamDiffVSR":
         """A pipeline sharing this one's weights and lock (no reload) with other run-time settings.
 
         Arguments left at None (``tile`` at ``"keep"``) keep this pipeline's value; see :meth:`from_pretrained`.
@@ -260,6 +274,8 @@ class StreamDiffVSR:
             view.tile_overlap = _overlap(tile_overlap)
         if raft_corr is not None:
             view.raft_corr = _choice("raft_corr", raft_corr, RAFT_CORR_MODES)
+        if graph_flow is not None:
+            view.graph_flow = _graph_flow(graph_flow, self.device)
         if oom_fallback is not None:
             view.oom_fallback = oom_fallback
         if nan_fallback is not None:
@@ -520,13 +536,37 @@ class StreamDiffVSR:
                     for t in (lq, lq_prev, a, b):
                         if t.is_cuda:  # made on the caller's stream, read on this one: keep it alive for both
                             t.record_stream(stream)
-                flow = self._flow_with_fallbacks(a * 2.0 - 1.0, b * 2.0 - 1.0)
+                flow = self._prefetched_flow(a * 2.0 - 1.0, b * 2.0 - 1.0)
                 if stream is None:
                     return FlowTicket(flow)
                 event = torch.cuda.Event()
                 event.record(stream)
             flow.record_stream(torch.cuda.current_stream(self.device))
             return FlowTicket(flow, event)
+
+    def _prefetched_flow(self, x: torch.Tensor, x_prev: torch.Tensor) -> torch.Tensor:
+        """The flow on the side stream: replayed from a CUDA graph (:attr:`graph_flow`), recorded on first use."""
+        if not self.graph_flow:
+            return self._flow_with_fallbacks(x, x_prev)
+        key = (tuple(x.shape), self.flow_mode, self.raft_corr)
+        graphs = self._flow_graphs
+        if key not in graphs:
+            while len(graphs) >= 2:  # one graph per frame size in use; each pool holds RAFT's memory
+                del graphs[next(iter(graphs))]
+            graphs[key] = self._record_flow(x, x_prev)
+        graphed = graphs[key]
+        return graphed(x, x_prev) if graphed is not None else self._flow_with_fallbacks(x, x_prev)
+
+    def _record_flow(self, x: torch.Tensor, x_prev: torch.Tensor) -> GraphedCall | None:
+        try:
+            return self._graph_factory(self.compute_flow, x, x_prev)
+        except Exception as exc:  # recording is an optimisation: any failure leaves the eager flow
+            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+        _empty_cache(self.device)
+        warnings.warn(f"vsstreamdiffvsr: could not record the optical flow as a CUDA graph ({reason}); computing it "
+                      "eagerly instead (same result, slower; graph_flow=False silences this)", FlowGraphWarning,
+                      stacklevel=5)
+        return None
 
     @torch.inference_mode()
     def process_frame(self, lq: torch.Tensor, state: StreamState | None = None, noise: torch.Tensor | None = None,
@@ -667,6 +707,14 @@ def _own_outputs(fn: Callable[..., Any]) -> Callable[..., Any]:
 def _pad8(x: torch.Tensor) -> torch.Tensor:
     ph, pw = -x.shape[-2] % 8, -x.shape[-1] % 8
     return F.pad(x, (0, pw, 0, ph), mode="replicate") if (ph or pw) else x
+
+
+def _graph_flow(value: bool | None, device: torch.device) -> bool:
+    if value is None:
+        return device.type == "cuda"
+    if value and device.type != "cuda":
+        raise ValueError(f"graph_flow=True needs a CUDA device, not {device}; leave it at None")
+    return bool(value)
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
