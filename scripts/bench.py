@@ -119,7 +119,7 @@ def measure(pipe: StreamDiffVSR, frames, noises, warmup: int, device: torch.devi
         torch.cuda.empty_cache()  # reserved-memory figures start from this path's weights alone
         torch.cuda.reset_peak_memory_stats(device)
     frames = [f.to(device) for f in frames]
-    state, times, outs, ticket, mem = StreamState(), [], [], None, []
+    state, times, outs, ticket, mem, peaks = StreamState(), [], [], None, [], []
     for i, (f, z) in enumerate(zip(frames, noises)):
         sync(device)
         t0 = time.perf_counter()
@@ -137,14 +137,17 @@ def measure(pipe: StreamDiffVSR, frames, noises, warmup: int, device: torch.devi
         outs.append(hq.float().cpu())
         if device.type == "cuda":  # held between frames: must not grow with the clip's length
             mem.append(round(torch.cuda.memory_allocated(device) / 2**30, 3))
+            peaks.append(round(torch.cuda.max_memory_allocated(device) / 2**30, 3))  # this frame's peak
+            torch.cuda.reset_peak_memory_stats(device)
     steady = times[warmup:] or times
     median = statistics.median(steady)
     cuda = device.type == "cuda"
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else float("nan")
+    peak = max(peaks) if cuda else float("nan")
     reserved = torch.cuda.max_memory_reserved(device) / 2**30 if cuda else float("nan")  # incl. graph pools
     return dict(ms=1000 * median, first_ms=1000 * times[0], peak_gib=peak, peak_reserved_gib=reserved, outs=outs,
                 warmup_overhead_s=sum(max(0.0, t - median) for t in times[:warmup]),
                 times_ms=[round(1000 * t, 2) for t in times], allocated_between_frames_gib=mem,
+                peak_by_frame_gib=peaks,
                 fallbacks={k: v for k, v in pipe.stats.items() if k.endswith("fallbacks") and v})
 
 

@@ -205,7 +205,7 @@ class Driver:
 
     def eager(self, size: str) -> None:
         self.path(size, self.EAGER, torch.bfloat16, OPT, prefetch=True, ref=f"{size}/{self.REF}", keep=True,
-                  views=self.no_graph_flow())
+                  views=self.no_graph_flow("eager"))
 
     def levers(self, size: str) -> None:
         r = f"{size}/{self.REF}"
@@ -223,11 +223,42 @@ class Driver:
     def compiled(self, size: str, mode: str) -> dict:
         return self.path(size, f"optimised + torch.compile ({mode})", torch.bfloat16,
                          dict(OPT, compile=True, compile_mode=mode), prefetch=True, ref=f"{size}/{self.REF}",
-                         compare=f"{size}/{self.EAGER}", views=self.no_graph_flow())
+                         compare=f"{size}/{self.EAGER}", views=self.no_graph_flow(f"compile ({mode})"))
 
-    def no_graph_flow(self) -> dict[str, dict]:
+    def no_graph_flow(self, name: str) -> dict[str, dict]:
         """The same pipeline with the flow run eagerly on the side stream: what the flow graph buys."""
-        return {"  the same, flow not graphed (graph_flow=False)": dict(graph_flow=False)} if self.cuda else {}
+        return {f"{name}, flow not graphed (a view: graph_flow=False)": dict(graph_flow=False)} if self.cuda else {}
+
+    def variant(self, size: str, label: str, **options) -> dict:
+        """The compiled (CUDA graphs) path built afresh with other options (kernels cached in-process)."""
+        return self.path(size, f"optimised + torch.compile (reduce-overhead), {label}", torch.bfloat16,
+                         dict(OPT, compile=True, compile_mode="reduce-overhead", **options), prefetch=True,
+                         ref=f"{size}/{self.REF}")
+
+    def raft_profile(self, size: str) -> None:
+        """Where RAFT's GPU time goes at ``size``: the top CUDA kernels of three eager flows."""
+        from torch.profiler import ProfilerActivity, profile
+
+        w, h = self.size(size)
+        pipe = build(self.load, self.device, torch.bfloat16, **OPT)
+        fr, _ = make_frames(2, h, w)
+        x, xp = (f.to(self.device) * 2 - 1 for f in fr)
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
+        try:
+            with torch.inference_mode(), pipe_flags(pipe):
+                pipe.compute_flow(x, xp)
+                sync(self.device)
+                with profile(activities=acts) as prof:
+                    for _ in range(3):
+                        pipe.compute_flow(x, xp)
+                    sync(self.device)
+        finally:
+            pipe = None
+            gc.collect()
+        key = "self_device_time_total" if self.cuda else "self_cpu_time_total"
+        text = prof.key_averages().table(sort_by=key, row_limit=14, max_name_column_width=60)
+        (self.out / f"raft-profile-{size}.txt").write_text(text)
+        print(text, flush=True)
 
     @property
     def cuda(self) -> bool:
@@ -273,6 +304,12 @@ def plan(d: Driver, c: float) -> dict[str, tuple[float, Callable[[], None]]]:
         "1080p-tiled": (45, lambda: d.tiled("1080p")),
         "4K-tiled": (60, lambda: d.tiled("4K", frames=6, warmup=2)),
         "720p-levers": (60, lambda: d.levers("720p")),
+        "raft-profile": (15, lambda: (d.raft_profile("720p"), d.raft_profile("1080p"))),
+        "720p-graphs-no-cudnn-benchmark": (0.25 * c + 25, lambda: d.variant("720p", "cuDNN autotune off",
+                                                                             cudnn_benchmark=False)),
+        "720p-graphs-vae-bf16": (0.4 * c + 25, lambda: d.variant("720p", "VAE bf16", vae_dtype=torch.bfloat16)),
+        "720p-graphs-flow-eager": (0.25 * c + 25, lambda: d.variant("720p", "flow not graphed (fresh)",
+                                                                     graph_flow=False)),
         "720p-cached": (0.5 * c + 30, lambda: d.cached("720p", "reduce-overhead")),
     }
 
