@@ -86,8 +86,12 @@ class Driver:
                               prefetch, (w, h), ref, keep or bool(views), compare)
             for view_name, kwargs in (views or {}).items():
                 self.log(f"{section}: {view_name} ...")
-                self.record(section, view_name, measure(pipe.with_options(**kwargs), fr, nz, wu, self.device,
-                                                        prefetch=prefetch),
+                kwargs = dict(kwargs)
+                attrs = kwargs.pop("attrs", {})  # settings with_options does not take, set on the view
+                view = pipe.with_options(**kwargs)
+                for k, v in attrs.items():
+                    setattr(view, k, v)
+                self.record(section, view_name, measure(view, fr, nz, wu, self.device, prefetch=prefetch),
                             n, wu, prefetch, (w, h), ref, False, f"{section}/{name}")
         finally:
             del pipe
@@ -121,12 +125,17 @@ class Driver:
                  raft_alone=self.raft, notes=self.notes), indent=2, default=str))
         parts = []
         if self.raft:
-            rows = [f"| {size} ({r['lr'][0]}x{r['lr'][1]} in), corr {r['corr']} | {r['eager_ms']:.1f} | "
-                    f"{r.get('graph_ms', float('nan')):.1f} | {r.get('record_s', float('nan')):.1f} | "
-                    f"{r.get('graph_max_abs_diff_px', float('nan')):.2g} |" for size, r in self.raft.items()]
+            nan = float("nan")
+            rows = [f"| {size} ({r['lr'][0]}x{r['lr'][1]} in), corr {r['corr']}, {fmt or 'NCHW '}| "
+                    f"{r.get(fmt + 'eager_ms', nan):.1f} | {r.get(fmt + 'graph_ms', nan):.1f} | "
+                    f"{r.get(fmt + 'record_s', nan):.1f} | {r.get(fmt + 'graph_max_abs_diff_px', nan):.2g} |"
+                    for size, r in self.raft.items() for fmt in ("", "channels_last ")]
+            rows += [f"- {size}: channels_last vs NCHW flow: max abs difference "
+                     f"{r['channels_last_vs_nchw_max_abs_diff_px']:.3g} px, mean "
+                     f"{r['channels_last_vs_nchw_mean_abs_diff_px']:.3g} px" for size, r in self.raft.items()]
             parts.append("\n".join([f"### RAFT alone: bicubic x4 + 12 updates at HR ({self.gpu})",
-                                    "| size | eager ms | CUDA graph ms | recording s | max flow difference px |",
-                                    "|---|---|---|---|---|", *rows]))
+                                    "| size, input layout | eager ms | CUDA graph ms | recording s | graph vs eager "
+                                    "max px |", "|---|---|---|---|---|", *rows]))
         for section, res in self.results.items():
             w, h = next(iter(res.values()))["lr"]
             parts.append(table(res, f"### {section}: {w}x{h} -> {4 * w}x{4 * h} ({self.gpu}, {self.weights_desc} "
@@ -183,16 +192,20 @@ class Driver:
         try:
             with (torch.inference_mode(), torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext(),
                   pipe_flags(pipe)):
-                out["eager_ms"], eager = timed(lambda: pipe.compute_flow(x, xp))
-                if stream is not None:
-                    t = time.perf_counter()
-                    graphed = GraphedCall(pipe.compute_flow, x, xp)
-                    sync(self.device)
-                    out["record_s"] = round(time.perf_counter() - t, 2)
-                    out["graph_ms"], g = timed(lambda: graphed(x, xp))
-                    out["graph_max_abs_diff_px"] = float((g - eager).abs().max())
-                    out["graph_pool_reserved_gib"] = round(torch.cuda.memory_reserved(self.device) / 2**30, 2)
-                    del graphed
+                flows = {}
+                for fmt, cl in (("", False), ("channels_last ", True)):
+                    pipe.raft_channels_last = cl
+                    out[f"{fmt}eager_ms"], flows[cl] = timed(lambda: pipe.compute_flow(x, xp))
+                    if stream is not None:
+                        t = time.perf_counter()
+                        graphed = GraphedCall(pipe.compute_flow, x, xp)
+                        sync(self.device)
+                        out[f"{fmt}record_s"] = round(time.perf_counter() - t, 2)
+                        out[f"{fmt}graph_ms"], g = timed(lambda: graphed(x, xp))
+                        out[f"{fmt}graph_max_abs_diff_px"] = float((g - flows[cl]).abs().max())
+                        del graphed, g
+                out["channels_last_vs_nchw_max_abs_diff_px"] = float((flows[True] - flows[False]).abs().max())
+                out["channels_last_vs_nchw_mean_abs_diff_px"] = float((flows[True] - flows[False]).abs().mean())
         finally:
             pipe = None  # drop the weights before the next step
             gc.collect()
@@ -226,8 +239,12 @@ class Driver:
                          compare=f"{size}/{self.EAGER}", views=self.no_graph_flow(f"compile ({mode})"))
 
     def no_graph_flow(self, name: str) -> dict[str, dict]:
-        """The same pipeline with the flow run eagerly on the side stream: what the flow graph buys."""
-        return {f"{name}, flow not graphed (a view: graph_flow=False)": dict(graph_flow=False)} if self.cuda else {}
+        """The same pipeline with the flow run eagerly on the side stream (what the flow graph buys), and with
+        RAFT on NCHW inputs (what channels_last RAFT buys)."""
+        if not self.cuda:
+            return {}
+        return {f"{name}, flow not graphed (a view: graph_flow=False)": dict(graph_flow=False),
+                f"{name}, RAFT on NCHW inputs (a view)": dict(attrs=dict(raft_channels_last=False))}
 
     def variant(self, size: str, label: str, **options) -> dict:
         """The compiled (CUDA graphs) path built afresh with other options (kernels cached in-process)."""
@@ -308,6 +325,8 @@ def plan(d: Driver, c: float) -> dict[str, tuple[float, Callable[[], None]]]:
         "720p-graphs-no-cudnn-benchmark": (0.25 * c + 25, lambda: d.variant("720p", "cuDNN autotune off",
                                                                              cudnn_benchmark=False)),
         "720p-graphs-vae-bf16": (0.4 * c + 25, lambda: d.variant("720p", "VAE bf16", vae_dtype=torch.bfloat16)),
+        "1080p-graphs-cudnn-autotune": (0.25 * c + 35, lambda: d.variant("1080p", "cuDNN autotune on",
+                                                                         cudnn_benchmark=True)),
         "720p-graphs-flow-eager": (0.25 * c + 25, lambda: d.variant("720p", "flow not graphed (fresh)",
                                                                      graph_flow=False)),
         "720p-cached": (0.5 * c + 30, lambda: d.cached("720p", "reduce-overhead")),

@@ -115,6 +115,70 @@ def test_cuda_graph_modes_mark_steps_and_copy_outputs(pipe: StreamDiffVSR, tmp_p
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
 
 
+def test_graphed_pipelines_share_one_worker_per_device(tiny_ckpt: Path, pipe: StreamDiffVSR, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A second loaded model (another dtype, a reloaded script) runs on the same thread: one graph tree."""
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    other = StreamDiffVSR.from_pretrained(tiny_ckpt, device="cpu", dtype="bfloat16")
+    a, b = pipe.with_options(), other.with_options()
+    for p in (a, b):
+        p.enable_compile(backend="aot_eager", cache_dir=tmp_path / "inductor")
+    assert a._worker is b._worker and a._step_warm is not b._step_warm
+    frames, noises = frames_and_noise(2, 32, 32)
+    assert len(run(b, frames, noises)) == 2
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+
+
+def test_worker_threads_get_cudagraph_tree_state() -> None:
+    """torch < 2.13 set the graph trees' thread-local state only on the importing thread (pytorch#123177)."""
+    from torch._inductor import cudagraph_trees as trees
+
+    from vsstreamdiffvsr.pipeline import _cudagraph_tree_tls
+
+    seen: dict[str, bool] = {}
+
+    def probe(key: str, prepare: bool) -> None:
+        if prepare:
+            _cudagraph_tree_tls()
+        seen[key] = (hasattr(trees.local, "tree_manager_containers")
+                     or torch._C._is_key_in_tls("tree_manager_containers"))
+        if prepare:
+            trees.get_container(0)  # what a graphed call looks up first; asserts on torch < 2.13 without it
+
+    for key, prepare in (("bare", False), ("prepared", True)):
+        t = threading.Thread(target=probe, args=(key, prepare))
+        t.start()
+        t.join()
+    assert seen == {"bare": False, "prepared": True}
+
+
+def test_cudnn_autotune_defaults(pipe: StreamDiffVSR, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CUDA: on for eager and "default" compile, off under CUDA graphs (its warm-up peak); explicit wins."""
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    views = {}
+    for mode in (None, "default", "reduce-overhead"):
+        v = pipe.with_options()
+        if mode:
+            v.enable_compile(mode=mode, backend="aot_eager", cache_dir=tmp_path / "inductor")
+        v.device = torch.device("cuda")  # the property only reads it
+        views[mode] = v.cudnn_benchmark
+    assert views == {None: True, "default": True, "reduce-overhead": False}
+    v.cudnn_benchmark = True
+    assert v.cudnn_benchmark is True
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+
+
+def test_raft_on_channels_last_inputs_matches(pipe: StreamDiffVSR) -> None:
+    frames, _ = frames_and_noise(2, 32, 40, seed=5)
+    x, xp = frames[1] * 2 - 1, frames[0] * 2 - 1
+    ref = pipe.compute_flow(x, xp)
+    cl = pipe.with_options()
+    cl.raft_channels_last = True
+    got = cl.compute_flow(x, xp)
+    assert got.is_contiguous() and got.shape == ref.shape
+    assert float((got - ref).abs().max()) <= 1e-3 * max(1.0, float(ref.abs().max()))
+
+
 def test_flow_lr_is_upsampled_raft_at_lr(pipe: StreamDiffVSR) -> None:
     g = torch.Generator().manual_seed(3)
     x, xp = torch.rand(1, 3, 128, 128, generator=g) * 2 - 1, torch.rand(1, 3, 128, 128, generator=g) * 2 - 1

@@ -13,6 +13,7 @@ One call of :meth:`StreamDiffVSR.process_frame` is one frame of the reference pi
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import contextlib
 import copy
@@ -146,7 +147,10 @@ class StreamDiffVSR:
         self.nan_fallback = nan_fallback
         self.channels_last = (device.type == "cuda") if channels_last is None else bool(channels_last)
         self._fmt = torch.channels_last if self.channels_last else torch.contiguous_format
-        self.cudnn_benchmark = (device.type == "cuda") if cudnn_benchmark is None else bool(cudnn_benchmark)
+        self.cudnn_benchmark = cudnn_benchmark  # None: see the property
+        #: RAFT on channels_last inputs (with ``channels_last``): cuDNN's TF32 convolutions run NHWC, and
+        #: NCHW inputs cost a layout conversion around each (16% of RAFT's GPU time at 720p on an H100)
+        self.raft_channels_last = self.channels_last
         self.tf32 = device.type == "cuda"  # float32 matmuls as the reference runs them (TF32)
         self.graph_flow = _graph_flow(graph_flow, device)
         self.unet = unet.to(device, memory_format=self._fmt)
@@ -178,7 +182,8 @@ class StreamDiffVSR:
         # them and their CUDA graphs instead of compiling and recording anew
         self._compiled_sets: dict[tuple[str, str], tuple[Any, ...]] = {}
         self._compiled_shapes: set[tuple[Any, ...]] = set()  # (mode, LR size, tile): announced on stderr
-        # prefetched flow recorded as CUDA graphs, by (LR shape, flow mode, raft_corr); None: recording failed.
+        # prefetched flow recorded as CUDA graphs, by (LR shape, flow mode, raft_corr, RAFT memory format);
+        # None: recording failed.
         # Shared with with_options views like the compiled functions.
         self._flow_graphs: dict[tuple[Any, ...], GraphedCall | None] = {}
         self._graph_factory: Callable[..., GraphedCall] = GraphedCall
@@ -224,7 +229,9 @@ class StreamDiffVSR:
             vae_dtype: precision of the tiny VAE (TPM features and decoder); None = float32. Half precision
                 is faster at HR but is not the reference numerics: measure it with scripts/bench.py.
             cudnn_benchmark: let cuDNN time its convolution algorithms for each new shape and keep the
-                fastest (default: on for CUDA). It is set only while this pipeline runs, then restored.
+                fastest (default: on for CUDA, off with compile's CUDA graphs: there, autotuning while the
+                graphs warm up peaked at 27 GiB allocated at 720p on an H100, for 3% speed). It is set only
+                while this pipeline runs, then restored.
             graph_flow: record the flow computed ahead (:meth:`prefetch_flow`: bicubic x4 and RAFT's 12
                 updates, about a thousand kernels) as one CUDA graph per frame size and replay it, so that
                 launching it no longer holds up the host while the GPU denoises (default: on for CUDA;
@@ -307,10 +314,21 @@ class StreamDiffVSR:
             self._compiled_sets[key] = (wrap(torch.compile(self._eager_step_warm, **opts)),
                                         wrap(torch.compile(self.vae.decode, **opts)),
                                         wrap(torch.compile(self.vae.temporal_features, **opts)),
-                                        _Worker(self.device) if mode in CUDA_GRAPH_MODES else None)
+                                        _Worker.for_device(self.device) if mode in CUDA_GRAPH_MODES else None)
         self._step_warm, self._decode, self._features, self._worker = self._compiled_sets[key]
         self.compiled = True
         self.compile_mode = mode
+
+    @property
+    def cudnn_benchmark(self) -> bool:
+        """cuDNN autotuning while this pipeline runs (the ``cudnn_benchmark`` option; None resolved here)."""
+        if self._cudnn_benchmark is not None:
+            return self._cudnn_benchmark
+        return self.device.type == "cuda" and not (self.compiled and self.compile_mode in CUDA_GRAPH_MODES)
+
+    @cudnn_benchmark.setter
+    def cudnn_benchmark(self, value: bool | None) -> None:
+        self._cudnn_benchmark = None if value is None else bool(value)
 
     # ---------------------------------------------------------------------------------------- checks
     def _check_lq(self, lq: Any) -> torch.Tensor:
@@ -369,7 +387,9 @@ class StreamDiffVSR:
             a, b = _pad8(x), _pad8(x_prev)  # RAFT needs multiples of 8; LR is only a multiple of 4
         else:
             a, b = bicubic_x4(x), bicubic_x4(x_prev)
-        flow = self.raft(a, b, corr=corr or self.corr_for(*a.shape[-2:]))
+        if self.raft_channels_last:
+            a, b = a.contiguous(memory_format=torch.channels_last), b.contiguous(memory_format=torch.channels_last)
+        flow = self.raft(a, b, corr=corr or self.corr_for(*a.shape[-2:])).contiguous()
         if mode == "lr":
             flow = flow[..., : x.shape[-2], : x.shape[-1]]
             flow = F.interpolate(flow, scale_factor=4, mode="bilinear", align_corners=False) * 4
@@ -548,7 +568,7 @@ class StreamDiffVSR:
         """The flow on the side stream: replayed from a CUDA graph (:attr:`graph_flow`), recorded on first use."""
         if not self.graph_flow:
             return self._flow_with_fallbacks(x, x_prev)
-        key = (tuple(x.shape), self.flow_mode, self.raft_corr)
+        key = (tuple(x.shape), self.flow_mode, self.raft_corr, self.raft_channels_last)
         graphs = self._flow_graphs
         if key not in graphs:
             while len(graphs) >= 2:  # one graph per frame size in use; each pool holds RAFT's memory
@@ -665,7 +685,22 @@ class StreamDiffVSR:
 
 
 class _Worker:
-    """One thread that runs a graphed pipeline's frames (calls from that thread itself run in place)."""
+    """One thread that runs graphed pipelines' frames (calls from that thread itself run in place).
+
+    One per device for the whole process (:meth:`for_device`): every pipeline compiled with CUDA graphs on
+    a device shares one tree of graphs and one memory pool instead of recording its own on a thread of
+    its own.
+    """
+
+    _by_device: dict[torch.device, "_Worker"] = {}
+    _lock = threading.Lock()
+
+    @classmethod
+    def for_device(cls, device: torch.device) -> "_Worker":
+        with cls._lock:
+            if device not in cls._by_device:
+                cls._by_device[device] = cls(device)
+            return cls._by_device[device]
 
     def __init__(self, device: torch.device) -> None:
         self._ident: int | None = None
@@ -677,6 +712,7 @@ class _Worker:
         self._ident = threading.get_ident()
         if self._device.type == "cuda" and self._device.index is not None:
             torch.cuda.set_device(self._device)  # graph capture and syncs without a device use the current one
+        _cudagraph_tree_tls()
 
     @property
     def thread_name(self) -> str | None:
@@ -687,6 +723,23 @@ class _Worker:
 
     def run(self, fn: Callable[..., Any], *args: Any) -> Any:
         return self._pool.submit(fn, *args).result()
+
+
+def _cudagraph_tree_tls() -> None:
+    """Give this thread the thread-local state torch.compile's CUDA-graph trees look up.
+
+    torch before 2.13 sets it up only on the thread that first imports the module (and on autograd's
+    threads): on any other Python thread a graphed call fails on an assertion (pytorch#123177; seen on
+    torch 2.11 as soon as a second pipeline's worker compiled). Later torch does this lazily itself.
+    """
+    try:
+        from torch._inductor import cudagraph_trees as trees
+    except Exception:  # an inductor without the module: nothing to prepare
+        return
+    if hasattr(trees.local, "tree_manager_containers") or torch._C._is_key_in_tls("tree_manager_containers"):
+        return
+    trees.local.tree_manager_containers = {}
+    trees.local.tree_manager_locks = collections.defaultdict(threading.Lock)
 
 
 def _own_outputs(fn: Callable[..., Any]) -> Callable[..., Any]:
