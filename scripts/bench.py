@@ -10,9 +10,9 @@ Paths:
   reference  executes like the reference code: float32 (TF32 matmul/conv on CUDA), eager, RAFT at HR with
              the all-pairs correlation volume, cuDNN autotuning off, flow computed in line
   optimized  --dtype (bfloat16), channels_last and cuDNN autotuning on CUDA, the next frame's flow queued
-             on a side stream as the filter does (--no-prefetch) and replayed from a CUDA graph
-             (--no-graph-flow), torch.compile with CUDA graphs on CUDA (--no-compile, --compile-mode),
-             --flow, --tile, --raft-corr, --vae-dtype
+             on a side stream as the filter does (--no-prefetch; --graph-flow replays it from a CUDA graph),
+             torch.compile with CUDA graphs on CUDA (--no-compile, --compile-mode), --flow, --tile,
+             --raft-corr, --vae-dtype
 The table gives ms/frame (median over --frames after --warmup frames), peak allocated GPU memory, the
 first frame's time, the warm-up overhead (time of the warm-up frames above the median: compile and
 autotuning), and PSNR of each path's output against the float32 output on the same weights, frames and
@@ -119,7 +119,7 @@ def measure(pipe: StreamDiffVSR, frames, noises, warmup: int, device: torch.devi
         torch.cuda.empty_cache()  # reserved-memory figures start from this path's weights alone
         torch.cuda.reset_peak_memory_stats(device)
     frames = [f.to(device) for f in frames]
-    state, times, outs, ticket, mem, peaks = StreamState(), [], [], None, [], []
+    state, times, outs, ticket, mem, peaks, reserved = StreamState(), [], [], None, [], [], []
     for i, (f, z) in enumerate(zip(frames, noises)):
         sync(device)
         t0 = time.perf_counter()
@@ -137,14 +137,15 @@ def measure(pipe: StreamDiffVSR, frames, noises, warmup: int, device: torch.devi
         outs.append(hq.float().cpu())
         if device.type == "cuda":  # held between frames: must not grow with the clip's length
             mem.append(round(torch.cuda.memory_allocated(device) / 2**30, 3))
-            peaks.append(round(torch.cuda.max_memory_allocated(device) / 2**30, 3))  # this frame's peak
+            peaks.append(round(torch.cuda.max_memory_allocated(device) / 2**30, 3))  # this frame's peaks
+            reserved.append(torch.cuda.max_memory_reserved(device) / 2**30)  # incl. graph pools
             torch.cuda.reset_peak_memory_stats(device)
     steady = times[warmup:] or times
     median = statistics.median(steady)
     cuda = device.type == "cuda"
     peak = max(peaks) if cuda else float("nan")
-    reserved = torch.cuda.max_memory_reserved(device) / 2**30 if cuda else float("nan")  # incl. graph pools
-    return dict(ms=1000 * median, first_ms=1000 * times[0], peak_gib=peak, peak_reserved_gib=reserved, outs=outs,
+    return dict(ms=1000 * median, first_ms=1000 * times[0], peak_gib=peak,
+                peak_reserved_gib=max(reserved) if cuda else float("nan"), outs=outs,
                 warmup_overhead_s=sum(max(0.0, t - median) for t in times[:warmup]),
                 times_ms=[round(1000 * t, 2) for t in times], allocated_between_frames_gib=mem,
                 peak_by_frame_gib=peaks,
@@ -239,7 +240,7 @@ def main() -> None:
                     help="RAFT correlation of the optimized path (half: float16 pyramid; lean: none)")
     ap.add_argument("--no-prefetch", action="store_true", help="optimized path: compute each flow in line")
     ap.add_argument("--graph-flow", action=argparse.BooleanOptionalAction, default=None,
-                    help="replay the prefetched flow from a CUDA graph (default: on for CUDA)")
+                    help="replay the prefetched flow from a CUDA graph (default: off)")
     ap.add_argument("--skip-reference", action="store_true", help="only the optimized path (no PSNR)")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()

@@ -149,7 +149,7 @@ def upscale(clip: vs.VideoNode, *, model_dir: str | os.PathLike[str] | None = No
             stored in float16 up to 1080p, none above), ``"full"``, ``"half"`` or ``"lean"`` (see
             :meth:`StreamDiffVSR.from_pretrained`).
         graph_flow: replay the flow computed ahead from a CUDA graph recorded once per clip size (the same
-            numbers; the host no longer spends the denoising time launching RAFT's kernels). None = on CUDA.
+            numbers; the host no longer launches RAFT's kernels). None = off: no gain measured on an H100.
 
     Returns:
         The same format at exactly 4x width and height; each frame carries its own source frame's props.

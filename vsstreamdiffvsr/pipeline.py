@@ -148,9 +148,6 @@ class StreamDiffVSR:
         self.channels_last = (device.type == "cuda") if channels_last is None else bool(channels_last)
         self._fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         self.cudnn_benchmark = cudnn_benchmark  # None: see the property
-        #: RAFT on channels_last inputs (with ``channels_last``): cuDNN's TF32 convolutions run NHWC, and
-        #: NCHW inputs cost a layout conversion around each (16% of RAFT's GPU time at 720p on an H100)
-        self.raft_channels_last = self.channels_last
         self.tf32 = device.type == "cuda"  # float32 matmuls as the reference runs them (TF32)
         self.graph_flow = _graph_flow(graph_flow, device)
         self.unet = unet.to(device, memory_format=self._fmt)
@@ -182,8 +179,7 @@ class StreamDiffVSR:
         # them and their CUDA graphs instead of compiling and recording anew
         self._compiled_sets: dict[tuple[str, str], tuple[Any, ...]] = {}
         self._compiled_shapes: set[tuple[Any, ...]] = set()  # (mode, LR size, tile): announced on stderr
-        # prefetched flow recorded as CUDA graphs, by (LR shape, flow mode, raft_corr, RAFT memory format);
-        # None: recording failed.
+        # prefetched flow recorded as CUDA graphs, by (LR shape, flow mode, raft_corr); None: recording failed.
         # Shared with with_options views like the compiled functions.
         self._flow_graphs: dict[tuple[Any, ...], GraphedCall | None] = {}
         self._graph_factory: Callable[..., GraphedCall] = GraphedCall
@@ -234,8 +230,10 @@ class StreamDiffVSR:
                 while this pipeline runs, then restored.
             graph_flow: record the flow computed ahead (:meth:`prefetch_flow`: bicubic x4 and RAFT's 12
                 updates, about a thousand kernels) as one CUDA graph per frame size and replay it, so that
-                launching it no longer holds up the host while the GPU denoises (default: on for CUDA;
-                CUDA only). The same numbers; if recording fails the flow runs eagerly, with one warning.
+                launching it does not hold up the host (CUDA only; default off). The same numbers; if recording
+                fails the flow runs eagerly, with one warning. On an H100 it did not pay: RAFT is bound by
+                GPU work there (27.5 ms graphed against 30 ms eager at 720p), and the compiled pipeline ran
+                1.5 ms slower with it; it may help where the host is slow.
 
         Raises:
             ModelFilesError: a file is missing, truncated, corrupt or does not match its config.
@@ -387,9 +385,7 @@ class StreamDiffVSR:
             a, b = _pad8(x), _pad8(x_prev)  # RAFT needs multiples of 8; LR is only a multiple of 4
         else:
             a, b = bicubic_x4(x), bicubic_x4(x_prev)
-        if self.raft_channels_last:
-            a, b = a.contiguous(memory_format=torch.channels_last), b.contiguous(memory_format=torch.channels_last)
-        flow = self.raft(a, b, corr=corr or self.corr_for(*a.shape[-2:])).contiguous()
+        flow = self.raft(a, b, corr=corr or self.corr_for(*a.shape[-2:]))
         if mode == "lr":
             flow = flow[..., : x.shape[-2], : x.shape[-1]]
             flow = F.interpolate(flow, scale_factor=4, mode="bilinear", align_corners=False) * 4
@@ -568,7 +564,7 @@ class StreamDiffVSR:
         """The flow on the side stream: replayed from a CUDA graph (:attr:`graph_flow`), recorded on first use."""
         if not self.graph_flow:
             return self._flow_with_fallbacks(x, x_prev)
-        key = (tuple(x.shape), self.flow_mode, self.raft_corr, self.raft_channels_last)
+        key = (tuple(x.shape), self.flow_mode, self.raft_corr)
         graphs = self._flow_graphs
         if key not in graphs:
             while len(graphs) >= 2:  # one graph per frame size in use; each pool holds RAFT's memory
@@ -764,7 +760,7 @@ def _pad8(x: torch.Tensor) -> torch.Tensor:
 
 def _graph_flow(value: bool | None, device: torch.device) -> bool:
     if value is None:
-        return device.type == "cuda"
+        return False
     if value and device.type != "cuda":
         raise ValueError(f"graph_flow=True needs a CUDA device, not {device}; leave it at None")
     return bool(value)
