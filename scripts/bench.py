@@ -11,7 +11,8 @@ Paths:
              the all-pairs correlation volume, cuDNN autotuning off, flow computed in line
   optimized  --dtype (bfloat16), channels_last and cuDNN autotuning on CUDA, the next frame's flow queued
              on a side stream as the filter does (--no-prefetch; --graph-flow replays it from a CUDA graph),
-             torch.compile with CUDA graphs on CUDA (--no-compile, --compile-mode), --flow, --tile,
+             torch.compile with CUDA graphs on CUDA (--no-compile, --compile-mode; --compile-flow compiles
+             RAFT too), --flow, --tile,
              --raft-corr, --vae-dtype
 The table gives ms/frame (median over --frames after --warmup frames), peak allocated GPU memory, the
 first frame's time, the warm-up overhead (time of the warm-up frames above the median: compile and
@@ -82,6 +83,7 @@ def build(components: dict, device: torch.device, dtype: torch.dtype, **options)
     compile_ = options.pop("compile", False)
     vae_dtype = options.pop("vae_dtype", None) or torch.float32
     compile_mode = options.pop("compile_mode", DEFAULT_COMPILE_MODE)
+    compile_flow = options.pop("compile_flow", False)
     to = torch.nn.Module.to  # not diffusers' override, which logs a warning for every dtype cast
     pipe = StreamDiffVSR(unet=to(copy.deepcopy(components["unet"]), dtype).eval(),
                          controlnet=to(copy.deepcopy(components["controlnet"]), dtype).eval(),
@@ -91,6 +93,8 @@ def build(components: dict, device: torch.device, dtype: torch.dtype, **options)
                          prompt_embeds=components["prompt"], device=device, dtype=dtype, **options)
     if compile_:
         pipe.enable_compile(mode=compile_mode)
+    if compile_flow:
+        pipe.enable_flow_compile()
     return pipe
 
 
@@ -239,6 +243,7 @@ def main() -> None:
     ap.add_argument("--raft-corr", default="auto", choices=("auto", "full", "half", "lean"),
                     help="RAFT correlation of the optimized path (half: float16 pyramid; lean: none)")
     ap.add_argument("--no-prefetch", action="store_true", help="optimized path: compute each flow in line")
+    ap.add_argument("--compile-flow", action="store_true", help="optimized path: torch.compile RAFT too")
     ap.add_argument("--graph-flow", action=argparse.BooleanOptionalAction, default=None,
                     help="replay the prefetched flow from a CUDA graph (default: off)")
     ap.add_argument("--skip-reference", action="store_true", help="only the optimized path (no PSNR)")
@@ -256,6 +261,7 @@ def main() -> None:
     paths = [] if args.skip_reference else [("reference", torch.float32, REFERENCE_OPTIONS, False)]
     opt = dict(channels_last=None, flow=args.flow, tile=args.tile, compile=args.compile,
                compile_mode=args.compile_mode, raft_corr=args.raft_corr, graph_flow=args.graph_flow,
+               compile_flow=args.compile_flow,
                vae_dtype=parse_dtype(args.vae_dtype) if args.vae_dtype else None)
     opt_dtype = parse_dtype(args.dtype)
     paths.append((f"optimized ({str(opt_dtype).removeprefix('torch.')}{', compiled' if args.compile else ''}"

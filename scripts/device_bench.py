@@ -155,7 +155,8 @@ class Driver:
             fn()
         except Exception as exc:  # report and go on: the other steps' figures still count
             traceback.print_exc()
-            self.notes.append(f"failed: {name}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
+            first_line = (str(exc).splitlines() or [""])[0][:300]  # an AssertionError may have no message
+            self.notes.append(f"failed: {name}: {type(exc).__name__}: {first_line}")
             self.save()
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -314,6 +315,9 @@ def plan(d: Driver, c: float) -> dict[str, tuple[float, Callable[[], None]]]:
         "720p-graphs-no-cudnn-benchmark": (0.25 * c + 25, lambda: d.variant("720p", "cuDNN autotune off",
                                                                              cudnn_benchmark=False)),
         "720p-graphs-vae-bf16": (0.4 * c + 25, lambda: d.variant("720p", "VAE bf16", vae_dtype=torch.bfloat16)),
+        "720p-graphs-compile-flow": (0.9 * c + 30, lambda: d.variant("720p", "RAFT compiled too", compile_flow=True)),
+        "1080p-graphs-compile-flow": (0.9 * c + 40, lambda: d.variant("1080p", "RAFT compiled too",
+                                                                       compile_flow=True)),
         "1080p-graphs-cudnn-autotune": (0.25 * c + 35, lambda: d.variant("1080p", "cuDNN autotune on",
                                                                          cudnn_benchmark=True)),
         "720p-graphs-flow-graphed": (0.25 * c + 25, lambda: d.variant("720p", "flow graphed (fresh)",
@@ -330,8 +334,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=4)
     ap.add_argument("--budget-s", type=float, default=520.0, help="skip steps that would end after this")
     ap.add_argument("--out", default="bench-out")
-    ap.add_argument("--steps", default="flow-graph,720p-ref,720p-graphs,720p-eager,720p-cached,1080p-ref,"
-                    "1080p-graphs,1080p-eager,4K-tiled,720p-levers,1080p-tiled,720p-compiled",
+    ap.add_argument("--steps", default="720p-ref,720p-graphs,720p-graphs-compile-flow,1080p-ref,1080p-graphs,"
+                    "1080p-graphs-compile-flow,720p-cached,4K-tiled,720p-eager,flow-graph,720p-levers,1080p-tiled",
                     help="comma-separated steps, run in this order (see plan())")
     args = ap.parse_args()
     d = Driver(args)

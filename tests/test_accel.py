@@ -555,3 +555,21 @@ def test_flow_graph_that_cannot_be_recorded_falls_back_to_eager_once(tiny_ckpt: 
     assert len(calls) == 1  # not retried on every frame
     for (prev, cur), got in zip(zip(frames, frames[1:]), flows):
         assert torch.equal(got, pipe.compute_flow(cur * 2 - 1, prev * 2 - 1))
+
+
+def test_compiled_flow_equals_eager_flow(pipe: StreamDiffVSR, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """compile_flow: RAFT through torch.compile gives the eager flow; views share it; False turns it off."""
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    frames, _ = frames_and_noise(3, 32, 40, seed=6)
+    view = pipe.with_options()
+    view.enable_flow_compile(backend="aot_eager", cache_dir=tmp_path / "inductor")
+    assert view.compile_flow and view._raft is not pipe.raft and not pipe.compile_flow
+    with torch.inference_mode():
+        for prev, cur in zip(frames, frames[1:]):
+            x, xp = cur * 2 - 1, prev * 2 - 1
+            assert float((view.compute_flow(x, xp) - pipe.compute_flow(x, xp)).abs().max()) <= 1e-4
+    again = view.with_options(tile=64)
+    assert again._raft is view._raft  # shared, not compiled anew
+    off = view.with_options(compile_flow=False)
+    assert off._raft is pipe.raft and not off.compile_flow
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)

@@ -121,7 +121,8 @@ def upscale(clip: vs.VideoNode, *, model_dir: str | os.PathLike[str] | None = No
             dtype: torch.dtype | str | None = None, seed: int = 0, max_gap: int = 16, warmup: int = 0,
             reset_on_scene_change: bool = True, flow: str = "hr", tile: int | tuple[int, int] | None = None,
             tile_overlap: int = 16, compile: bool = False, compile_mode: str = DEFAULT_COMPILE_MODE,
-            prefetch_flow: bool = True, raft_corr: str = "auto", graph_flow: bool | None = None) -> vs.VideoNode:
+            prefetch_flow: bool = True, raft_corr: str = "auto", graph_flow: bool | None = None,
+            compile_flow: bool = False) -> vs.VideoNode:
     """Stream-DiffVSR x4 super-resolution of an RGBS/RGBH clip.
 
     Args:
@@ -150,6 +151,8 @@ def upscale(clip: vs.VideoNode, *, model_dir: str | os.PathLike[str] | None = No
             :meth:`StreamDiffVSR.from_pretrained`).
         graph_flow: replay the flow computed ahead from a CUDA graph recorded once per clip size (the same
             numbers; the host no longer launches RAFT's kernels). None = off: no gain measured on an H100.
+        compile_flow: also ``torch.compile`` RAFT (not yet measured on a GPU; see
+            :meth:`StreamDiffVSR.from_pretrained`).
 
     Returns:
         The same format at exactly 4x width and height; each frame carries its own source frame's props.
@@ -180,7 +183,8 @@ def upscale(clip: vs.VideoNode, *, model_dir: str | os.PathLike[str] | None = No
         raise vs.Error(f"upscale: {exc}") from None
     try:
         pipe = base.with_options(flow=flow, tile=tile, tile_overlap=tile_overlap, compile=compile,
-                                 compile_mode=compile_mode, raft_corr=raft_corr, graph_flow=graph_flow)
+                                 compile_mode=compile_mode, raft_corr=raft_corr, graph_flow=graph_flow,
+                                 compile_flow=compile_flow)
     except ValueError as exc:
         raise vs.Error(f"upscale: {exc}") from None
     if flow == "lr" and min(clip.width, clip.height) < 128:

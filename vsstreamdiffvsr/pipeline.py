@@ -173,6 +173,8 @@ class StreamDiffVSR:
         self._flow_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.compiled = False
         self.compile_mode: str | None = None
+        self.compile_flow = False
+        self._raft: Callable[..., torch.Tensor] = self.raft  # compute_flow's RAFT: eager, or compiled
         self._worker: _Worker | None = None
         # compiled functions by (mode, backend), shared with every with_options view of this pipeline (a
         # shallow copy shares the dict): upscale() called again, or a script reloaded in vspreview, reuses
@@ -197,7 +199,8 @@ class StreamDiffVSR:
                         tile: int | tuple[int, int] | None = None, tile_overlap: int = 16,
                         oom_fallback: bool = True, nan_fallback: bool = True,
                         raft_corr: str = "auto", vae_dtype: torch.dtype | str | None = None,
-                        cudnn_benchmark: bool | None = None, graph_flow: bool | None = None) -> "StreamDiffVSR":
+                        cudnn_benchmark: bool | None = None, graph_flow: bool | None = None,
+                        compile_flow: bool = False) -> "StreamDiffVSR":
         """Load from a model folder in the Hugging Face layout (see :mod:`vsstreamdiffvsr.weights`).
 
         Args:
@@ -211,8 +214,11 @@ class StreamDiffVSR:
             compile: ``torch.compile`` the warm denoising step (U-Net + ControlNet), TPM encoder and decoder
                 (cold frames, one per start, seek or scene cut, run eagerly: half the compile time).
             compile_mode: torch.compile mode: ``"reduce-overhead"`` (CUDA graphs, the default; frames then run
-                on one worker thread of the pipeline's), ``"default"`` or ``"max-autotune"`` (also graphs).
+                on one worker thread per GPU), ``"default"`` or ``"max-autotune"`` (also graphs).
             compile_cache_dir: on-disk cache of compiled kernels (default ``<user cache>/inductor``).
+            compile_flow: also ``torch.compile`` RAFT (mode "default", never CUDA graphs: it runs beside the
+                denoising's graphs on a stream of its own). Off by default: not yet measured on a GPU. RAFT is
+                bound by GPU work, much of it elementwise and normalisation kernels a compiler can fuse.
             tile: LR tile size (int or (h, w), multiples of 8) for diffusion + decoding; None = whole frame.
             tile_overlap: LR pixels shared by neighbouring tiles (feathered), a multiple of 4.
             oom_fallback: on CUDA out-of-memory, recompute the frame in tiles (and keep tiling).
@@ -255,6 +261,8 @@ class StreamDiffVSR:
         pipe.model_dir = str(root)
         if compile:
             pipe.enable_compile(mode=compile_mode, cache_dir=compile_cache_dir)
+        if compile_flow:
+            pipe.enable_flow_compile(cache_dir=compile_cache_dir)
         return pipe
 
     def with_options(self, *, flow: str | None = None, tile: int | tuple[int, int] | None | str = "keep",
@@ -262,7 +270,8 @@ class StreamDiffVSR:
                      nan_fallback: bool | None = None, compile: bool = False,
                      compile_mode: str = DEFAULT_COMPILE_MODE,
                      compile_cache_dir: str | os.PathLike[str] | None = None,
-                     raft_corr: str | None = None, graph_flow: bool | None = None) -> "StreamDiffVSR":
+                     raft_corr: str | None = None, graph_flow: bool | None = None,
+                     compile_flow: bool | None = None) -> "StreamDiffVSR":
         """A pipeline sharing this one's weights and lock (no reload) with other run-time settings.
 
         Arguments left at None (``tile`` at ``"keep"``) keep this pipeline's value; see :meth:`from_pretrained`.
@@ -287,6 +296,10 @@ class StreamDiffVSR:
             view.nan_fallback = nan_fallback
         if compile and (not self.compiled or self.compile_mode != compile_mode):
             view.enable_compile(mode=compile_mode, cache_dir=compile_cache_dir)
+        if compile_flow and not self.compile_flow:
+            view.enable_flow_compile(cache_dir=compile_cache_dir)
+        elif compile_flow is False:
+            view._raft, view.compile_flow = view.raft, False
         return view
 
     def enable_compile(self, mode: str = DEFAULT_COMPILE_MODE, cache_dir: str | os.PathLike[str] | None = None,
@@ -307,8 +320,8 @@ class StreamDiffVSR:
         if key not in self._compiled_sets:
             wrap = _own_outputs if mode in CUDA_GRAPH_MODES else (lambda fn: fn)
             # torch's CUDA-graph trees are per thread: graphs recorded on one VapourSynth worker thread would
-            # be recorded again, each with its own memory pool, on every other one. All frames of a graphed
-            # pipeline therefore run on one thread of its own.
+            # be recorded again, each with its own memory pool, on every other one. All frames of graphed
+            # pipelines therefore run on one thread per device (_Worker.for_device).
             self._compiled_sets[key] = (wrap(torch.compile(self._eager_step_warm, **opts)),
                                         wrap(torch.compile(self.vae.decode, **opts)),
                                         wrap(torch.compile(self.vae.temporal_features, **opts)),
@@ -316,6 +329,22 @@ class StreamDiffVSR:
         self._step_warm, self._decode, self._features, self._worker = self._compiled_sets[key]
         self.compiled = True
         self.compile_mode = mode
+
+    def enable_flow_compile(self, cache_dir: str | os.PathLike[str] | None = None, backend: str = "inductor") -> None:
+        """``torch.compile`` RAFT (mode "default", static shapes; see ``compile_flow`` in :meth:`from_pretrained`).
+
+        Never CUDA graphs: the flow runs on a side stream while the denoising's graphs replay, and graph trees
+        share one memory pool per thread, which two streams must not use at once.
+        """
+        compile_cache(cache_dir)
+        key = ("raft", backend)
+        if key not in self._compiled_sets:
+            opts = dict(dynamic=False, backend=backend, fullgraph=False)
+            if backend == "inductor":
+                opts["mode"] = "default"
+            self._compiled_sets[key] = (torch.compile(self.raft, **opts),)
+        (self._raft,) = self._compiled_sets[key]
+        self.compile_flow = True
 
     @property
     def cudnn_benchmark(self) -> bool:
@@ -385,7 +414,9 @@ class StreamDiffVSR:
             a, b = _pad8(x), _pad8(x_prev)  # RAFT needs multiples of 8; LR is only a multiple of 4
         else:
             a, b = bicubic_x4(x), bicubic_x4(x_prev)
-        flow = self.raft(a, b, corr=corr or self.corr_for(*a.shape[-2:]))
+        # an explicit corr is the out-of-memory fallback's: eager, rather than compiling RAFT anew at that moment
+        raft = self._raft if corr is None else self.raft
+        flow = raft(a, b, corr=corr or self.corr_for(*a.shape[-2:]))
         if mode == "lr":
             flow = flow[..., : x.shape[-2], : x.shape[-1]]
             flow = F.interpolate(flow, scale_factor=4, mode="bilinear", align_corners=False) * 4
