@@ -242,6 +242,27 @@ class Driver:
                          dict(OPT, compile=True, compile_mode="reduce-overhead", **options), prefetch=True,
                          ref=f"{size}/{self.REF}")
 
+    #: inductor settings diffusers' speed guide uses for U-Nets (not product defaults: a bench experiment)
+    INDUCTOR_TUNED = dict(conv_1x1_as_mm=True, coordinate_descent_tuning=True, epilogue_fusion=False,
+                          coordinate_descent_check_all_directions=True)
+
+    def inductor_tuned(self, size: str) -> dict:
+        """The compiled path with :attr:`INDUCTOR_TUNED` (a full recompile; settings restored afterwards)."""
+        import torch._inductor.config as cfg
+
+        saved = {k: getattr(cfg, k) for k in self.INDUCTOR_TUNED}
+        # dynamo's guards do not cover inductor's settings: without a reset the new pipeline would reuse the
+        # code compiled for the earlier ones (their modules pass the same guards)
+        torch._dynamo.reset()
+        try:
+            for k, v in self.INDUCTOR_TUNED.items():
+                setattr(cfg, k, v)
+            return self.variant(size, "inductor tuned (conv_1x1_as_mm, coordinate descent)")
+        finally:
+            for k, v in saved.items():
+                setattr(cfg, k, v)
+            torch._dynamo.reset()
+
     def raft_profile(self, size: str) -> None:
         """Where RAFT's GPU time goes at ``size``: the top CUDA kernels of three eager flows."""
         from torch.profiler import ProfilerActivity, profile
@@ -315,6 +336,7 @@ def plan(d: Driver, c: float) -> dict[str, tuple[float, Callable[[], None]]]:
         "720p-graphs-no-cudnn-benchmark": (0.25 * c + 25, lambda: d.variant("720p", "cuDNN autotune off",
                                                                              cudnn_benchmark=False)),
         "720p-graphs-vae-bf16": (0.4 * c + 25, lambda: d.variant("720p", "VAE bf16", vae_dtype=torch.bfloat16)),
+        "720p-graphs-inductor-tuned": (1.5 * c + 30, lambda: d.inductor_tuned("720p")),
         "720p-graphs-compile-flow": (0.9 * c + 30, lambda: d.variant("720p", "RAFT compiled too", compile_flow=True)),
         "1080p-graphs-compile-flow": (0.9 * c + 40, lambda: d.variant("1080p", "RAFT compiled too",
                                                                        compile_flow=True)),
@@ -335,7 +357,8 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=520.0, help="skip steps that would end after this")
     ap.add_argument("--out", default="bench-out")
     ap.add_argument("--steps", default="720p-ref,720p-graphs,720p-graphs-compile-flow,1080p-ref,1080p-graphs,"
-                    "1080p-graphs-compile-flow,720p-cached,4K-tiled,720p-eager,flow-graph,720p-levers,1080p-tiled",
+                    "1080p-graphs-compile-flow,720p-graphs-inductor-tuned,720p-cached,4K-tiled,720p-eager,flow-graph,"
+                    "720p-levers,1080p-tiled",
                     help="comma-separated steps, run in this order (see plan())")
     args = ap.parse_args()
     d = Driver(args)
