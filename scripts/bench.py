@@ -132,8 +132,9 @@ def measure(pipe: StreamDiffVSR, frames, noises, warmup: int, device: torch.devi
         if prefetch and i + 1 < len(frames):
             ready = pipe.inputs_ready()
 
-            def queue_next(i=i, f=f, ready=ready) -> None:  # as the filter: RAFT of i+1 while i denoises
-                nxt.append(pipe.prefetch_flow(frames[i + 1], f, ready=ready))
+            def queue_next(i=i, f=f, ready=ready, after=ticket) -> None:
+                # as the filter: RAFT of i+1 while i denoises, reusing frame i's features from its own flow
+                nxt.append(pipe.prefetch_flow(frames[i + 1], f, ready=ready, after=after))
         hq, state = pipe.process_frame(f, state, noise=z, flow=ticket, on_enqueued=queue_next)
         sync(device)
         times.append(time.perf_counter() - t0)

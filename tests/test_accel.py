@@ -104,7 +104,7 @@ def test_cuda_graph_modes_mark_steps_and_copy_outputs(pipe: StreamDiffVSR, tmp_p
         out.append(hq)
     for a, b in zip(out, ref):
         assert float((a - b).abs().max()) <= 1e-5
-    assert len(marks) == 2 * (4 + 1 + 1)  # each warm frame: 4 steps, TPM features, decoder
+    assert len(marks) == 2 * (4 + 1 + 1 + 1)  # each warm frame: 4 steps, TPM features, ARTG embedding, decoder
     announced = capfd.readouterr()
     assert announced.out == "" and announced.err.count("vsstreamdiffvsr: compiling for 32x32 input") == 1
     assert set(marks) == {graphed._worker.thread_name}  # all on the pipeline's one thread
@@ -279,14 +279,14 @@ def test_raft_out_of_memory_falls_back_to_lr_flow(pipe: StreamDiffVSR, monkeypat
     frames, noises = frames_and_noise(2, 128, 128)
     expected = run(pipe.with_options(flow="lr"), frames, noises)
     lean = pipe.with_options()
-    real = lean.compute_flow
+    real = lean._flow_and_features
 
-    def hr_too_big(x, x_prev, mode=None, corr=None):
+    def hr_too_big(x, x_prev, mode=None, corr=None, previous_features=None):
         if (mode or "hr") == "hr":  # neither the full nor the lean correlation fits at HR
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real(x, x_prev, mode, corr)
+        return real(x, x_prev, mode, corr, previous_features)
 
-    monkeypatch.setattr(lean, "compute_flow", hr_too_big)
+    monkeypatch.setattr(lean, "_flow_and_features", hr_too_big)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         out = run(lean, frames, noises)
@@ -360,14 +360,14 @@ def test_raft_out_of_memory_tries_lean_correlation_first(pipe: StreamDiffVSR, mo
     frames, noises = frames_and_noise(2, 32, 32)
     expected = run(pipe, frames, noises)
     lean = pipe.with_options()
-    real = lean.compute_flow
+    real = lean._flow_and_features
 
-    def full_too_big(x, x_prev, mode=None, corr=None):
+    def full_too_big(x, x_prev, mode=None, corr=None, previous_features=None):
         if corr != "lean":
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real(x, x_prev, mode, corr)
+        return real(x, x_prev, mode, corr, previous_features)
 
-    monkeypatch.setattr(lean, "compute_flow", full_too_big)
+    monkeypatch.setattr(lean, "_flow_and_features", full_too_big)
     out = run(lean, frames, noises)
     assert lean.stats["lean_corr_fallbacks"] == 1 and lean.stats["lr_flow_fallbacks"] == 0
     for a, b in zip(out, expected):
@@ -563,7 +563,7 @@ def test_compiled_flow_equals_eager_flow(pipe: StreamDiffVSR, tmp_path: Path, mo
     frames, _ = frames_and_noise(3, 32, 40, seed=6)
     view = pipe.with_options()
     view.enable_flow_compile(backend="aot_eager", cache_dir=tmp_path / "inductor")
-    assert view.compile_flow and view._raft is not pipe.raft and not pipe.compile_flow
+    assert view.compile_flow and view._raft != pipe.raft.flow_and_features and not pipe.compile_flow
     with torch.inference_mode():
         for prev, cur in zip(frames, frames[1:]):
             x, xp = cur * 2 - 1, prev * 2 - 1
@@ -571,5 +571,33 @@ def test_compiled_flow_equals_eager_flow(pipe: StreamDiffVSR, tmp_path: Path, mo
     again = view.with_options(tile=64)
     assert again._raft is view._raft  # shared, not compiled anew
     off = view.with_options(compile_flow=False)
-    assert off._raft is pipe.raft and not off.compile_flow
+    assert off._raft == pipe.raft.flow_and_features and not off.compile_flow
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+
+
+def test_prefetch_reuses_the_previous_frames_raft_features(pipe: StreamDiffVSR) -> None:
+    """after=: frame i's RAFT feature map, made for flow(i, i-1), serves flow(i+1, i); same output."""
+    frames, noises = frames_and_noise(4, 32, 32, seed=8)
+    inline = run(pipe, frames, noises)
+    encoded: list[int] = []
+    hook = pipe.raft.raft.feature_encoder.register_forward_hook(lambda m, a, o: encoded.append(a[0].shape[0]))
+    try:
+        state, outs, ticket = StreamState(), [], None
+        for i, (f, z) in enumerate(zip(frames, noises)):
+            nxt: list = []
+
+            def queue(i: int = i, f: torch.Tensor = f, after: object = ticket) -> None:
+                if i + 1 < len(frames):
+                    nxt.append(pipe.prefetch_flow(frames[i + 1], f, after=after))
+
+            hq, state = pipe.process_frame(f, state, noise=z, flow=ticket, on_enqueued=queue)
+            outs.append(hq)
+            ticket = nxt[0] if nxt else None
+        assert encoded == [1, 1, 1, 1]  # flow(1, 0) encodes both frames, flow(2, 1) and flow(3, 2) one each
+        for a, b in zip(outs, inline):
+            assert torch.equal(a, b)
+        encoded.clear()  # a ticket made for another tensor (even an equal one) is not trusted
+        pipe.prefetch_flow(frames[3], frames[2].clone(), after=ticket)
+        assert encoded == [1, 1]
+    finally:
+        hook.remove()

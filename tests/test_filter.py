@@ -193,7 +193,7 @@ def test_missing_weights_error_names_the_file_and_fix(tmp_path: Path, monkeypatc
 def test_flow_prefetch_is_used_and_changes_nothing(tiny_ckpt: Path, pipe, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = {"prefetch": 0, "flow": 0}
     real_prefetch = vsstreamdiffvsr.StreamDiffVSR.prefetch_flow
-    real_flow = vsstreamdiffvsr.StreamDiffVSR._flow_with_fallbacks
+    real_flow = vsstreamdiffvsr.StreamDiffVSR._flow_features_with_fallbacks  # every flow, ahead or in line
 
     def counting_prefetch(self, *a, **k):
         calls["prefetch"] += 1
@@ -204,12 +204,24 @@ def test_flow_prefetch_is_used_and_changes_nothing(tiny_ckpt: Path, pipe, monkey
         return real_flow(self, *a, **k)
 
     monkeypatch.setattr(vsstreamdiffvsr.StreamDiffVSR, "prefetch_flow", counting_prefetch)
-    monkeypatch.setattr(vsstreamdiffvsr.StreamDiffVSR, "_flow_with_fallbacks", counting_flow)
+    monkeypatch.setattr(vsstreamdiffvsr.StreamDiffVSR, "_flow_features_with_fallbacks", counting_flow)
+    from vsstreamdiffvsr.models.flow import RaftFlow
+
+    reused: list[bool] = []
+    real_raft = RaftFlow.flow_and_features
+
+    def spying_raft(self, current, previous, corr="full", previous_features=None):  # noqa: ANN001
+        reused.append(previous_features is not None)
+        return real_raft(self, current, previous, corr, previous_features)
+
+    monkeypatch.setattr(RaftFlow, "flow_and_features", spying_raft)
     src = make_source(32, 32, 6, cuts={4})
     with_prefetch = vsstreamdiffvsr.upscale(src, model_dir=tiny_ckpt, device="cpu")
     got = [out_tensor(with_prefetch, n) for n in (0, 1, 2, 3, 4, 5)]
     # frames 1, 2, 3 and 5 are warm: each flow computed once, ahead; none ahead of the cut at 4
     assert calls == {"prefetch": 4, "flow": 4}
+    # frames 2 and 3 reuse RAFT's features of frames 1 and 2; 1 and 5 follow a cold frame, which had no flow
+    assert reused == [False, True, True, False]
     calls.update(prefetch=0, flow=0)
     without = vsstreamdiffvsr.upscale(src, model_dir=tiny_ckpt, device="cpu", prefetch_flow=False)
     for n in range(6):

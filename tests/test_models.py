@@ -132,6 +132,13 @@ def test_raft_flow_is_torchvisions_last_estimate_bit_for_bit() -> None:
         got = RaftFlow(raft).forward(a, b)
     assert float((want[-1] - want[-2]).abs().max()) > 1e-4  # the updates matter: this compares the last one
     assert torch.equal(got, want[-1])
+    c = torch.roll(b, (1, 2), (2, 3))  # the next pair (c, b) with b's feature map kept from the pair (b, a)
+    with torch.inference_mode():
+        _, features_b = RaftFlow(raft).flow_and_features(b, a)
+        kept, _ = RaftFlow(raft).flow_and_features(c, b, previous_features=features_b)
+        assert torch.equal(kept, RaftFlow(raft).forward(c, b))
+        with pytest.raises(ValueError, match="do not fit"):
+            RaftFlow(raft).flow_and_features(c, b, previous_features=features_b[..., :8])
     with pytest.raises(ValueError, match="divisible by 8"):
         RaftFlow(raft).forward(a[..., :124], b[..., :124])
 

@@ -42,14 +42,16 @@ class _Counter:
 def spies(pipe: StreamDiffVSR, monkeypatch: pytest.MonkeyPatch) -> dict[str, _Counter]:
     out = {
         "controlnet": _Counter(pipe.controlnet.forward),
+        "cond_embedding": _Counter(pipe._embed),
         "temporal_features": _Counter(pipe.vae.temporal_features),
-        "raft": _Counter(pipe.raft.forward),
+        "raft": _Counter(pipe._raft),
         "unet": _Counter(pipe.unet.forward),
     }
     monkeypatch.setattr(pipe.controlnet, "forward", out["controlnet"])
+    monkeypatch.setattr(pipe, "_embed", out["cond_embedding"])  # the bound (or compiled) entry point
     monkeypatch.setattr(pipe.vae, "temporal_features", out["temporal_features"])
     monkeypatch.setattr(pipe, "_features", out["temporal_features"])  # the bound (or compiled) entry point
-    monkeypatch.setattr(pipe.raft, "forward", out["raft"])
+    monkeypatch.setattr(pipe, "_raft", out["raft"])  # RAFT's entry point (eager or compiled)
     monkeypatch.setattr(pipe.unet, "forward", out["unet"])
     return out
 
@@ -66,6 +68,7 @@ def test_cold_then_warm_paths(pipe: StreamDiffVSR, spies: dict[str, _Counter]) -
 
     hq1, s1 = pipe.process_frame(f1, s0, noise=n1)
     assert len(spies["controlnet"].calls) == 4  # ARTG at every one of the 4 steps
+    assert len(spies["cond_embedding"].calls) == 1  # its conditioning embedding once: the same for all 4
     assert len(spies["temporal_features"].calls) == 1  # TPM features once per frame
     assert len(spies["raft"].calls) == 1
     assert len(spies["unet"].calls) == 8
@@ -82,8 +85,11 @@ def test_cold_then_warm_paths(pipe: StreamDiffVSR, spies: dict[str, _Counter]) -
     with torch.no_grad():
         flow = pipe.raft(exp_cur, exp_prev)
         warped = warp(s0.prev_hq, flow)
+    torch.testing.assert_close(spies["cond_embedding"].calls[0][0][0], warped, atol=1e-5, rtol=0)
+    with torch.no_grad():
+        embedded = pipe.cond_embedding(warped)
     for _args, kwargs in spies["controlnet"].calls:
-        torch.testing.assert_close(kwargs["controlnet_cond"], warped, atol=1e-5, rtol=0)
+        torch.testing.assert_close(kwargs["controlnet_cond"], embedded, atol=1e-5, rtol=0)
     torch.testing.assert_close(spies["temporal_features"].calls[0][0][0], warped, atol=1e-5, rtol=0)
 
     # The warm path changes the result compared with a cold frame 1 with the same noise.
@@ -307,3 +313,29 @@ def test_from_pretrained_bad_dtype(tiny_ckpt: Path, dtype: object) -> None:
         StreamDiffVSR.from_pretrained(tiny_ckpt, device="cpu", dtype=dtype)
     _assert_plain(info.value)
     assert "dtype" in str(info.value)
+
+
+def test_controlnet_with_its_embedding_split_off_is_the_same_function(tiny_ckpt) -> None:
+    """The pipeline embeds ARTG's condition once per frame; ControlNet(embedding(c)) must equal the original."""
+    import copy
+
+    from vsstreamdiffvsr import weights
+    from vsstreamdiffvsr.pipeline import _split_cond_embedding
+
+    whole = weights.load_controlnet(tiny_ckpt, torch.float32)
+    split = copy.deepcopy(whole)
+    embedding = _split_cond_embedding(split)
+    assert embedding is not None and isinstance(split.controlnet_cond_embedding, torch.nn.Identity)
+    assert _split_cond_embedding(split) is None  # already split: left alone
+    g = torch.Generator().manual_seed(7)
+    inp, cond = torch.randn(1, 7, 16, 20, generator=g), torch.rand(1, 3, 64, 80, generator=g) * 2 - 1
+    emb = torch.randn(1, 77, whole.config.cross_attention_dim, generator=g)
+    t = torch.tensor(749)
+    with torch.no_grad():
+        ref = whole(inp, t, encoder_hidden_states=emb, controlnet_cond=cond, return_dict=False)
+        got = split(inp, t, encoder_hidden_states=emb, controlnet_cond=embedding(cond), return_dict=False)
+    for a, b in zip([*ref[0], ref[1]], [*got[0], got[1]]):
+        assert torch.equal(a, b)
+    bgr = copy.deepcopy(whole)
+    bgr.register_to_config(controlnet_conditioning_channel_order="bgr")
+    assert _split_cond_embedding(bgr) is None and not isinstance(bgr.controlnet_cond_embedding, torch.nn.Identity)

@@ -222,7 +222,7 @@ def upscale(clip: vs.VideoNode, *, model_dir: str | os.PathLike[str] | None = No
                 ready = pipe.inputs_ready()
 
                 def queue_next() -> None:  # runs once frame i is queued on the GPU: RAFT overlaps its denoising
-                    ahead_lq[i + 1] = (x_next, pipe.prefetch_flow(x_next, x, ready=ready))
+                    ahead_lq[i + 1] = (x_next, pipe.prefetch_flow(x_next, x, ready=ready, after=ticket))
         try:
             hq, state = pipe.process_frame(x, state, noise=frame_noise(seed, i, lat_shape),
                                            flow=None if state.is_cold else ticket, on_enqueued=queue_next)

@@ -7,7 +7,8 @@ One call of :meth:`StreamDiffVSR.process_frame` is one frame of the reference pi
    TPM features = tiny-VAE encoder blocks of ``warped`` (deepest first);
 3. 4 DDIM steps (v-prediction, trailing, t = 999, 749, 499, 249) on ``z`` (noise, (1,4,h,w)):
    U-Net input ``cat(z, x)``; warm frames add the ControlNet (ARTG) residuals computed with
-   ``controlnet_cond = warped``; cold frames run the U-Net alone;
+   ``controlnet_cond = warped`` (its conditioning embedding made once per frame: the same at every step);
+   cold frames run the U-Net alone;
 4. ``y = decoder(z, TPM features or None)``; ``hq = clamp(y / 2 + 0.5, 0, 1)``; ``y`` (unclamped) is carried.
 """
 
@@ -115,6 +116,10 @@ class FlowTicket:
 
     flow: torch.Tensor
     event: Any = None
+    #: RAFT's feature map of the frame this flow was computed for, and that frame (the caller's tensor), so
+    #: the next frame's flow can skip encoding it again (``prefetch_flow(..., after=ticket)``)
+    features: torch.Tensor | None = None
+    lq: torch.Tensor | None = None
 
     def result(self) -> torch.Tensor:
         if self.event is not None:
@@ -152,6 +157,8 @@ class StreamDiffVSR:
         self.graph_flow = _graph_flow(graph_flow, device)
         self.unet = unet.to(device, memory_format=self._fmt)
         self.controlnet = controlnet.to(device, memory_format=self._fmt)
+        #: the ControlNet's conditioning embedding, run once per frame (see _split_cond_embedding)
+        self.cond_embedding = _split_cond_embedding(self.controlnet)
         self.vae = vae.to(device, memory_format=self._fmt)
         self.vae_dtype = next(vae.parameters()).dtype
         self.raft = raft.to(device)
@@ -168,13 +175,15 @@ class StreamDiffVSR:
         self._step_warm = self._eager_step_warm
         self._decode = self.vae.decode
         self._features = self.vae.temporal_features
+        self._embed: Callable[[torch.Tensor], torch.Tensor] = self.cond_embedding or _unchanged
         self._fp32_twin: StreamDiffVSR | None = None
         self._tile_cache: dict[tuple, list[tuple[Tile, torch.Tensor]]] = {}
         self._flow_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.compiled = False
         self.compile_mode: str | None = None
         self.compile_flow = False
-        self._raft: Callable[..., torch.Tensor] = self.raft  # compute_flow's RAFT: eager, or compiled
+        # RAFT's flow_and_features as compute_flow calls it: eager, or compiled (enable_flow_compile)
+        self._raft: Callable[..., tuple[torch.Tensor, torch.Tensor]] = self.raft.flow_and_features
         self._worker: _Worker | None = None
         # compiled functions by (mode, backend), shared with every with_options view of this pipeline (a
         # shallow copy shares the dict): upscale() called again, or a script reloaded in vspreview, reuses
@@ -299,7 +308,7 @@ class StreamDiffVSR:
         if compile_flow and not self.compile_flow:
             view.enable_flow_compile(cache_dir=compile_cache_dir)
         elif compile_flow is False:
-            view._raft, view.compile_flow = view.raft, False
+            view._raft, view.compile_flow = view.raft.flow_and_features, False
         return view
 
     def enable_compile(self, mode: str = DEFAULT_COMPILE_MODE, cache_dir: str | os.PathLike[str] | None = None,
@@ -325,8 +334,10 @@ class StreamDiffVSR:
             self._compiled_sets[key] = (wrap(torch.compile(self._eager_step_warm, **opts)),
                                         wrap(torch.compile(self.vae.decode, **opts)),
                                         wrap(torch.compile(self.vae.temporal_features, **opts)),
+                                        wrap(torch.compile(self.cond_embedding, **opts)) if self.cond_embedding
+                                        else _unchanged,
                                         _Worker.for_device(self.device) if mode in CUDA_GRAPH_MODES else None)
-        self._step_warm, self._decode, self._features, self._worker = self._compiled_sets[key]
+        self._step_warm, self._decode, self._features, self._embed, self._worker = self._compiled_sets[key]
         self.compiled = True
         self.compile_mode = mode
 
@@ -342,7 +353,7 @@ class StreamDiffVSR:
             opts = dict(dynamic=False, backend=backend, fullgraph=False)
             if backend == "inductor":
                 opts["mode"] = "default"
-            self._compiled_sets[key] = (torch.compile(self.raft, **opts),)
+            self._compiled_sets[key] = (torch.compile(self.raft.flow_and_features, **opts),)
         (self._raft,) = self._compiled_sets[key]
         self.compile_flow = True
 
@@ -406,6 +417,13 @@ class StreamDiffVSR:
 
         ``mode`` overrides the pipeline's flow mode; ``corr`` its correlation choice (:meth:`corr_for`).
         """
+        return self._flow_and_features(x, x_prev, mode, corr)[0]
+
+    def _flow_and_features(self, x: torch.Tensor, x_prev: torch.Tensor, mode: str | None = None,
+                           corr: str | None = None,
+                           previous_features: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`compute_flow` and RAFT's feature map of ``x``; ``previous_features`` is that of ``x_prev``
+        from the previous call (ignored if it does not fit, e.g. after a change of flow mode)."""
         mode = mode or self.flow_mode
         if mode == "lr":
             if min(x.shape[-2:]) < MIN_FLOW_SIDE:
@@ -414,19 +432,23 @@ class StreamDiffVSR:
             a, b = _pad8(x), _pad8(x_prev)  # RAFT needs multiples of 8; LR is only a multiple of 4
         else:
             a, b = bicubic_x4(x), bicubic_x4(x_prev)
+        if previous_features is not None and tuple(previous_features.shape[-2:]) != (a.shape[-2] // 8,
+                                                                                       a.shape[-1] // 8):
+            previous_features = None
         # an explicit corr is the out-of-memory fallback's: eager, rather than compiling RAFT anew at that moment
-        raft = self._raft if corr is None else self.raft
-        flow = raft(a, b, corr=corr or self.corr_for(*a.shape[-2:]))
+        raft = self._raft if corr is None else self.raft.flow_and_features
+        flow, features = raft(a, b, corr=corr or self.corr_for(*a.shape[-2:]), previous_features=previous_features)
         if mode == "lr":
             flow = flow[..., : x.shape[-2], : x.shape[-1]]
             flow = F.interpolate(flow, scale_factor=4, mode="bilinear", align_corners=False) * 4
-        return flow
+        return flow, features
 
     def _eager_step_cold(self, z: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         inp = torch.cat([z.to(self.dtype), x], dim=1)
         return self.unet(inp, t, encoder_hidden_states=self.prompt_embeds, return_dict=False)[0]
 
     def _eager_step_warm(self, z: torch.Tensor, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """One warm step; ``cond`` is the conditioning *embedding* of the warped frame (:attr:`cond_embedding`)."""
         inp = torch.cat([z.to(self.dtype), x], dim=1)
         down, mid = self.controlnet(inp, t, encoder_hidden_states=self.prompt_embeds, controlnet_cond=cond,
                                     conditioning_scale=1.0, guess_mode=False, return_dict=False)
@@ -436,7 +458,8 @@ class StreamDiffVSR:
     def denoise(self, z: torch.Tensor, x: torch.Tensor, warped: torch.Tensor | None) -> torch.Tensor:
         """The 4 DDIM steps on float32 ``z``; ``warped`` None means a cold frame (U-Net alone)."""
         x_in = x.to(self.dtype).contiguous(memory_format=self._fmt)
-        cond = None if warped is None else warped.to(self.dtype).contiguous(memory_format=self._fmt)
+        # the ControlNet's conditioning embedding of the warped frame: the same at all 4 steps, so made once
+        cond = None if warped is None else self._embed(warped.to(self.dtype).contiguous(memory_format=self._fmt))
         for t, t_dev in zip(self.timesteps, self._t_tensors):
             if cond is None:
                 v = self._step_cold(z, x_in, t_dev)
@@ -482,23 +505,29 @@ class StreamDiffVSR:
 
     def _flow_with_fallbacks(self, x: torch.Tensor, x_prev: torch.Tensor) -> torch.Tensor:
         """Flow; on out-of-memory, the lean correlation (same flow), then, for flow="hr", flow at LR."""
+        return self._flow_features_with_fallbacks(x, x_prev)[0]
+
+    def _flow_features_with_fallbacks(self, x: torch.Tensor, x_prev: torch.Tensor,
+                                      previous_features: torch.Tensor | None = None
+                                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`_flow_with_fallbacks` with RAFT's features of ``x`` (None after a fallback)."""
         try:
-            return self.compute_flow(x, x_prev)
+            return self._flow_and_features(x, x_prev, previous_features=previous_features)
         except torch.OutOfMemoryError:
             if not self.oom_fallback:
                 raise
         _empty_cache(self.device)
         try:
             self.stats["lean_corr_fallbacks"] += 1
-            return self.compute_flow(x, x_prev, corr="lean")
+            return self.compute_flow(x, x_prev, corr="lean"), None
         except torch.OutOfMemoryError:
             if self.flow_mode != "hr" or min(x.shape[-2:]) < MIN_FLOW_SIDE:
                 raise
         _empty_cache(self.device)
         self.stats["lr_flow_fallbacks"] += 1
         warnings.warn("vsstreamdiffvsr: RAFT at HR ran out of GPU memory; using flow at LR for this frame (a "
-                      "documented deviation)", TilingFallbackWarning, stacklevel=5)
-        return self.compute_flow(x, x_prev, mode="lr")
+                      "documented deviation)", TilingFallbackWarning, stacklevel=6)
+        return self.compute_flow(x, x_prev, mode="lr"), None
 
     def _run_shrinking_tiles(self, z: torch.Tensor, x: torch.Tensor, warped: torch.Tensor | None) -> torch.Tensor:
         """After an out-of-memory error: tiles (then smaller tiles) until the frame fits; they stay in use."""
@@ -525,12 +554,16 @@ class StreamDiffVSR:
 
                 unet = weights.load_unet(weights.resolve_model_dir(self.model_dir), torch.float32)
                 controlnet = weights.load_controlnet(weights.resolve_model_dir(self.model_dir), torch.float32)
+                embedding = _split_cond_embedding(controlnet)
             else:
                 unet = copy.deepcopy(self.unet).float()
                 controlnet = copy.deepcopy(self.controlnet).float()
+                embedding = copy.deepcopy(self.cond_embedding).float() if self.cond_embedding is not None else None
             twin = copy.copy(self)
             twin.unet = unet.to(self.device, memory_format=self._fmt)
             twin.controlnet = controlnet.to(self.device, memory_format=self._fmt)
+            twin.cond_embedding = embedding.to(self.device, memory_format=self._fmt) if embedding is not None else None
+            twin._embed = twin.cond_embedding or _unchanged
             twin.dtype = torch.float32
             twin.stats = dict.fromkeys(self.stats, 0)
             twin.compiled = False
@@ -556,7 +589,8 @@ class StreamDiffVSR:
         return event
 
     @torch.inference_mode()
-    def prefetch_flow(self, lq: torch.Tensor, lq_prev: torch.Tensor, ready: Any = None) -> FlowTicket:
+    def prefetch_flow(self, lq: torch.Tensor, lq_prev: torch.Tensor, ready: Any = None,
+                      after: FlowTicket | None = None) -> FlowTicket:
         """Start the optical flow of frame ``lq`` (against ``lq_prev``) ahead of its :meth:`process_frame`.
 
         The flow depends on the inputs only, so it can run while the previous frame is still denoising:
@@ -566,9 +600,15 @@ class StreamDiffVSR:
         Best called from :meth:`process_frame`'s ``on_enqueued`` (the host then queues RAFT while the GPU
         denoises), with ``ready`` from :meth:`inputs_ready`. Without ``ready`` the side stream waits for
         everything queued on the caller's stream, which is always safe but serialises after that work.
+
+        ``after``: the ticket of ``lq_prev``'s own flow, if it was prefetched; RAFT then reuses the feature
+        map it made of ``lq_prev`` (one of its three encoder passes; the same numbers). It is used only if
+        that ticket was made for this very tensor object (``after.lq is lq_prev``): do not refill a tensor
+        in place and pass it again.
         """
         if self._worker is not None and not self._worker.on_it():
-            return self._worker.run(self.prefetch_flow, lq, lq_prev, ready)
+            return self._worker.run(self.prefetch_flow, lq, lq_prev, ready, after)
+        previous_features = after.features if after is not None and after.lq is lq_prev else None
         stream = self._flow_stream
         with self.lock, torch.inference_mode(), run_flags(self.cudnn_benchmark, self.tf32):
             if stream is not None:
@@ -583,18 +623,20 @@ class StreamDiffVSR:
                     for t in (lq, lq_prev, a, b):
                         if t.is_cuda:  # made on the caller's stream, read on this one: keep it alive for both
                             t.record_stream(stream)
-                flow = self._prefetched_flow(a * 2.0 - 1.0, b * 2.0 - 1.0)
+                flow, features = self._prefetched_flow(a * 2.0 - 1.0, b * 2.0 - 1.0, previous_features)
                 if stream is None:
-                    return FlowTicket(flow)
+                    return FlowTicket(flow, features=features, lq=lq)
                 event = torch.cuda.Event()
                 event.record(stream)
             flow.record_stream(torch.cuda.current_stream(self.device))
-            return FlowTicket(flow, event)
+            return FlowTicket(flow, event, features=features, lq=lq)  # features stay on the side stream
 
-    def _prefetched_flow(self, x: torch.Tensor, x_prev: torch.Tensor) -> torch.Tensor:
-        """The flow on the side stream: replayed from a CUDA graph (:attr:`graph_flow`), recorded on first use."""
+    def _prefetched_flow(self, x: torch.Tensor, x_prev: torch.Tensor, previous_features: torch.Tensor | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The flow on the side stream (and RAFT's features of ``x``): replayed from a CUDA graph
+        (:attr:`graph_flow`, recorded on first use; no feature reuse there), or computed."""
         if not self.graph_flow:
-            return self._flow_with_fallbacks(x, x_prev)
+            return self._flow_features_with_fallbacks(x, x_prev, previous_features)
         key = (tuple(x.shape), self.flow_mode, self.raft_corr)
         graphs = self._flow_graphs
         if key not in graphs:
@@ -602,7 +644,7 @@ class StreamDiffVSR:
                 del graphs[next(iter(graphs))]
             graphs[key] = self._record_flow(x, x_prev)
         graphed = graphs[key]
-        return graphed(x, x_prev) if graphed is not None else self._flow_with_fallbacks(x, x_prev)
+        return (graphed(x, x_prev), None) if graphed is not None else self._flow_features_with_fallbacks(x, x_prev)
 
     def _record_flow(self, x: torch.Tensor, x_prev: torch.Tensor) -> GraphedCall | None:
         try:
@@ -750,6 +792,28 @@ class _Worker:
 
     def run(self, fn: Callable[..., Any], *args: Any) -> Any:
         return self._pool.submit(fn, *args).result()
+
+
+def _split_cond_embedding(controlnet: torch.nn.Module) -> torch.nn.Module | None:
+    """Take the conditioning embedding out of a diffusers ControlNet, to run it once per frame; returns it.
+
+    The ControlNet embeds its condition (the warped previous frame, at HR: conv-SiLU layers from 3 to 256
+    channels, two of them at full HR size) at every call, and the reference calls it at each of the 4 steps
+    with the same condition. The embedding is replaced by an identity, and the pipeline passes the
+    embedding, computed once, as ``controlnet_cond``: the same numbers, three fewer HR passes per frame.
+    Left in place (None returned) for a model whose condition is flipped to BGR before embedding.
+    """
+    embedding = getattr(controlnet, "controlnet_cond_embedding", None)
+    config = getattr(controlnet, "config", None)
+    order = getattr(config, "controlnet_conditioning_channel_order", "rgb")
+    if embedding is None or isinstance(embedding, torch.nn.Identity) or order != "rgb":
+        return None
+    controlnet.controlnet_cond_embedding = torch.nn.Identity()
+    return embedding
+
+
+def _unchanged(x: torch.Tensor) -> torch.Tensor:
+    return x
 
 
 def _cudagraph_tree_tls() -> None:

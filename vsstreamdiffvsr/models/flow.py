@@ -274,13 +274,21 @@ class RaftFlow(nn.Module):
             "lean": LeanCorrBlock(num_levels=levels, radius=radius)}
         raft.corr_block = self._full_block  # for torchvision's own forward; ours passes the block it uses
 
-    def _final_flow(self, image1: torch.Tensor, image2: torch.Tensor, block: nn.Module) -> torch.Tensor:
-        """torchvision's ``RAFT.forward(...)[-1]``, with its own modules, in its order of operations.
+    def _final_flow(self, image1: torch.Tensor, image2: torch.Tensor, block: nn.Module,
+                    fmap2: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """torchvision's ``RAFT.forward(...)[-1]``, with its own modules, in its order of operations; returns
+        the flow and image1's feature map.
 
-        Two differences that leave the result bit for bit the same: only the final estimate is upsampled
-        (torchvision runs the mask head and the convex x8 upsampling after each of the 12 updates and we keep
-        the last), and the coordinate grid is made on the device (torchvision builds it on the CPU and copies
-        it, a host stall that would hold up a flow queued on a side stream).
+        Differences: only the final estimate is upsampled (torchvision runs the mask head and the convex x8
+        upsampling after each of the 12 updates and we keep the last), and the coordinate grid is made on
+        the device (torchvision builds it on the CPU and copies it, a host stall that would hold up a flow
+        queued on a side stream); both leave the result bit for bit the same. And each image is encoded on
+        its own, where torchvision encodes the pair as one batch of two: the encoder works per image
+        (instance norm, convolutions), so this is the same function (bit for bit on the CPU; on a GPU the
+        kernels for a batch of one may round differently). Encoding per image makes a kept feature map
+        exactly what encoding the image again would give.
+
+        ``fmap2``: image2's feature map from the previous pair (where it was image1): only image1 is encoded.
         """
         from torchvision.models.optical_flow._utils import upsample_flow
 
@@ -289,7 +297,11 @@ class RaftFlow(nn.Module):
         if image2.shape != image1.shape or h % 8 or w % 8:
             raise ValueError(f"RAFT needs two frames of one size with sides divisible by 8, got "
                              f"{tuple(image1.shape)} and {tuple(image2.shape)}")
-        fmap1, fmap2 = torch.chunk(raft.feature_encoder(torch.cat([image1, image2], dim=0)), chunks=2, dim=0)
+        fmap1 = raft.feature_encoder(image1)
+        if fmap2 is None:
+            fmap2 = raft.feature_encoder(image2)
+        elif fmap2.shape != fmap1.shape:
+            raise ValueError(f"previous features {tuple(fmap2.shape)} do not fit image1's {tuple(fmap1.shape)}")
         block.build_pyramid(fmap1, fmap2)
         context_out = raft.context_encoder(image1)
         hidden_size = raft.update_block.hidden_state_size
@@ -304,7 +316,7 @@ class RaftFlow(nn.Module):
             hidden, delta_flow = raft.update_block(hidden, context, corr_features, coords1 - coords0)
             coords1 = coords1 + delta_flow
         up_mask = None if raft.mask_predictor is None else raft.mask_predictor(hidden)
-        return upsample_flow(flow=coords1 - coords0, up_mask=up_mask)
+        return upsample_flow(flow=coords1 - coords0, up_mask=up_mask), fmap1
 
     @classmethod
     def from_file(cls, path: str | Path) -> "RaftFlow":
@@ -315,10 +327,16 @@ class RaftFlow(nn.Module):
 
     def forward(self, current: torch.Tensor, previous: torch.Tensor, corr: str = "full") -> torch.Tensor:
         """Flow (N,2,H,W) in pixels that maps each pixel of ``current`` to its position in ``previous``."""
+        return self.flow_and_features(current, previous, corr)[0]
+
+    def flow_and_features(self, current: torch.Tensor, previous: torch.Tensor, corr: str = "full",
+                          previous_features: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`forward`'s flow and ``current``'s feature map, which the next pair can take as
+        ``previous_features`` when its ``previous`` is this ``current`` (one encoder pass saved per frame)."""
         if corr not in self._blocks:
             raise ValueError(f"corr must be one of {CORR_MODES}, got {corr!r}")
         block = self._blocks[corr]
         try:
-            return self._final_flow(current, previous, block)
+            return self._final_flow(current, previous, block, previous_features)
         finally:
             block.release()  # the blocks keep their pyramid until told: free it now, before denoising
