@@ -437,6 +437,8 @@ class StreamDiffVSR:
             previous_features = None
         # an explicit corr is the out-of-memory fallback's: eager, rather than compiling RAFT anew at that moment
         raft = self._raft if corr is None else self.raft.flow_and_features
+        if previous_features is None and self.compile_flow and corr is None:
+            previous_features = self.raft.encode(b)  # so that one compiled variant serves every pair
         flow, features = raft(a, b, corr=corr or self.corr_for(*a.shape[-2:]), previous_features=previous_features)
         if mode == "lr":
             flow = flow[..., : x.shape[-2], : x.shape[-1]]

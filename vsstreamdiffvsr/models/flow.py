@@ -297,9 +297,9 @@ class RaftFlow(nn.Module):
         if image2.shape != image1.shape or h % 8 or w % 8:
             raise ValueError(f"RAFT needs two frames of one size with sides divisible by 8, got "
                              f"{tuple(image1.shape)} and {tuple(image2.shape)}")
-        fmap1 = raft.feature_encoder(image1)
+        fmap1 = self.encode(image1)
         if fmap2 is None:
-            fmap2 = raft.feature_encoder(image2)
+            fmap2 = self.encode(image2)
         elif fmap2.shape != fmap1.shape:
             raise ValueError(f"previous features {tuple(fmap2.shape)} do not fit image1's {tuple(fmap1.shape)}")
         block.build_pyramid(fmap1, fmap2)
@@ -328,6 +328,10 @@ class RaftFlow(nn.Module):
     def forward(self, current: torch.Tensor, previous: torch.Tensor, corr: str = "full") -> torch.Tensor:
         """Flow (N,2,H,W) in pixels that maps each pixel of ``current`` to its position in ``previous``."""
         return self.flow_and_features(current, previous, corr)[0]
+
+    def encode(self, image: torch.Tensor) -> torch.Tensor:
+        """RAFT's feature map of one image, as :meth:`flow_and_features` makes and takes it."""
+        return self.raft.feature_encoder(image)
 
     def flow_and_features(self, current: torch.Tensor, previous: torch.Tensor, corr: str = "full",
                           previous_features: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
