@@ -8,7 +8,8 @@
 
 Paths:
   reference  executes like the reference code: float32 (TF32 matmul/conv on CUDA), eager, RAFT at HR with
-             the all-pairs correlation volume, cuDNN autotuning off, flow computed in line
+             the all-pairs correlation volume, cuDNN autotuning off, flow computed in line, the ControlNet's
+             conditioning embedding run at every step
   optimized  --dtype (bfloat16), channels_last and cuDNN autotuning on CUDA, the next frame's flow queued
              on a side stream as the filter does (--no-prefetch; --graph-flow replays it from a CUDA graph),
              torch.compile with CUDA graphs on CUDA (--no-compile, --compile-mode; --compile-flow compiles
@@ -84,6 +85,7 @@ def build(components: dict, device: torch.device, dtype: torch.dtype, **options)
     vae_dtype = options.pop("vae_dtype", None) or torch.float32
     compile_mode = options.pop("compile_mode", DEFAULT_COMPILE_MODE)
     compile_flow = options.pop("compile_flow", False)
+    upstream_execution = options.pop("upstream_execution", False)
     to = torch.nn.Module.to  # not diffusers' override, which logs a warning for every dtype cast
     pipe = StreamDiffVSR(unet=to(copy.deepcopy(components["unet"]), dtype).eval(),
                          controlnet=to(copy.deepcopy(components["controlnet"]), dtype).eval(),
@@ -91,6 +93,10 @@ def build(components: dict, device: torch.device, dtype: torch.dtype, **options)
                          scheduler=DDIMScheduler.from_config(SCHEDULER_CONFIG),
                          raft=RaftFlow(copy.deepcopy(components["raft"]).eval()),
                          prompt_embeds=components["prompt"], device=device, dtype=dtype, **options)
+    if upstream_execution and pipe.cond_embedding is not None:
+        # execute like upstream: its ControlNet embeds the (unchanged) condition again at each of the 4 steps
+        pipe.controlnet.controlnet_cond_embedding, pipe.cond_embedding = pipe.cond_embedding, None
+        pipe._embed = lambda cond: cond
     if compile_:
         pipe.enable_compile(mode=compile_mode)
     if compile_flow:
@@ -180,7 +186,7 @@ def load_components(device: torch.device, model_dir: Path | None = None, tiny: b
 
 
 REFERENCE_OPTIONS = dict(channels_last=False, raft_corr="full", oom_fallback=False, cudnn_benchmark=False,
-                         graph_flow=False)
+                         graph_flow=False, upstream_execution=True)
 
 
 def run_path(load: dict, device: torch.device, dtype: torch.dtype, options: dict, frames, noises, warmup: int,

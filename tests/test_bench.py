@@ -41,3 +41,26 @@ def test_device_bench_driver_smoke(tmp_path: Path) -> None:
     assert 35.0 < paths["optimised eager: bf16 + channels_last + cuDNN autotune + flow overlap"]["psnr_vs_fp32"]
     assert data["notes"] == [data["notes"][0]] and data["notes"][0].startswith("skipped: 720p-graphs")
     assert "| reference (fp32/TF32, eager) |" in (tmp_path / "tables.md").read_text()
+
+
+def test_reference_path_embeds_the_condition_at_every_step_with_the_same_output() -> None:
+    """The bench's reference executes like upstream (ControlNet embedding inside every step): same numbers."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import bench
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+    import torch
+
+    load, _ = bench.load_components(torch.device("cpu"), tiny=True)
+    frames, noises = bench.make_frames(3, 32, 32)
+    ref = bench.build(load, torch.device("cpu"), torch.float32, upstream_execution=True)
+    ours = bench.build(load, torch.device("cpu"), torch.float32)
+    assert ref.cond_embedding is None and ours.cond_embedding is not None
+    calls = []
+    ref.controlnet.controlnet_cond_embedding.register_forward_hook(lambda *a: calls.append(1))
+    a = bench.measure(ref, frames, noises, 1, torch.device("cpu"))["outs"]
+    b = bench.measure(ours, frames, noises, 1, torch.device("cpu"))["outs"]
+    assert len(calls) == 2 * 4  # two warm frames, four steps each
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
