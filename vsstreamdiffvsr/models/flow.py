@@ -170,7 +170,11 @@ class HalfCorrBlock(nn.Module):
                 for level, dst in enumerate(pyramid):
                     if level:
                         vol = F.avg_pool2d(vol, kernel_size=2, stride=2)
-                    dst[bi * n + r0: bi * n + r1] = vol.reshape(r1 - r0, -1).clamp(-limit, limit)
+                    # cast, then saturate in place in float16 (inf -> +-65504): the numbers of clamping the
+                    # float32 values first, without a float32 temporary
+                    rows_out = dst[bi * n + r0: bi * n + r1]
+                    rows_out.copy_(vol.reshape(r1 - r0, -1))
+                    rows_out.clamp_(-limit, limit)
         self.corr_pyramid, self._sizes = pyramid, sizes
 
     def index_pyramid(self, centroids_coords: torch.Tensor) -> torch.Tensor:
