@@ -165,14 +165,19 @@ class Driver:
     REF = "reference (fp32/TF32, eager)"
     EAGER = "optimised eager: bf16 + channels_last + cuDNN autotune + flow overlap"
 
+    def raft_inputs(self, size: str) -> tuple:
+        """The optimised pipeline and two [-1, 1] frames at ``size``, for the RAFT-alone steps."""
+        w, h = self.size(size)
+        fr, _ = make_frames(2, h, w)
+        x, xp = (f.to(self.device) * 2 - 1 for f in fr)
+        return build(self.load, self.device, torch.bfloat16, **OPT), x, xp
+
     def flow_graph(self, size: str, reps: int = 10) -> None:
         """RAFT alone at ``size``: eager against replayed from a CUDA graph (time and max difference)."""
         from vsstreamdiffvsr.accel import GraphedCall
 
+        pipe, x, xp = self.raft_inputs(size)
         w, h = self.size(size)
-        pipe = build(self.load, self.device, torch.bfloat16, **OPT)
-        fr, _ = make_frames(2, h, w)
-        x, xp = (f.to(self.device) * 2 - 1 for f in fr)
         stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         out: dict = dict(lr=[w, h], corr=pipe.corr_for(4 * h, 4 * w))
 
@@ -267,10 +272,7 @@ class Driver:
         """Where RAFT's GPU time goes at ``size``: the top CUDA kernels of three eager flows."""
         from torch.profiler import ProfilerActivity, profile
 
-        w, h = self.size(size)
-        pipe = build(self.load, self.device, torch.bfloat16, **OPT)
-        fr, _ = make_frames(2, h, w)
-        x, xp = (f.to(self.device) * 2 - 1 for f in fr)
+        pipe, x, xp = self.raft_inputs(size)
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
         try:
             with torch.inference_mode(), pipe_flags(pipe):

@@ -432,13 +432,12 @@ class StreamDiffVSR:
             a, b = _pad8(x), _pad8(x_prev)  # RAFT needs multiples of 8; LR is only a multiple of 4
         else:
             a, b = bicubic_x4(x), bicubic_x4(x_prev)
-        if previous_features is not None and tuple(previous_features.shape[-2:]) != (a.shape[-2] // 8,
-                                                                                       a.shape[-1] // 8):
-            previous_features = None
+        if previous_features is None or tuple(previous_features.shape[-2:]) != (a.shape[-2] // 8, a.shape[-1] // 8):
+            # RAFT always gets the previous frame's features (one code path; one compiled variant with
+            # compile_flow): kept from the previous pair, or made here, the same encoding either way
+            previous_features = self.raft.encode(b)
         # an explicit corr is the out-of-memory fallback's: eager, rather than compiling RAFT anew at that moment
         raft = self._raft if corr is None else self.raft.flow_and_features
-        if previous_features is None and self.compile_flow and corr is None:
-            previous_features = self.raft.encode(b)  # so that one compiled variant serves every pair
         flow, features = raft(a, b, corr=corr or self.corr_for(*a.shape[-2:]), previous_features=previous_features)
         if mode == "lr":
             flow = flow[..., : x.shape[-2], : x.shape[-1]]
