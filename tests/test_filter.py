@@ -205,16 +205,14 @@ def test_flow_prefetch_is_used_and_changes_nothing(tiny_ckpt: Path, pipe, monkey
 
     monkeypatch.setattr(vsstreamdiffvsr.StreamDiffVSR, "prefetch_flow", counting_prefetch)
     monkeypatch.setattr(vsstreamdiffvsr.StreamDiffVSR, "_flow_features_with_fallbacks", counting_flow)
-    from vsstreamdiffvsr.models.flow import RaftFlow
-
     reused: list[bool] = []
-    real_raft = RaftFlow.flow_and_features
+    real_features = vsstreamdiffvsr.StreamDiffVSR._flow_and_features
 
-    def spying_raft(self, current, previous, corr="full", previous_features=None):  # noqa: ANN001
-        reused.append(previous_features is not None)
-        return real_raft(self, current, previous, corr, previous_features)
+    def spying_flow(self, x, x_prev, mode=None, corr=None, previous_features=None):  # noqa: ANN001
+        reused.append(previous_features is not None)  # RAFT features kept from the previous frame's flow
+        return real_features(self, x, x_prev, mode, corr, previous_features)
 
-    monkeypatch.setattr(RaftFlow, "flow_and_features", spying_raft)
+    monkeypatch.setattr(vsstreamdiffvsr.StreamDiffVSR, "_flow_and_features", spying_flow)
     src = make_source(32, 32, 6, cuts={4})
     with_prefetch = vsstreamdiffvsr.upscale(src, model_dir=tiny_ckpt, device="cpu")
     got = [out_tensor(with_prefetch, n) for n in (0, 1, 2, 3, 4, 5)]
