@@ -10,15 +10,16 @@ Paths:
   reference  executes like the reference code: float32 (TF32 matmul/conv on CUDA), eager, RAFT at HR with
              the all-pairs correlation volume, cuDNN autotuning off, flow computed in line, the ControlNet's
              conditioning embedding run at every step
-  optimized  --dtype (bfloat16), channels_last and cuDNN autotuning on CUDA, the next frame's flow queued
-             on a side stream as the filter does (--no-prefetch; --graph-flow replays it from a CUDA graph),
-             torch.compile with CUDA graphs on CUDA (--no-compile, --compile-mode; --compile-flow compiles
-             RAFT too), --flow, --tile,
-             --raft-corr, --vae-dtype
+  optimized  --dtype (bfloat16), channels_last on CUDA (cuDNN autotuning too when not compiled), the next
+             frame's flow queued on a side stream as the filter does (--no-prefetch; --graph-flow replays it
+             from a CUDA graph), torch.compile with CUDA graphs on CUDA (--no-compile, --compile-mode;
+             --compile-flow compiles RAFT too), --flow, --tile, --raft-corr, --vae-dtype
 The table gives ms/frame (median over --frames after --warmup frames), peak allocated GPU memory, the
 first frame's time, the warm-up overhead (time of the warm-up frames above the median: compile and
 autotuning), and PSNR of each path's output against the float32 output on the same weights, frames and
-noise. Speed does not depend on weight values, so random weights are fine for timing.
+noise. Speed does not depend on weight values, so random weights are fine for timing; for the PSNR to mean
+something they are calibrated to give a picture with a real range (calibrate_random), and the float32
+picture's mean, spread and clamped share are printed under the table.
 """
 
 from __future__ import annotations
@@ -172,8 +173,43 @@ def max_err(outs: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
     return max(float((a - b).abs().max()) for a, b in zip(outs, ref))
 
 
+def calibrate_random(components: dict, h: int = 48, w: int = 64) -> dict:
+    """Rescale two output layers of *random* weights so that their picture has a trained model's range.
+
+    Random weights decode to a nearly black frame (measured at full size: two thirds of the pixels clamped
+    at 0, the rest averaging 0.004), where a PSNR against float32 compares almost nothing and says little
+    about precision. On one cold frame (float32, CPU, ``h``x``w`` LR) this scales the U-Net's ``conv_out``
+    so its prediction has unit spread, then sets the decoder's last conv per RGB channel so the picture has
+    mean 0.5 and spread 0.2. The speed is unchanged: same shapes, same kernels. Modifies ``components``.
+    """
+    frames, noises = make_frames(1, h, w, seed=1)
+    cpu = torch.device("cpu")
+
+    def observe(layer: str) -> torch.Tensor:
+        pipe = build(components, cpu, torch.float32, channels_last=False, oom_fallback=False)
+        seen: list[torch.Tensor] = []
+        module = pipe.unet.conv_out if layer == "unet" else pipe.vae.decoder.layers[-1]
+        module.register_forward_hook(lambda _m, _i, out: seen.append(out.detach().float()))
+        pipe.process_frame(frames[0], StreamState(), noise=noises[0])
+        return seen[0]
+
+    with torch.no_grad():
+        conv = components["unet"].conv_out
+        scale = 1.0 / float(observe("unet").std())
+        conv.weight.mul_(scale)
+        conv.bias.mul_(scale)
+        rgb = observe("decoder")  # the decoder's output before its (x * 2 - 1): a picture in [0, 1]
+        mean, std = rgb.mean(dim=(0, 2, 3)), rgb.std(dim=(0, 2, 3)).clamp_min(1e-12)
+        last = components["vae"].decoder.layers[-1]
+        gain = 0.2 / std
+        last.weight.mul_(gain.to(last.weight.dtype)[:, None, None, None])
+        last.bias.copy_((last.bias - mean) * gain + 0.5)
+    return components
+
+
 def load_components(device: torch.device, model_dir: Path | None = None, tiny: bool = False) -> tuple[dict, str]:
-    """Weights for the paths: a real checkpoint folder, the tiny random one, or random full-size modules."""
+    """Weights for the paths: a real checkpoint folder, or random (tiny or full-size) weights calibrated by
+    :func:`calibrate_random` so the PSNR figures are taken on a picture with a real range."""
     if tiny or model_dir is not None:
         from vsstreamdiffvsr import weights
         from vsstreamdiffvsr.testing import make_tiny_checkpoint
@@ -181,8 +217,18 @@ def load_components(device: torch.device, model_dir: Path | None = None, tiny: b
         root = Path(model_dir) if model_dir else make_tiny_checkpoint(tempfile.mkdtemp(), seed=0)
         load = dict(unet=weights.load_unet(root), controlnet=weights.load_controlnet(root), vae=weights.load_vae(root),
                     raft=weights.load_raft(root).raft, prompt=weights.empty_prompt_embedding(root))
-        return load, ("tiny random" if tiny else str(root))
-    return random_full_components(init_device=device if device.type == "cuda" else "cpu"), "random full-size"
+        if tiny:
+            calibrate_random(load)
+        return load, ("tiny random (calibrated)" if tiny else str(root))
+    load = random_full_components(init_device=device if device.type == "cuda" else "cpu")
+    return calibrate_random(load), "random full-size (calibrated)"
+
+
+def picture_stats(outs: list[torch.Tensor]) -> dict:
+    """Mean, spread and clamped share of a path's output: a PSNR is only telling on a picture with range."""
+    o = torch.stack(outs)
+    return dict(mean=round(float(o.mean()), 4), std=round(float(o.std()), 4),
+                clamped=round(float(((o <= 0) | (o >= 1)).float().mean()), 4))
 
 
 REFERENCE_OPTIONS = dict(channels_last=False, raft_corr="full", oom_fallback=False, cudnn_benchmark=False,
@@ -280,12 +326,17 @@ def main() -> None:
         res = run_path(load, device, dtype, options, frames, noises, args.warmup, prefetch=prefetch)
         if ref_outs is None and dtype == torch.float32:
             ref_outs = res["outs"]
+            res["picture"] = picture_stats(ref_outs)
         res["psnr_vs_fp32"] = psnr(res["outs"], ref_outs) if ref_outs is not None else float("nan")
         del res["outs"]
         results[name] = res
 
     print(table(results, f"# {gpu}, {w}x{h} -> {4 * w}x{4 * h}, {weights_desc} weights, {args.frames} frames "
                          f"(median after {args.warmup}), torch {torch.__version__}"))
+    if ref_outs is not None:
+        pic = picture_stats(ref_outs)
+        print(f"float32 picture: mean {pic['mean']:.3f}, spread {pic['std']:.3f}, "
+              f"{100 * pic['clamped']:.1f}% of values clamped to 0 or 1")
     if args.json:
         args.json.write_text(json.dumps(dict(gpu=gpu, lr=[w, h], results=results), indent=2, default=str))
 

@@ -28,7 +28,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench import (  # noqa: E402
-    REFERENCE_OPTIONS, build, load_components, make_frames, max_err, measure, psnr, setup_device, sync, table,
+    REFERENCE_OPTIONS, build, load_components, make_frames, max_err, measure, picture_stats, psnr, setup_device,
+    sync, table,
 )
 
 OPT = dict(channels_last=None, raft_corr="auto")  # the optimised path's defaults (cuDNN autotune on CUDA)
@@ -104,6 +105,7 @@ class Driver:
                ref: str | None, keep: bool, compare: str | None) -> dict:
         w, h = size
         outs = res.pop("outs")
+        res["picture"] = picture_stats(outs)  # a PSNR is only telling on a picture with range
         ref_outs = self.refs.get(ref) if ref else None
         res["psnr_vs_fp32"] = psnr(outs, ref_outs[:n]) if ref_outs is not None else float("nan")
         res["max_err_vs_fp32"] = max_err(outs, ref_outs[:n]) if ref_outs is not None else float("nan")

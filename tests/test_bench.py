@@ -20,11 +20,13 @@ def test_bench_smoke(tmp_path: Path) -> None:
     assert lines[0].startswith("| path | ms/frame")
     assert any(line.startswith("| reference |") for line in lines)
     assert any(line.startswith("| optimized (bfloat16)") for line in lines)
+    assert "float32 picture: mean" in res.stdout
     data = json.loads(out.read_text())
     ref, opt = data["results"]["reference"], data["results"]["optimized (bfloat16)"]
     assert ref["ms"] > 0 and opt["ms"] > 0
     assert ref["psnr_vs_fp32"] == float("inf")           # the reference is the float32 output itself
     assert 35.0 < opt["psnr_vs_fp32"] < float("inf")      # bf16: close, not identical
+    assert ref["picture"]["std"] > 0.1                     # ... on a picture with range (calibrated weights)
 
 
 def test_device_bench_driver_smoke(tmp_path: Path) -> None:
@@ -43,13 +45,38 @@ def test_device_bench_driver_smoke(tmp_path: Path) -> None:
     assert "| reference (fp32/TF32, eager) |" in (tmp_path / "tables.md").read_text()
 
 
-def test_reference_path_embeds_the_condition_at_every_step_with_the_same_output() -> None:
-    """The bench's reference executes like upstream (ControlNet embedding inside every step): same numbers."""
+def _bench():
     sys.path.insert(0, str(REPO / "scripts"))
     try:
         import bench
     finally:
         sys.path.remove(str(REPO / "scripts"))
+    return bench
+
+
+def test_random_weights_are_calibrated_to_a_picture_with_range() -> None:
+    """Random full-size weights decode to a nearly black frame; the bench calibrates them so that its PSNR
+    compares pictures (the release's architecture at 32x32 LR on the CPU: ~20 s)."""
+    import torch
+
+    bench = _bench()
+    cpu = torch.device("cpu")
+    frames, noises = bench.make_frames(2, 32, 32)
+
+    def picture(load: dict) -> dict:
+        return bench.picture_stats(bench.measure(bench.build(load, cpu, torch.float32), frames, noises, 1, cpu)["outs"])
+
+    load = bench.random_full_components()
+    before = picture(load)
+    assert before["std"] < 0.05 and before["clamped"] > 0.3, before  # what the PSNR would otherwise be taken on
+    bench.calibrate_random(load, 32, 32)
+    after = picture(load)
+    assert 0.35 < after["mean"] < 0.65 and 0.12 < after["std"] < 0.3 and after["clamped"] < 0.05, after
+
+
+def test_reference_path_embeds_the_condition_at_every_step_with_the_same_output() -> None:
+    """The bench's reference executes like upstream (ControlNet embedding inside every step): same numbers."""
+    bench = _bench()
     import torch
 
     load, _ = bench.load_components(torch.device("cpu"), tiny=True)
