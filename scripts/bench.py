@@ -13,7 +13,7 @@ Paths:
   optimized  --dtype (bfloat16), channels_last on CUDA (cuDNN autotuning too when not compiled), the next
              frame's flow queued on a side stream as the filter does (--no-prefetch; --graph-flow replays it
              from a CUDA graph), torch.compile with CUDA graphs on CUDA (--no-compile, --compile-mode;
-             --compile-flow compiles RAFT too), --flow, --tile, --raft-corr, --vae-dtype
+             --compile-flow compiles RAFT too), --flow, --tile (--tile-denoise), --raft-corr, --vae-dtype
 The table gives ms/frame (median over --frames after --warmup frames), peak allocated GPU memory, the
 first frame's time, the warm-up overhead (time of the warm-up frames above the median: compile and
 autotuning), and PSNR of each path's output against the float32 output on the same weights, frames and
@@ -292,6 +292,7 @@ def main() -> None:
     ap.add_argument("--compile-mode", default=DEFAULT_COMPILE_MODE, help="torch.compile mode (default: %(default)s)")
     ap.add_argument("--flow", default="hr", choices=("hr", "lr"))
     ap.add_argument("--tile", type=int, default=None, help="LR tile size for the optimized path")
+    ap.add_argument("--tile-denoise", action="store_true", help="with --tile: denoise in tiles too")
     ap.add_argument("--vae-dtype", default=None, help="tiny VAE precision of the optimized path (default float32)")
     ap.add_argument("--raft-corr", default="auto", choices=("auto", "full", "half", "lean"),
                     help="RAFT correlation of the optimized path (half: float16 pyramid; lean: none)")
@@ -312,13 +313,14 @@ def main() -> None:
     frames, noises = make_frames(args.frames, h, w)
 
     paths = [] if args.skip_reference else [("reference", torch.float32, REFERENCE_OPTIONS, False)]
-    opt = dict(channels_last=None, flow=args.flow, tile=args.tile, compile=args.compile,
-               compile_mode=args.compile_mode, raft_corr=args.raft_corr, graph_flow=args.graph_flow,
-               compile_flow=args.compile_flow,
+    opt = dict(channels_last=None, flow=args.flow, tile=args.tile, tile_denoise=args.tile_denoise,
+               compile=args.compile, compile_mode=args.compile_mode, raft_corr=args.raft_corr,
+               graph_flow=args.graph_flow, compile_flow=args.compile_flow,
                vae_dtype=parse_dtype(args.vae_dtype) if args.vae_dtype else None)
     opt_dtype = parse_dtype(args.dtype)
     paths.append((f"optimized ({str(opt_dtype).removeprefix('torch.')}{', compiled' if args.compile else ''}"
                   f"{', flow=lr' if args.flow == 'lr' else ''}{f', tile={args.tile}' if args.tile else ''}"
+                  f"{', tile_denoise' if args.tile_denoise else ''}"
                   f"{f', vae {args.vae_dtype}' if args.vae_dtype else ''})",
                   opt_dtype, opt, not args.no_prefetch))
     results, ref_outs = {}, None

@@ -298,9 +298,12 @@ class Driver:
 
     def tiled(self, size: str, frames: int | None = None, warmup: int | None = None) -> None:
         tile = (32, 32) if self.args.tiny else (192, 320)
+        # the HR stages in cropped tiles around the whole-latent denoising (tile=), then the denoising in
+        # feathered tiles too (tile_denoise=True, run 1's tiling): memory and picture of each
         self.path(size, f"optimised eager, tiled {tile[0]}x{tile[1]} LR", torch.bfloat16, dict(OPT, tile=tile),
                   prefetch=True, ref=f"{size}/{self.REF}", compare=f"{size}/{self.EAGER}", frames=frames,
-                  warmup=warmup)
+                  warmup=warmup, views={f"optimised eager, tiled {tile[0]}x{tile[1]} LR, denoising tiled too":
+                                        dict(tile_denoise=True)})
 
     def cached(self, size: str, mode: str) -> None:
         """A second process compiles the same path again: what a user's second run pays."""

@@ -198,31 +198,83 @@ def test_feathered_tiles_are_a_partition_of_unity() -> None:
         parse_tile((64, 20))
 
 
-def test_tiling_places_and_blends_tiles_exactly(pipe: StreamDiffVSR, monkeypatch: pytest.MonkeyPatch) -> None:
-    """With a purely local stand-in for the model, the tiled frame equals the untiled one exactly."""
-    tiled = pipe.with_options(tile=32, tile_overlap=8)
-    monkeypatch.setattr(tiled, "denoise", lambda z, x, warped: z * 0.5 + x[:, :1])
-    monkeypatch.setattr(tiled, "_decode", lambda z, feats: F.interpolate(z[:, :3], scale_factor=4, mode="nearest"))
-    monkeypatch.setattr(tiled, "_features", lambda w: None)
+def _local_stand_ins(pipe: StreamDiffVSR, monkeypatch: pytest.MonkeyPatch, k: int) -> None:
+    """Local stand-ins for the model's stages: the decoder sees k x k pixels around a pixel (a margin
+    of context is what makes a cropped tile exact; blended tiles are exact only for pointwise stages)."""
+    def denoise(z, x, warped, cond=None):
+        if cond is None and warped is not None:
+            cond = pipe._embed(warped)
+        return z * 0.5 + x[:, :1] + (0 if cond is None else cond[:, :1])
+
+    def decode(z, feats):
+        up = F.interpolate(F.avg_pool2d(z[:, :3], k, 1, k // 2), scale_factor=4, mode="nearest")
+        return up if feats is None else up + F.avg_pool2d(feats[0], k, 1, k // 2)
+
+    monkeypatch.setattr(pipe, "denoise", denoise)
+    monkeypatch.setattr(pipe, "_embed", lambda w: F.avg_pool2d(w, 4))
+    monkeypatch.setattr(pipe, "_features", lambda w: [w * 0.25])
+    monkeypatch.setattr(pipe, "_decode", decode)
+    monkeypatch.setattr(pipe.vae, "decode", decode)
+
+
+@pytest.mark.parametrize("tile_denoise", [False, True])
+def test_tiling_places_and_blends_tiles_exactly(pipe: StreamDiffVSR, monkeypatch: pytest.MonkeyPatch,
+                                                tile_denoise: bool) -> None:
+    """With purely local stand-ins for the model, the tiled frame equals the untiled one exactly: cropped
+    tiles around the whole-latent denoising, and feathered tiles of the denoising too."""
+    tiled = pipe.with_options(tile=32, tile_overlap=8, tile_denoise=tile_denoise)
+    _local_stand_ins(tiled, monkeypatch, k=1 if tile_denoise else 5)
     g = torch.Generator().manual_seed(0)
     z, x = torch.randn(1, 4, 56, 72, generator=g), torch.rand(1, 3, 56, 72, generator=g)
     warped = torch.rand(1, 3, 4 * 56, 4 * 72, generator=g)  # a warm frame: the path with the decoder seam
-    whole = tiled._run(z, x, warped, None)
-    parts = tiled._run(z, x, warped, (32, 32))
-    assert tiled.stats["tiled_frames"] == 1
-    assert float((whole - parts).abs().max()) <= 1e-5
+    for w in (warped, None):
+        whole = tiled._run(z, x, w, None)
+        parts = tiled._run(z, x, w, (32, 32), tile_denoise)
+        assert float((whole - parts).abs().max()) <= 1e-5
+    assert tiled.stats["tiled_frames"] == 2
+
+
+def test_crop_layout_cores_partition_the_frame_inside_their_margins() -> None:
+    from vsstreamdiffvsr.tiling import crop_layout
+
+    for h, w, tile, margin in ((64, 80, (32, 32), 32), (540, 960, (192, 320), 32), (100, 52, (48, 40), 12),
+                               (36, 36, (64, 64), 32)):
+        pairs = crop_layout(h, w, tile, margin)
+        count = torch.zeros(h, w, dtype=torch.int32)
+        for t, core in pairs:
+            assert (t.h, t.w) == (min(tile[0], h), min(tile[1], w)) and t.y0 % 4 == 0 and t.x0 % 4 == 0
+            assert t.y0 <= core.y0 and core.y0 + core.h <= t.y0 + t.h
+            assert t.x0 <= core.x0 and core.x0 + core.w <= t.x0 + t.w
+            m = (min(margin, t.h // 4 // 4 * 4), min(margin, t.w // 4 // 4 * 4))
+            # inside the frame, a core keeps its tile's margin of context on every side
+            assert core.y0 == 0 or core.y0 - t.y0 >= m[0]
+            assert core.y0 + core.h == h or t.y0 + t.h - (core.y0 + core.h) >= m[0]
+            assert core.x0 == 0 or core.x0 - t.x0 >= m[1]
+            assert core.x0 + core.w == w or t.x0 + t.w - (core.x0 + core.w) >= m[1]
+            count[core.y0:core.y0 + core.h, core.x0:core.x0 + core.w] += 1
+        assert bool((count == 1).all())
 
 
 def test_tiled_close_to_untiled(pipe: StreamDiffVSR) -> None:
-    frames, noises = frames_and_noise(2, 64, 64)
+    frames, noises = frames_and_noise(2, 64, 160)
     ref = run(pipe, frames, noises)
-    tiled = pipe.with_options(tile=48, tile_overlap=16)
+    # two 128-px tiles side by side: the HR stages cropped with a 32 px margin, the denoising whole
+    tiled = pipe.with_options(tile=128)
     out = run(tiled, frames, noises)
     assert tiled.stats["tiled_frames"] == 2
+    for i, (a, b) in enumerate(zip(out, ref)):
+        # exact but where TPM's 1-D convolution joins each row's end to the next row's start: within about
+        # 30 LR px of the frame's left and right edges a tile's rows end at the tile, the frame's elsewhere
+        # (warm frames only; the tile seam at 80 LR px is inside the checked band)
+        assert float((a - b)[..., 40 * 4:-40 * 4].abs().max()) <= 1e-5
+        assert float((a - b).abs().max()) <= (0.0 if i == 0 else 1e-2) and psnr(a, b) >= 60.0
+    both = pipe.with_options(tile=128, tile_overlap=16, tile_denoise=True)
+    out = run(both, frames, noises)
+    assert both.stats["tiled_frames"] == 2
     for a, b in zip(out, ref):
         # GroupNorm statistics and attention see a tile, not the frame: close, not equal (tiny random model)
         assert 30.0 <= psnr(a, b) < 200.0
-    single = pipe.with_options(tile=64)  # one tile covering the frame = the untiled computation
+    single = pipe.with_options(tile=(64, 160))  # one tile covering the frame = the untiled computation
     for a, b in zip(run(single, frames, noises), ref):
         assert float((a - b).abs().max()) == 0.0
 
@@ -250,22 +302,23 @@ def test_nan_in_half_precision_recomputes_in_float32(tiny_ckpt: Path, pipe: Stre
 
 
 def test_out_of_memory_falls_back_to_tiles(pipe: StreamDiffVSR, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Simulated CUDA OOM for anything larger than a 32x32 latent: tiles shrink until the frame fits."""
+    """Simulated CUDA OOM in the denoising of anything larger than a 32x32 latent: tiles shrink, and the
+    denoising is tiled too, until the frame fits."""
     frames, noises = frames_and_noise(2, 64, 64)
-    expected = run(pipe.with_options(tile=32, tile_overlap=16), frames, noises)
+    expected = run(pipe.with_options(tile=32, tile_overlap=16, tile_denoise=True), frames, noises)
     lean = pipe.with_options()
     real_denoise = lean.denoise
 
-    def limited(z, x, warped):
+    def limited(z, x, warped, cond=None):
         if z.shape[-1] * z.shape[-2] > 32 * 32:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real_denoise(z, x, warped)
+        return real_denoise(z, x, warped, cond)
 
     monkeypatch.setattr(lean, "denoise", limited)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         out = run(lean, frames, noises)
-    assert lean.stats["oom_fallbacks"] == 1 and lean.tile == (32, 32)
+    assert lean.stats["oom_fallbacks"] == 1 and lean.tile == (32, 32) and lean.tile_denoise
     assert any(issubclass(w.category, TilingFallbackWarning) for w in caught)
     for a, b in zip(out, expected):
         assert float((a - b).abs().max()) <= 1e-6
@@ -273,6 +326,30 @@ def test_out_of_memory_falls_back_to_tiles(pipe: StreamDiffVSR, monkeypatch: pyt
     monkeypatch.setattr(strict, "denoise", limited)
     with pytest.raises(torch.OutOfMemoryError):
         run(strict, frames[:1], noises[:1])
+
+
+def test_out_of_memory_in_the_decoder_tiles_only_the_hr_stages(pipe: StreamDiffVSR,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where only the HR stages run out (decoding more than a 32x32 latent), the denoising stays whole."""
+    frames, noises = frames_and_noise(2, 64, 64)
+    expected = run(pipe.with_options(tile=32), frames, noises)
+    lean = pipe.with_options()
+    real_decode = lean.vae.decode
+
+    def limited(z, feats=None):
+        if z.shape[-1] * z.shape[-2] > 32 * 32:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_decode(z, feats)
+
+    monkeypatch.setattr(lean.vae, "decode", limited)  # cold frames
+    monkeypatch.setattr(lean, "_decode", limited)      # warm frames
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = run(lean, frames, noises)
+    assert lean.stats["oom_fallbacks"] == 1 and lean.tile == (32, 32) and not lean.tile_denoise
+    assert any("decoding (the denoising whole)" in str(w.message) for w in caught)
+    for a, b in zip(out, expected):
+        assert float((a - b).abs().max()) <= 1e-6
 
 
 def test_raft_out_of_memory_falls_back_to_lr_flow(pipe: StreamDiffVSR, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -122,7 +122,7 @@ def upscale(clip: vs.VideoNode, *, model_dir: str | os.PathLike[str] | None = No
             reset_on_scene_change: bool = True, flow: str = "hr", tile: int | tuple[int, int] | None = None,
             tile_overlap: int = 16, compile: bool = False, compile_mode: str = DEFAULT_COMPILE_MODE,
             prefetch_flow: bool = True, raft_corr: str = "auto", graph_flow: bool | None = None,
-            compile_flow: bool = False) -> vs.VideoNode:
+            compile_flow: bool = False, tile_denoise: bool = False) -> vs.VideoNode:
     """Stream-DiffVSR x4 super-resolution of an RGBS/RGBH clip.
 
     Args:
@@ -139,9 +139,12 @@ def upscale(clip: vs.VideoNode, *, model_dir: str | os.PathLike[str] | None = No
         reset_on_scene_change: a frame with ``_SceneChangePrev`` = 1 starts a new run.
         flow: ``"hr"`` (reference: RAFT on the bicubic x4 frames) or ``"lr"`` (faster, a documented
             deviation: RAFT at LR, flow upsampled x4; needs an LR side of at least 128 px).
-        tile: LR tile size (int or (h, w), multiples of 8) for denoising and decoding large frames in
-            overlapping, feathered tiles; None = whole frames, with automatic tiling on CUDA out-of-memory.
-        tile_overlap: LR pixels shared by neighbouring tiles (multiple of 4).
+        tile: LR tile size (int or (h, w), multiples of 8) for large frames: the stages at HR size (ARTG's
+            embedding, TPM encoder, decoder) run per tile with a margin of context cropped away (the untiled
+            values), the denoising on the whole LR latent; None = whole frames, with automatic tiling on
+            CUDA out-of-memory (then the denoising too, if it alone does not fit).
+        tile_overlap: LR pixels shared by neighbouring denoising tiles (multiple of 4).
+        tile_denoise: with ``tile``, also denoise per tile (feathered): less memory, a moved picture.
         compile: ``torch.compile`` the denoising step and decoder (first frames slow; kernels cached on disk).
         compile_mode: ``"reduce-overhead"`` (CUDA graphs, the default), ``"default"`` or ``"max-autotune"``.
         prefetch_flow: compute frame n+1's optical flow (it depends on the inputs only) while frame n is
@@ -172,6 +175,8 @@ def upscale(clip: vs.VideoNode, *, model_dir: str | os.PathLike[str] | None = No
             raise vs.Error(f"upscale: {name} must be an integer >= {lo}, got {value!r}")
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise vs.Error(f"upscale: seed must be an integer, got {seed!r}")
+    if not isinstance(tile_denoise, bool):
+        raise vs.Error(f"upscale: tile_denoise must be True or False, got {tile_denoise!r}")
     try:
         dev = parse_device(device)
         dt = parse_dtype(dtype if dtype is not None else (torch.bfloat16 if dev.type == "cuda" else torch.float32))
@@ -184,7 +189,7 @@ def upscale(clip: vs.VideoNode, *, model_dir: str | os.PathLike[str] | None = No
     try:
         pipe = base.with_options(flow=flow, tile=tile, tile_overlap=tile_overlap, compile=compile,
                                  compile_mode=compile_mode, raft_corr=raft_corr, graph_flow=graph_flow,
-                                 compile_flow=compile_flow)
+                                 compile_flow=compile_flow, tile_denoise=tile_denoise)
     except ValueError as exc:
         raise vs.Error(f"upscale: {exc}") from None
     if flow == "lr" and min(clip.width, clip.height) < 128:

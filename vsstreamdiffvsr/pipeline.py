@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from .accel import GraphedCall, compile_cache, run_flags
 from .models.flow import CORR_MODES, MIN_FLOW_SIDE, bicubic_x4, corr_pyramid_bytes, warp
 from .state import StreamState
-from .tiling import Tile, feather_weight, parse_tile, tile_layout
+from .tiling import Tile, crop_layout, feather_weight, parse_tile, tile_layout
 
 __all__ = ["StreamDiffVSR", "FlowTicket", "MIN_LR_SIDE", "NUM_INFERENCE_STEPS", "NonFiniteInputError",
            "PrecisionFallbackWarning", "TilingFallbackWarning", "FlowGraphWarning"]
@@ -58,6 +58,11 @@ FULL_CORR_MAX = 2 * 2**30
 HALF_CORR_MAX = 4 * 2**30
 #: LR tile used when a frame does not fit in GPU memory and no tile size was given (720p output per tile).
 AUTO_TILE = (192, 320)
+#: LR pixels of context around each tile of the HR stages, computed and cropped away (at most a quarter of
+#: the tile side). An impulse reaches about 40 LR px through the decoder and its TPM features; with 32 the
+#: tiles matched the whole frame to 5e-7 (float32 rounding) on calibrated random full-size weights, away
+#: from the frame's left and right edges (see :mod:`vsstreamdiffvsr.tiling`).
+TILE_MARGIN = 32
 
 
 class NonFiniteInputError(ValueError):
@@ -66,6 +71,10 @@ class NonFiniteInputError(ValueError):
 
 class PrecisionFallbackWarning(RuntimeWarning):
     """A half-precision frame produced NaN/Inf and was recomputed in float32."""
+
+
+class _DenoiseOutOfMemory(torch.OutOfMemoryError):
+    """The whole-latent denoising of a frame with tiled HR stages ran out of memory (not a tile)."""
 
 
 class TilingFallbackWarning(RuntimeWarning):
@@ -141,13 +150,15 @@ class StreamDiffVSR:
                  channels_last: bool | None = None, tile: int | tuple[int, int] | None = None,
                  tile_overlap: int = 16, oom_fallback: bool = True, nan_fallback: bool = True,
                  raft_corr: str = "auto", cudnn_benchmark: bool | None = None,
-                 graph_flow: bool | None = None) -> None:
+                 graph_flow: bool | None = None, tile_denoise: bool = False) -> None:
         self.device = device
         self.dtype = dtype
         self.flow_mode = _choice("flow", flow, FLOW_MODES)
         self.raft_corr = _choice("raft_corr", raft_corr, RAFT_CORR_MODES)
         self.tile = parse_tile(tile)
         self.tile_overlap = _overlap(tile_overlap)
+        #: with tiles: also run the 4 denoising steps per tile (feathered), not on the whole LR latent
+        self.tile_denoise = bool(tile_denoise)
         self.oom_fallback = oom_fallback
         self.nan_fallback = nan_fallback
         self.channels_last = (device.type == "cuda") if channels_last is None else bool(channels_last)
@@ -177,7 +188,7 @@ class StreamDiffVSR:
         self._features = self.vae.temporal_features
         self._embed: Callable[[torch.Tensor], torch.Tensor] = self.cond_embedding or _unchanged
         self._fp32_twin: StreamDiffVSR | None = None
-        self._tile_cache: dict[tuple, list[tuple[Tile, torch.Tensor]]] = {}
+        self._tile_cache: dict[tuple, list[tuple[Tile, Any]]] = {}
         self._flow_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.compiled = False
         self.compile_mode: str | None = None
@@ -209,7 +220,7 @@ class StreamDiffVSR:
                         oom_fallback: bool = True, nan_fallback: bool = True,
                         raft_corr: str = "auto", vae_dtype: torch.dtype | str | None = None,
                         cudnn_benchmark: bool | None = None, graph_flow: bool | None = None,
-                        compile_flow: bool = False) -> "StreamDiffVSR":
+                        compile_flow: bool = False, tile_denoise: bool = False) -> "StreamDiffVSR":
         """Load from a model folder in the Hugging Face layout (see :mod:`vsstreamdiffvsr.weights`).
 
         Args:
@@ -228,9 +239,15 @@ class StreamDiffVSR:
             compile_flow: also ``torch.compile`` RAFT (mode "default", never CUDA graphs: it runs beside the
                 denoising's graphs on a stream of its own). Off by default: not yet measured on a GPU. RAFT is
                 bound by GPU work, much of it elementwise and normalisation kernels a compiler can fuse.
-            tile: LR tile size (int or (h, w), multiples of 8) for diffusion + decoding; None = whole frame.
-            tile_overlap: LR pixels shared by neighbouring tiles (feathered), a multiple of 4.
-            oom_fallback: on CUDA out-of-memory, recompute the frame in tiles (and keep tiling).
+            tile: LR tile size (int or (h, w), multiples of 8); None = whole frames. The stages at HR size
+                (ARTG's condition embedding, the TPM encoder, the decoder: most of the memory) run per tile
+                with ``TILE_MARGIN`` LR px of context cropped away, which gives the untiled values; the 4
+                denoising steps run on the whole LR latent unless ``tile_denoise``.
+            tile_overlap: LR pixels shared by neighbouring denoising tiles (feathered), a multiple of 4.
+            tile_denoise: with tiles, denoise per tile too (feathered): less memory, but GroupNorm and
+                attention then see a tile, not the frame, so the picture moves (PSNR in the README).
+            oom_fallback: on CUDA out-of-memory, recompute the frame in tiles, then with the denoising tiled
+                too, then in smaller tiles, and keep the setting that fitted.
             nan_fallback: a half-precision frame with NaN/Inf is recomputed in float32 (one warning).
             raft_corr: RAFT's correlation: ``"full"`` (torchvision's all-pairs float32 pyramid, the reference),
                 ``"half"`` (that pyramid stored in float16: half the memory; values rounded to the 11 bits TF32
@@ -266,7 +283,8 @@ class StreamDiffVSR:
                    raft=weights.load_raft(root), prompt_embeds=weights.empty_prompt_embedding(root),
                    device=dev, dtype=dt, flow=flow, channels_last=channels_last, tile=tile,
                    tile_overlap=tile_overlap, oom_fallback=oom_fallback, nan_fallback=nan_fallback,
-                   raft_corr=raft_corr, cudnn_benchmark=cudnn_benchmark, graph_flow=graph_flow)
+                   raft_corr=raft_corr, cudnn_benchmark=cudnn_benchmark, graph_flow=graph_flow,
+                   tile_denoise=tile_denoise)
         pipe.model_dir = str(root)
         if compile:
             pipe.enable_compile(mode=compile_mode, cache_dir=compile_cache_dir)
@@ -280,7 +298,7 @@ class StreamDiffVSR:
                      compile_mode: str = DEFAULT_COMPILE_MODE,
                      compile_cache_dir: str | os.PathLike[str] | None = None,
                      raft_corr: str | None = None, graph_flow: bool | None = None,
-                     compile_flow: bool | None = None) -> "StreamDiffVSR":
+                     compile_flow: bool | None = None, tile_denoise: bool | None = None) -> "StreamDiffVSR":
         """A pipeline sharing this one's weights and lock (no reload) with other run-time settings.
 
         Arguments left at None (``tile`` at ``"keep"``) keep this pipeline's value; see :meth:`from_pretrained`.
@@ -293,6 +311,9 @@ class StreamDiffVSR:
             view.flow_mode = _choice("flow", flow, FLOW_MODES)
         if tile != "keep":
             view.tile = parse_tile(tile)  # type: ignore[arg-type]
+            view.tile_denoise = False  # a new tile size starts from the whole-latent denoising
+        if tile_denoise is not None:
+            view.tile_denoise = bool(tile_denoise)
         if tile_overlap is not None:
             view.tile_overlap = _overlap(tile_overlap)
         if raft_corr is not None:
@@ -456,11 +477,16 @@ class StreamDiffVSR:
         return self.unet(inp, t, encoder_hidden_states=self.prompt_embeds, down_block_additional_residuals=down,
                          mid_block_additional_residual=mid, return_dict=False)[0]
 
-    def denoise(self, z: torch.Tensor, x: torch.Tensor, warped: torch.Tensor | None) -> torch.Tensor:
-        """The 4 DDIM steps on float32 ``z``; ``warped`` None means a cold frame (U-Net alone)."""
+    def denoise(self, z: torch.Tensor, x: torch.Tensor, warped: torch.Tensor | None,
+                cond: torch.Tensor | None = None) -> torch.Tensor:
+        """The 4 DDIM steps on float32 ``z``; ``warped`` None means a cold frame (U-Net alone).
+
+        ``cond``: the conditioning embedding of ``warped`` when already made (in tiles: :meth:`_embed_tiled`).
+        """
         x_in = x.to(self.dtype).contiguous(memory_format=self._fmt)
         # the ControlNet's conditioning embedding of the warped frame: the same at all 4 steps, so made once
-        cond = None if warped is None else self._embed(warped.to(self.dtype).contiguous(memory_format=self._fmt))
+        if cond is None and warped is not None:
+            cond = self._embed(warped.to(self.dtype).contiguous(memory_format=self._fmt))
         for t, t_dev in zip(self.timesteps, self._t_tensors):
             if cond is None:
                 v = self._step_cold(z, x_in, t_dev)
@@ -477,24 +503,31 @@ class StreamDiffVSR:
         feats = self._features(warped.to(self.vae_dtype))
         return self._decode(self.denoise(z, x, warped).to(self.vae_dtype), feats).float()
 
-    def _tiles(self, h: int, w: int, tile: tuple[int, int]) -> list[tuple[Tile, torch.Tensor]]:
-        """Tile layout with its feathered weights, built once per (frame size, tile, overlap)."""
-        key = (h, w, tile, self.tile_overlap)
+    def _tiles(self, h: int, w: int, tile: tuple[int, int], denoise: bool) -> list[tuple[Tile, Any]]:
+        """Denoising tiles with their feathered weights (``denoise``), or HR-stage (tile, core) pairs; built
+        once per (frame size, tile, overlap, kind)."""
+        key = (h, w, tile, self.tile_overlap, denoise)
         cached = self._tile_cache.get(key)
         if cached is None:
-            tiles = tile_layout(h, w, tile, self.tile_overlap)
-            cached = [(t, feather_weight(t, tiles, h, w, 4, self.device)) for t in tiles]
-            self._tile_cache = {key: cached}  # one frame size at a time
+            if denoise:
+                tiles = tile_layout(h, w, tile, self.tile_overlap)
+                cached = [(t, feather_weight(t, tiles, h, w, 4, self.device)) for t in tiles]
+            else:
+                cached = crop_layout(h, w, tile, TILE_MARGIN)
+            self._tile_cache = {key: cached}  # one layout at a time
         return cached
 
     def _run(self, z: torch.Tensor, x: torch.Tensor, warped: torch.Tensor | None,
-             tile: tuple[int, int] | None) -> torch.Tensor:
-        """Denoise and decode (whole frame, or tiles blended with feathered weights): raw y (1,3,4h,4w)."""
+             tile: tuple[int, int] | None, tile_denoise: bool = False) -> torch.Tensor:
+        """Denoise and decode: raw y (1,3,4h,4w). Whole frame; or the HR stages in cropped tiles around the
+        whole-latent denoising; or (``tile_denoise``) everything in tiles blended with feathered weights."""
         h, w = x.shape[-2:]
-        tiles = self._tiles(h, w, tile) if tile is not None else []
+        tiles = self._tiles(h, w, tile, tile_denoise) if tile is not None else []
         if len(tiles) <= 1:
             return self._denoise_decode(z, x, warped)
         self.stats["tiled_frames"] += 1
+        if not tile_denoise:
+            return self._run_hr_tiles(z, x, warped, tiles)
         acc = torch.zeros(1, 3, 4 * h, 4 * w, device=self.device, dtype=torch.float32)
         wsum = torch.zeros(1, 1, 4 * h, 4 * w, device=self.device, dtype=torch.float32)
         for t, wt in tiles:
@@ -503,6 +536,40 @@ class StreamDiffVSR:
             acc[..., hy, hx] += self._denoise_decode(z[..., ly, lx], x[..., ly, lx], w_t) * wt
             wsum[..., hy, hx] += wt
         return acc / wsum
+
+    def _run_hr_tiles(self, z: torch.Tensor, x: torch.Tensor, warped: torch.Tensor | None,
+                      tiles: list[tuple[Tile, Tile]]) -> torch.Tensor:
+        """The 4 steps on the whole LR latent; ARTG's embedding, TPM encoder and decoder per tile, each
+        computed with its margin of context and cropped to its core (the cores partition the frame)."""
+        h, w = x.shape[-2:]
+        cond = None if warped is None else self._embed_tiled(warped, tiles)
+        try:
+            latent = self.denoise(z, x, warped, cond=cond).to(self.vae_dtype)
+        except torch.OutOfMemoryError:
+            del cond
+            # tells the fallback to tile the denoising too, rather than shrink tiles that did fit
+            raise _DenoiseOutOfMemory("out of memory in the whole-latent denoising") from None
+        del cond
+        y = torch.empty(1, 3, 4 * h, 4 * w, device=self.device, dtype=torch.float32)
+        for t, core in tiles:
+            feats = None if warped is None else self._features(warped[(..., *t.hr())].to(self.vae_dtype))
+            decode = self._decode if feats is not None else self.vae.decode  # cold frames stay eager
+            out = decode(latent[(..., *t.lr())], feats)
+            y[(..., *core.hr())] = out[(..., *_within(core, t, 4))].float()
+        return y
+
+    def _embed_tiled(self, warped: torch.Tensor, tiles: list[tuple[Tile, Tile]]) -> torch.Tensor:
+        """ARTG's conditioning embedding of the HR ``warped`` frame, made per tile and cropped: (1,C,h,w)."""
+        out: torch.Tensor | None = None
+        for t, core in tiles:
+            e = self._embed(warped[(..., *t.hr())].to(self.dtype).contiguous(memory_format=self._fmt))
+            if out is None:
+                h, w = warped.shape[-2] // 4, warped.shape[-1] // 4
+                out = torch.empty(1, e.shape[1], h, w, device=e.device, dtype=e.dtype).contiguous(
+                    memory_format=self._fmt)
+            out[(..., *core.lr())] = e[(..., *_within(core, t, 1))]
+        assert out is not None
+        return out
 
     def _flow_with_fallbacks(self, x: torch.Tensor, x_prev: torch.Tensor) -> torch.Tensor:
         """Flow; on out-of-memory, the lean correlation (same flow), then, for flow="hr", flow at LR."""
@@ -530,21 +597,31 @@ class StreamDiffVSR:
                       "documented deviation)", TilingFallbackWarning, stacklevel=6)
         return self.compute_flow(x, x_prev, mode="lr"), None
 
-    def _run_shrinking_tiles(self, z: torch.Tensor, x: torch.Tensor, warped: torch.Tensor | None) -> torch.Tensor:
-        """After an out-of-memory error: tiles (then smaller tiles) until the frame fits; they stay in use."""
-        tile = self.tile
+    def _run_shrinking_tiles(self, z: torch.Tensor, x: torch.Tensor, warped: torch.Tensor | None,
+                             in_denoise: bool = False) -> torch.Tensor:
+        """After an out-of-memory error, until the frame fits: the HR stages in tiles (the picture of the
+        whole frame); where the whole-latent denoising itself ran out (``in_denoise``), that in tiles too;
+        otherwise smaller tiles. The setting that fitted stays in use."""
+        tile, tile_denoise = self.tile, self.tile_denoise
         while True:
             _empty_cache(self.device)
-            tile = AUTO_TILE if tile is None else _halve(tile)
-            warnings.warn(f"vsstreamdiffvsr: out of GPU memory; denoising and decoding in {tile[0]}x{tile[1]} LR "
-                          "tiles from now on (pass tile= to choose)", TilingFallbackWarning, stacklevel=5)
+            if tile is None:
+                tile = AUTO_TILE
+            elif in_denoise and not tile_denoise:
+                tile_denoise = True
+            else:
+                tile = _halve(tile)
+            what = "denoising and decoding" if tile_denoise else "decoding (the denoising whole)"
+            warnings.warn(f"vsstreamdiffvsr: out of GPU memory; {what} in {tile[0]}x{tile[1]} LR tiles from now "
+                          "on (pass tile= / tile_denoise= to choose)", TilingFallbackWarning, stacklevel=5)
             try:
-                y = self._run(z, x, warped, tile)
-            except torch.OutOfMemoryError:
-                if tile == (32, 32):
+                y = self._run(z, x, warped, tile, tile_denoise)
+            except torch.OutOfMemoryError as exc:
+                in_denoise = isinstance(exc, _DenoiseOutOfMemory)
+                if tile == (32, 32) and (tile_denoise or not in_denoise):
                     raise
                 continue  # the loop's next _empty_cache runs outside this handler
-            self.tile = tile
+            self.tile, self.tile_denoise = tile, tile_denoise
             return y
 
     def _fp32(self) -> "StreamDiffVSR":
@@ -726,9 +803,9 @@ class StreamDiffVSR:
                           "frame recomputed in float32", PrecisionFallbackWarning, stacklevel=4)
             del y
             twin = self._fp32()
-            twin.tile = self.tile
+            twin.tile, twin.tile_denoise = self.tile, self.tile_denoise
             y = twin._run_or_tile(z, x, warped)
-            self.tile = twin.tile
+            self.tile, self.tile_denoise = twin.tile, twin.tile_denoise
         return y
 
     def _announce_compile(self, lr_size: tuple[int, ...]) -> None:
@@ -745,13 +822,14 @@ class StreamDiffVSR:
     def _run_or_tile(self, z: torch.Tensor, x: torch.Tensor, warped: torch.Tensor | None) -> torch.Tensor:
         """:meth:`_run` with this pipeline's tiling; on out-of-memory, retry in tiles (if allowed)."""
         try:
-            return self._run(z, x, warped, self.tile)
-        except torch.OutOfMemoryError:
+            return self._run(z, x, warped, self.tile, self.tile_denoise)
+        except torch.OutOfMemoryError as exc:
             if not self.oom_fallback:
                 raise
+            in_denoise = isinstance(exc, _DenoiseOutOfMemory)
         # retried outside the except block: its traceback would keep the failed attempt's tensors alive
         self.stats["oom_fallbacks"] += 1
-        return self._run_shrinking_tiles(z, x, warped)
+        return self._run_shrinking_tiles(z, x, warped, in_denoise)
 
 
 class _Worker:
@@ -872,6 +950,12 @@ def _overlap(value: int) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 0 or value % 4:
         raise ValueError(f"tile_overlap must be a non-negative multiple of 4 (LR pixels), got {value!r}")
     return value
+
+
+def _within(core: Tile, tile: Tile, scale: int) -> tuple[slice, slice]:
+    """``core``'s place inside ``tile``'s output, at ``scale`` times the LR grid."""
+    return (slice(scale * (core.y0 - tile.y0), scale * (core.y0 - tile.y0 + core.h)),
+            slice(scale * (core.x0 - tile.x0), scale * (core.x0 - tile.x0 + core.w)))
 
 
 def _halve(tile: tuple[int, int]) -> tuple[int, int]:

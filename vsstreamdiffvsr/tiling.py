@@ -1,9 +1,19 @@
-"""Overlapping tiles with feathered blending, for frames too large to denoise and decode at once.
+"""Tiles for frames too large to run at once: cropped margins for the HR stages, feathering for the U-Net.
 
 Tiles are laid out on the LR grid (the latent lives at LR resolution); the HR output of a tile is the
 same region times 4. Every tile has the same size (the last row/column is aligned to the frame edge),
-so a compiled model sees one static shape. Weights ramp linearly across each overlap and stay 1 at
-frame borders, so the blend is a partition of unity with no visible seam.
+so a compiled model sees one static shape.
+
+* :func:`crop_layout`: the stages at HR size (ARTG's condition embedding, the TPM encoder, the decoder)
+  are stacks of convolutions, so a tile computed with a margin of context and cropped to its core gives
+  the untiled values. Cores partition the frame and lie at least ``margin`` inside their tile. One
+  exception: TPM runs a 1-D convolution over the rows of its pooled grid joined end to end, so near the
+  frame's left and right edges a pixel sees the other end of the neighbouring row, which a tile that
+  does not span the frame's width replaces by its own (measured: within ~30 LR px of those edges).
+* :func:`tile_layout` + :func:`feather_weight`: the denoising itself, tiled only when it does not fit
+  whole. GroupNorm statistics and attention then see a tile rather than the frame, so tiles differ from
+  the whole frame everywhere, not only at their edges; weights ramp linearly across each overlap and
+  stay 1 at frame borders, so the blend is a partition of unity with no visible seam.
 """
 
 from __future__ import annotations
@@ -12,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Tile", "tile_layout", "feather_weight", "parse_tile"]
+__all__ = ["Tile", "crop_layout", "tile_layout", "feather_weight", "parse_tile"]
 
 
 @dataclass(frozen=True)
@@ -59,6 +69,24 @@ def tile_layout(h: int, w: int, tile: tuple[int, int], overlap: int) -> list[Til
     """Tiles covering an h x w LR frame; tiles never exceed the frame (a smaller frame is one tile)."""
     th, tw = min(tile[0], h), min(tile[1], w)
     return [Tile(y, x, th, tw) for y in _starts(h, th, overlap) for x in _starts(w, tw, overlap)]
+
+
+def _cores(starts: list[int], tile: int, size: int) -> list[tuple[int, int]]:
+    """[lo, hi) of each tile's core: cut in the middle of each overlap, so cores partition [0, size)."""
+    cuts = [0] + [(nxt + prev + tile) // 2 for prev, nxt in zip(starts, starts[1:])] + [size]
+    return list(zip(cuts, cuts[1:]))
+
+
+def crop_layout(h: int, w: int, tile: tuple[int, int], margin: int) -> list[tuple[Tile, Tile]]:
+    """(tile, core) pairs covering an h x w LR frame: equal tiles overlapping by at least ``2 * margin``
+    (less where a tile side leaves no room: at most half of it, so tiles keep advancing), whose cores
+    partition the frame, each at least that margin from its tile's edges inside the frame. A frame that
+    fits one tile is one pair. Tile origins stay on multiples of 4 (TPM pools 4x4 LR pixels)."""
+    th, tw = min(tile[0], h), min(tile[1], w)
+    my, mx = (min(margin, t // 4 // 4 * 4) for t in (th, tw))
+    ys, xs = _starts(h, th, 2 * my), _starts(w, tw, 2 * mx)
+    return [(Tile(y, x, th, tw), Tile(cy0, cx0, cy1 - cy0, cx1 - cx0))
+            for y, (cy0, cy1) in zip(ys, _cores(ys, th, h)) for x, (cx0, cx1) in zip(xs, _cores(xs, tw, w))]
 
 
 def _ramp(n: int, lo_overlap: int, hi_overlap: int, device: torch.device) -> torch.Tensor:
