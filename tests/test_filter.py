@@ -169,6 +169,8 @@ def test_nothing_reaches_stdout(tiny_ckpt: Path, capfd: pytest.CaptureFixture[st
          ["compile_mode", "'fast'", "'reduce-overhead'"]),
         (lambda: core.std.BlankClip(format=vs.RGBS, width=64, height=64), {"graph_flow": True},
          ["graph_flow=True needs a CUDA device", "None"]),
+        (lambda: core.std.BlankClip(format=vs.RGBS, width=64, height=64), {"tile_denoise": "no"},
+         ["tile_denoise must be True or False", "'no'"]),
     ],
 )
 def test_bad_input_gets_a_clear_error(make, kwargs, needles, tiny_ckpt: Path) -> None:
