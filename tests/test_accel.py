@@ -301,6 +301,20 @@ def test_nan_in_half_precision_recomputes_in_float32(tiny_ckpt: Path, pipe: Stre
         assert float((a - b).abs().max()) <= 1e-5  # the float32 twin is loaded from the checkpoint
 
 
+def test_cropped_tiles_with_the_embedding_kept_in_the_controlnet(pipe: StreamDiffVSR,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model whose ControlNet keeps its conditioning embedding (BGR order) tiles as one that does not."""
+    frames, noises = frames_and_noise(2, 64, 160)
+    split = run(pipe.with_options(tile=128), frames, noises)
+    inside = pipe.with_options(tile=128)
+    monkeypatch.setattr(pipe.controlnet, "controlnet_cond_embedding", pipe.cond_embedding)
+    inside.cond_embedding, inside._embed = None, lambda cond: cond
+    out = run(inside, frames, noises)
+    assert inside.stats["tiled_frames"] == 2
+    for a, b in zip(out, split):
+        assert float((a - b).abs().max()) <= 1e-5
+
+
 def test_out_of_memory_falls_back_to_tiles(pipe: StreamDiffVSR, monkeypatch: pytest.MonkeyPatch) -> None:
     """Simulated CUDA OOM in the denoising of anything larger than a 32x32 latent: tiles shrink, and the
     denoising is tiled too, until the frame fits."""

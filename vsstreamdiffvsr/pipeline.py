@@ -542,7 +542,8 @@ class StreamDiffVSR:
         """The 4 steps on the whole LR latent; ARTG's embedding, TPM encoder and decoder per tile, each
         computed with its margin of context and cropped to its core (the cores partition the frame)."""
         h, w = x.shape[-2:]
-        cond = None if warped is None else self._embed_tiled(warped, tiles)
+        # a ControlNet that keeps its embedding (BGR-order models) embeds the whole warped frame itself
+        cond = None if warped is None or self.cond_embedding is None else self._embed_tiled(warped, tiles)
         try:
             latent = self.denoise(z, x, warped, cond=cond).to(self.vae_dtype)
         except torch.OutOfMemoryError:
