@@ -301,15 +301,19 @@ def test_nan_in_half_precision_recomputes_in_float32(tiny_ckpt: Path, pipe: Stre
         assert float((a - b).abs().max()) <= 1e-5  # the float32 twin is loaded from the checkpoint
 
 
-def test_cropped_tiles_with_the_embedding_kept_in_the_controlnet(pipe: StreamDiffVSR,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cropped_tiles_with_the_embedding_kept_in_the_controlnet(pipe: StreamDiffVSR) -> None:
     """A model whose ControlNet keeps its conditioning embedding (BGR order) tiles as one that does not."""
     frames, noises = frames_and_noise(2, 64, 160)
     split = run(pipe.with_options(tile=128), frames, noises)
     inside = pipe.with_options(tile=128)
-    monkeypatch.setattr(pipe.controlnet, "controlnet_cond_embedding", pipe.cond_embedding)
     inside.cond_embedding, inside._embed = None, lambda cond: cond
-    out = run(inside, frames, noises)
+    controlnet = pipe.controlnet  # shared by every view; pytest's monkeypatch would delete a submodule on undo
+    identity = controlnet.controlnet_cond_embedding
+    controlnet.controlnet_cond_embedding = pipe.cond_embedding
+    try:
+        out = run(inside, frames, noises)
+    finally:
+        controlnet.controlnet_cond_embedding = identity
     assert inside.stats["tiled_frames"] == 2
     for a, b in zip(out, split):
         assert float((a - b).abs().max()) <= 1e-5
