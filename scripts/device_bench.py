@@ -336,8 +336,8 @@ def plan(d: Driver, c: float) -> dict[str, tuple[float, Callable[[], None]]]:
         "1080p-eager": (40, lambda: d.eager("1080p")),
         "1080p-graphs": (c + 45, lambda: d.compiled("1080p", "reduce-overhead")),
         "1080p-compiled": (c + 30, lambda: d.compiled("1080p", "default")),
-        "1080p-tiled": (45, lambda: d.tiled("1080p")),
-        "4K-tiled": (60, lambda: d.tiled("4K", frames=6, warmup=2)),
+        "1080p-tiled": (70, lambda: d.tiled("1080p")),  # two tilings
+        "4K-tiled": (100, lambda: d.tiled("4K", frames=6, warmup=2)),
         "720p-levers": (60, lambda: d.levers("720p")),
         "raft-profile": (15, lambda: (d.raft_profile("720p"), d.raft_profile("1080p"))),
         "720p-graphs-no-cudnn-benchmark": (0.25 * c + 25, lambda: d.variant("720p", "cuDNN autotune off",
