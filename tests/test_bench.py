@@ -91,3 +91,19 @@ def test_reference_path_embeds_the_condition_at_every_step_with_the_same_output(
     assert len(calls) == 2 * 4  # two warm frames, four steps each
     for x, y in zip(a, b):
         assert torch.equal(x, y)
+
+
+def test_flops_counts_every_component_of_a_frame() -> None:
+    """scripts/flops.py counts the full-size architecture on the meta device (shapes only, seconds)."""
+    res = subprocess.run([sys.executable, str(REPO / "scripts" / "flops.py"), "--lr", "64x48"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in res.stdout.splitlines()
+            if line.startswith("| ") and not line.startswith("| component")}
+    per_call = {k: float(v[0]) for k, v in rows.items() if not k.startswith("**")}
+    assert len(per_call) == 7 and all(v > 0 for v in per_call.values()), rows
+    assert per_call["U-Net step"] > per_call["ControlNet step (embedding split off)"] > per_call["decoder with TPM"]
+    ours = float(rows["**frame**"][2].strip("* "))
+    ref = float(rows["**frame as the reference executes it**"][2].strip("* "))
+    saved = 3 * per_call["ARTG condition embedding"] + per_call["RAFT feature encoder, one frame"]
+    assert abs(ref - ours - saved) < 0.02 and ref > ours
