@@ -77,6 +77,21 @@ def test_compiled_equals_eager(pipe: StreamDiffVSR, tmp_path: Path, monkeypatch:
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
 
 
+def test_compiled_tiles_equal_eager_tiles(pipe: StreamDiffVSR, tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cropped HR tiles under compile (CUDA-graph mode's call path; aot_eager): one shape per compiled stage."""
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    frames, noises = frames_and_noise(2, 64, 160)
+    ref = run(pipe.with_options(tile=128), frames, noises)
+    compiled = pipe.with_options(tile=128)
+    compiled.enable_compile(backend="aot_eager", cache_dir=tmp_path / "inductor")
+    out = run(compiled, frames, noises)
+    assert compiled.stats["tiled_frames"] == 2
+    for a, b in zip(out, ref):
+        assert float((a - b).abs().max()) <= 1e-5
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+
+
 def test_cuda_graph_modes_mark_steps_and_copy_outputs(pipe: StreamDiffVSR, tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch,
                                                      capfd: pytest.CaptureFixture[str]) -> None:
