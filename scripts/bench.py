@@ -207,19 +207,24 @@ def calibrate_random(components: dict, h: int = 48, w: int = 64) -> dict:
     return components
 
 
+def _load_folder(root: Path) -> dict:
+    from vsstreamdiffvsr import weights
+
+    return dict(unet=weights.load_unet(root), controlnet=weights.load_controlnet(root), vae=weights.load_vae(root),
+                raft=weights.load_raft(root).raft, prompt=weights.empty_prompt_embedding(root))
+
+
 def load_components(device: torch.device, model_dir: Path | None = None, tiny: bool = False) -> tuple[dict, str]:
     """Weights for the paths: a real checkpoint folder, or random (tiny or full-size) weights calibrated by
     :func:`calibrate_random` so the PSNR figures are taken on a picture with a real range."""
-    if tiny or model_dir is not None:
-        from vsstreamdiffvsr import weights
+    if model_dir is not None:
+        return _load_folder(Path(model_dir)), str(model_dir)
+    if tiny:
         from vsstreamdiffvsr.testing import make_tiny_checkpoint
 
-        root = Path(model_dir) if model_dir else make_tiny_checkpoint(tempfile.mkdtemp(), seed=0)
-        load = dict(unet=weights.load_unet(root), controlnet=weights.load_controlnet(root), vae=weights.load_vae(root),
-                    raft=weights.load_raft(root).raft, prompt=weights.empty_prompt_embedding(root))
-        if tiny:
-            calibrate_random(load)
-        return load, ("tiny random (calibrated)" if tiny else str(root))
+        with tempfile.TemporaryDirectory() as tmp:  # read into memory, then gone: runs leave nothing behind
+            load = _load_folder(make_tiny_checkpoint(tmp, seed=0))
+        return calibrate_random(load), "tiny random (calibrated)"
     load = random_full_components(init_device=device if device.type == "cuda" else "cpu")
     return calibrate_random(load), "random full-size (calibrated)"
 
