@@ -32,10 +32,17 @@ fi
 
 if [ ! -x .venv/bin/python ]; then
     PY="$(find_python)" || { echo "Python >= 3.12 not found (VapourSynth wheels need it); set PYTHON=/path/to/python3.12" >&2; exit 1; }
+    # PyPI's Linux torch is the CUDA build: the venv takes about 6 GB, and pip holds the ~3 GB of wheels as well
+    # while it installs. Say so up front rather than fail half-way with "No space left on device".
+    free_kb=$(df -Pk . | awk 'NR == 2 { print $4 }')
+    if [ "${free_kb:-0}" -lt $((10 * 1024 * 1024)) ]; then
+        echo "warning: $((free_kb / 1024)) MiB free here; installing torch (CUDA build) needs about 10 GiB" >&2
+    fi
     "$PY" -m venv .venv
 fi
-.venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e ".[test]"
+# --no-cache-dir: a copy of every wheel in ~/.cache would add ~3 GB to the peak for nothing on a fresh machine.
+.venv/bin/python -m pip install -q --no-cache-dir --upgrade pip
+.venv/bin/python -m pip install -q --no-cache-dir -e ".[test]"
 .venv/bin/vapoursynth config >/dev/null  # lets vspipe find this venv's Python
 export PATH="$PWD/.venv/bin:$PATH"
 exec .venv/bin/python -m pytest "$@"
