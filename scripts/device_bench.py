@@ -53,6 +53,7 @@ class Driver:
         self.results: dict[str, dict] = {}   # section -> path -> result
         self.notes: list[str] = []
         self.raft: dict[str, dict] = {}  # size -> RAFT alone, eager against replayed from a CUDA graph
+        self.profiles: dict[str, dict[str, float]] = {}  # "<size>-<mode>" -> ms per frame by kernel category
         self.refs: dict[str, list[torch.Tensor]] = {}  # "<section>/<path>" -> outputs kept for comparisons
         self.log(f"setup done: {self.gpu}, {self.weights_desc} weights, torch {torch.__version__}")
 
@@ -124,7 +125,7 @@ class Driver:
     def save(self) -> None:
         (self.out / "results.json").write_text(json.dumps(
             dict(gpu=self.gpu, torch=torch.__version__, weights=self.weights_desc, results=self.results,
-                 raft_alone=self.raft, notes=self.notes), indent=2, default=str))
+                 raft_alone=self.raft, denoise_profiles=self.profiles, notes=self.notes), indent=2, default=str))
         parts = []
         if self.raft:
             nan = float("nan")
@@ -292,6 +293,81 @@ class Driver:
         (self.out / f"raft-profile-{size}.txt").write_text(text)
         print(text, flush=True)
 
+    #: kernel-name patterns -> category, first match wins (cuDNN, cuBLAS, flash attention, aten; CPU op names
+    #: in a dry run). Inductor's kernels are named after the ops they fuse, so they get categories of their own.
+    KERNEL_CATEGORIES = (
+        ("attention", ("flash", "fmha", "attention", "sdpa", "softmax")),
+        ("layout conversion", ("nchwtonhwc", "nhwctonchw")),  # cuDNN's own, around NCHW inputs
+        ("convolution", ("conv", "fprop", "dgrad", "implicit", "winograd", "cudnn")),
+        ("matmul", ("gemm", "matmul", "addmm", "aten::mm", "aten::bmm", "cutlass", "nvjet", "linear")),
+        ("norm", ("norm", "welford", "moments", "fusedparams")),
+        ("layout/copy", ("transpose", "copy", "cat", "memcpy", "memset", "pad")),
+        ("elementwise", ("elementwise", "vectorized", "unrolled", "silu", "add", "mul")),
+    )
+
+    @classmethod
+    def kernel_category(cls, name: str) -> str:
+        low = name.lower()
+        if low.startswith("triton_"):  # e.g. triton_per_fused_native_group_norm_silu_3
+            return "inductor: norm fused" if "norm" in low else "inductor: pointwise fused"
+        return next((cat for cat, keys in cls.KERNEL_CATEGORIES if any(k in low for k in keys)), "other")
+
+    def denoise_profile(self, size: str, compile_mode: str | None = None, frames: int = 2) -> None:
+        """Where a warm frame's denoise + decode GPU time goes at ``size`` (its flow made beforehand, so RAFT
+        is not in it): the time by kernel category and the top kernels, for the pipeline eager (bf16,
+        channels_last) or compiled in ``compile_mode``. Guides the work on the ~80 ms that RAFT's overlap
+        cannot hide."""
+        from torch.profiler import ProfilerActivity, profile
+
+        from vsstreamdiffvsr.state import StreamState
+
+        w, h = self.size(size)
+        fr, nz = make_frames(3 + frames, h, w)
+        fr = [f.to(self.device) for f in fr]
+        options = dict(OPT, compile=True, compile_mode=compile_mode) if compile_mode else dict(OPT)
+        pipe = build(self.load, self.device, torch.bfloat16, **options)
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
+        label = f"{size}-{compile_mode or 'eager'}"
+        try:
+            with torch.inference_mode():
+                state = StreamState()
+                for i in range(3):  # a cold frame, then warm frames (compiled, graphs recorded)
+                    _, state = pipe.process_frame(fr[i], state, noise=nz[i])
+                tickets = [pipe.prefetch_flow(fr[i], fr[i - 1]) for i in range(3, 3 + frames)]
+                sync(self.device)
+
+                def profiled(state=state):
+                    with torch.inference_mode(), profile(activities=acts) as prof:
+                        for i, ticket in zip(range(3, 3 + frames), tickets):
+                            _, state = pipe.process_frame(fr[i], state, noise=nz[i], flow=ticket)
+                        sync(self.device)
+                    return prof
+
+                # a compiled pipeline runs on its device's worker thread: profile there, where its ops are
+                prof = pipe._worker.run(profiled) if pipe._worker is not None else profiled()
+        finally:
+            pipe = None
+            gc.collect()
+        key = "self_device_time_total" if self.cuda else "self_cpu_time_total"
+        events = [e for e in prof.key_averages() if getattr(e, key) > 0]
+        if self.cuda:  # kernels only: CPU-side ops also carry device time (their kernels' sum)
+            events = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+        total = sum(getattr(e, key) for e in events) or 1.0
+        by_cat: dict[str, float] = {}
+        for e in events:
+            cat = self.kernel_category(e.key)
+            by_cat[cat] = by_cat.get(cat, 0.0) + getattr(e, key)
+        rows = [f"| {cat} | {us / 1000 / frames:.2f} | {100 * us / total:.1f}% |"
+                for cat, us in sorted(by_cat.items(), key=lambda kv: -kv[1])]
+        text = "\n".join([f"### denoise + decode of a warm frame, {label} ({self.gpu}): time by kernel category",
+                          "| category | ms per frame | share |", "|---|---|---|", *rows, "",
+                          prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=80)])
+        (self.out / f"denoise-profile-{label}.txt").write_text(text)
+        self.profiles[label] = {cat: round(us / 1000 / frames, 3) for cat, us in by_cat.items()}
+        self.log(f"denoise profile {label}: " + ", ".join(f"{c} {v:.1f} ms" for c, v in
+                                                          sorted(self.profiles[label].items(), key=lambda kv: -kv[1])))
+        self.save()
+
     @property
     def cuda(self) -> bool:
         return self.device.type == "cuda"
@@ -340,6 +416,8 @@ def plan(d: Driver, c: float) -> dict[str, tuple[float, Callable[[], None]]]:
         "4K-tiled": (100, lambda: d.tiled("4K", frames=6, warmup=2)),
         "720p-levers": (60, lambda: d.levers("720p")),
         "raft-profile": (15, lambda: (d.raft_profile("720p"), d.raft_profile("1080p"))),
+        "denoise-profile": (20, lambda: d.denoise_profile("720p")),
+        "denoise-profile-graphs": (0.3 * c + 25, lambda: d.denoise_profile("720p", "reduce-overhead")),
         "720p-graphs-no-cudnn-benchmark": (0.25 * c + 25, lambda: d.variant("720p", "cuDNN autotune off",
                                                                              cudnn_benchmark=False)),
         "720p-graphs-vae-bf16": (0.4 * c + 25, lambda: d.variant("720p", "VAE bf16", vae_dtype=torch.bfloat16)),
@@ -364,8 +442,8 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=520.0, help="skip steps that would end after this")
     ap.add_argument("--out", default="bench-out")
     ap.add_argument("--steps", default="720p-ref,720p-graphs,720p-graphs-compile-flow,1080p-ref,1080p-graphs,"
-                    "1080p-graphs-compile-flow,720p-graphs-inductor-tuned,720p-cached,4K-tiled,720p-eager,flow-graph,"
-                    "720p-levers,1080p-tiled",
+                    "1080p-graphs-compile-flow,denoise-profile-graphs,720p-graphs-inductor-tuned,4K-tiled,"
+                    "denoise-profile,720p-cached,720p-eager,flow-graph,720p-levers,1080p-tiled",
                     help="comma-separated steps, run in this order (see plan())")
     args = ap.parse_args()
     d = Driver(args)

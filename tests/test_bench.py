@@ -32,7 +32,7 @@ def test_bench_smoke(tmp_path: Path) -> None:
 def test_device_bench_driver_smoke(tmp_path: Path) -> None:
     """The one-shot GPU driver runs its steps in order, saves after each, and lists what did not fit."""
     res = subprocess.run([sys.executable, str(REPO / "scripts" / "device_bench.py"), "--tiny", "--device", "cpu",
-                          "--frames", "3", "--warmup", "1", "--steps", "720p-ref,720p-eager,720p-graphs",
+                          "--frames", "3", "--warmup", "1", "--steps", "720p-ref,720p-eager,denoise-profile,720p-graphs",
                           "--budget-s", "60", "--out", str(tmp_path)],
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -43,6 +43,28 @@ def test_device_bench_driver_smoke(tmp_path: Path) -> None:
     assert 35.0 < paths["optimised eager: bf16 + channels_last + cuDNN autotune + flow overlap"]["psnr_vs_fp32"]
     assert data["notes"] == [data["notes"][0]] and data["notes"][0].startswith("skipped: 720p-graphs")
     assert "| reference (fp32/TF32, eager) |" in (tmp_path / "tables.md").read_text()
+    profile = data["denoise_profiles"]["720p-eager"]  # the warm frame's denoise + decode, by op category
+    assert profile["convolution"] > 0 and profile["attention"] > 0
+    assert "| convolution |" in (tmp_path / "denoise-profile-720p-eager.txt").read_text()
+
+
+def test_device_bench_kernel_categories() -> None:
+    """CUDA kernel names (cuDNN, cuBLAS, flash attention, inductor) land in the right profile category."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        from device_bench import Driver
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+    cat = Driver.kernel_category
+    assert cat("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc") == "convolution"
+    assert cat("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64") == "matmul"
+    assert cat("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NNT") == "matmul"
+    assert cat("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64>>") == "attention"
+    assert cat("void at::native::(anonymous namespace)::RowwiseMomentsCUDAKernel<c10::BFloat16>") == "norm"
+    assert cat("void cudnn::engines_precompiled::nchwToNhwcKernel<float>") == "layout conversion"
+    assert cat("triton_per_fused_native_group_norm_silu_3") == "inductor: norm fused"
+    assert cat("triton_poi_fused_add_convolution_silu_0") == "inductor: pointwise fused"
+    assert cat("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add>") == "elementwise"
 
 
 def _bench():
