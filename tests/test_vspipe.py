@@ -105,6 +105,20 @@ def test_main_job_vspipe_to_ffmpeg(tiny_ckpt: Path, tmp_path: Path) -> None:
     assert probe.stdout.strip() == "256,192,yuv420p10le,6"
 
 
+def test_main_job_takes_an_rgb_source(tiny_ckpt: Path, tmp_path: Path) -> None:
+    """An RGB file (_Matrix 0) comes out as BT.709 YUV, not a resize error on the matrix."""
+    src = tmp_path / "in.mkv"
+    subprocess.run(["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i", "testsrc=size=64x48:rate=24", "-frames:v",
+                    "2", "-pix_fmt", "gbrp", "-c:v", "ffv1", str(src)], check=True, timeout=120)
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "PWD": str(tmp_path)}
+    res = subprocess.run([vspipe(), "-c", "y4m", "-a", "input=in.mkv", "-a", f"model_dir={tiny_ckpt}", "-a",
+                          "device=cpu", str(REPO / "scripts" / "upscale.vpy"), str(tmp_path / "out.y4m")],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    header = (tmp_path / "out.y4m").read_bytes()[:80].split(b"\n")[0].decode()
+    assert {"YUV4MPEG2", "W256", "H192", "C420p10", "XLENGTH=2"} <= set(header.split()), header
+
+
 @pytest.mark.parametrize(("arg", "needle"), [("compile=maybe", "compile must be 0 or 1"),
                                              ("tile=big", "tile must be an integer"),
                                              ("raft_corr=huge", "raft_corr must be one of")])
