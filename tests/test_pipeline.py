@@ -307,12 +307,21 @@ def test_from_pretrained_bad_device(tiny_ckpt: Path, device: str) -> None:
     _assert_plain(info.value)
 
 
-@pytest.mark.parametrize("dtype", ["float64", "fp8", "int8", torch.float64, torch.int32, None, 32])
+@pytest.mark.parametrize("dtype", ["float64", "fp8", "int8", torch.float64, torch.int32, "", 32])
 def test_from_pretrained_bad_dtype(tiny_ckpt: Path, dtype: object) -> None:
     with pytest.raises(ValueError) as info:
         StreamDiffVSR.from_pretrained(tiny_ckpt, device="cpu", dtype=dtype)
     _assert_plain(info.value)
     assert "dtype" in str(info.value)
+
+
+def test_from_pretrained_default_dtype_follows_the_device(tiny_ckpt: Path) -> None:
+    """No dtype: float32 on the CPU (as upscale() does), where half-precision kernels are the slow ones."""
+    from vsstreamdiffvsr.pipeline import default_dtype
+
+    pipe = StreamDiffVSR.from_pretrained(tiny_ckpt, device="cpu")
+    assert pipe.dtype == torch.float32 and next(pipe.unet.parameters()).dtype == torch.float32
+    assert default_dtype(torch.device("cuda")) == torch.bfloat16
 
 
 def test_controlnet_with_its_embedding_split_off_is_the_same_function(tiny_ckpt) -> None:

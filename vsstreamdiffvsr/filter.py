@@ -21,7 +21,7 @@ import torch.nn.functional as F
 import vapoursynth as vs
 
 from .pipeline import (DEFAULT_COMPILE_MODE, MIN_LR_SIDE, FlowTicket, NonFiniteInputError, StreamDiffVSR,
-                       parse_device, parse_dtype)
+                       default_dtype, parse_device, parse_dtype)
 from .producer import OrderedProducer, SourceFrame, frame_noise
 from .state import StreamState
 
@@ -179,7 +179,7 @@ def upscale(clip: vs.VideoNode, *, model_dir: str | os.PathLike[str] | None = No
         raise vs.Error(f"upscale: tile_denoise must be True or False, got {tile_denoise!r}")
     try:
         dev = parse_device(device)
-        dt = parse_dtype(dtype if dtype is not None else (torch.bfloat16 if dev.type == "cuda" else torch.float32))
+        dt = parse_dtype(dtype if dtype is not None else default_dtype(dev))
     except ValueError as exc:
         raise vs.Error(f"upscale: {exc}") from None
     try:

@@ -99,6 +99,12 @@ def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
     raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
 
 
+def default_dtype(device: torch.device) -> torch.dtype:
+    """The U-Net/ControlNet precision when none is asked for: bfloat16 on CUDA, float32 elsewhere (CPU
+    half-precision kernels are slower than float32 ones)."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
 def parse_device(device: torch.device | str) -> torch.device:
     """torch device, checked to exist (a clear error instead of a CUDA init traceback)."""
     try:
@@ -212,7 +218,7 @@ class StreamDiffVSR:
     # ------------------------------------------------------------------------------------------ loading
     @classmethod
     def from_pretrained(cls, model_dir: str | os.PathLike[str] | None = None, device: torch.device | str = "cuda",
-                        dtype: torch.dtype | str = torch.bfloat16, *, flow: str = "hr",
+                        dtype: torch.dtype | str | None = None, *, flow: str = "hr",
                         channels_last: bool | None = None, compile: bool = False,
                         compile_mode: str = DEFAULT_COMPILE_MODE,
                         compile_cache_dir: str | os.PathLike[str] | None = None,
@@ -226,8 +232,9 @@ class StreamDiffVSR:
         Args:
             model_dir: the folder; None means ``$VSSTREAMDIFFVSR_MODEL_DIR`` or the per-user cache.
             device: where to run (``"cuda"``, ``"cuda:1"``, ``"cpu"``).
-            dtype: U-Net and ControlNet precision. ``float32`` is the exact reference path; with bfloat16
-                or float16 the DDIM maths, the optical flow and the tiny VAE stay in float32.
+            dtype: U-Net and ControlNet precision; None = bfloat16 on CUDA, float32 elsewhere. ``float32`` is
+                the exact reference path; with bfloat16 or float16 the DDIM maths, the optical flow and the
+                tiny VAE stay in float32.
             flow: ``"hr"`` (reference: RAFT on the bicubic x4 frames) or ``"lr"`` (faster deviation: RAFT
                 on the LR frames, flow upsampled x4 with values x4; needs LR >= 128 px per side).
             channels_last: NHWC weights/activations for U-Net and ControlNet (default: on CUDA).
@@ -274,7 +281,7 @@ class StreamDiffVSR:
         from . import weights
 
         dev = parse_device(device)
-        dt = parse_dtype(dtype)
+        dt = parse_dtype(dtype if dtype is not None else default_dtype(dev))
         _choice("compile_mode", compile_mode, COMPILE_MODES)
         root = weights.validate_model_dir(model_dir)
         pipe = cls(unet=weights.load_unet(root, dt), controlnet=weights.load_controlnet(root, dt),
