@@ -386,13 +386,15 @@ def test_out_of_memory_in_the_decoder_tiles_only_the_hr_stages(pipe: StreamDiffV
 
 
 def test_raft_out_of_memory_falls_back_to_lr_flow(pipe: StreamDiffVSR, monkeypatch: pytest.MonkeyPatch) -> None:
-    frames, noises = frames_and_noise(2, 128, 128)
+    frames, noises = frames_and_noise(3, 128, 128)
     expected = run(pipe.with_options(flow="lr"), frames, noises)
     lean = pipe.with_options()
     real = lean._flow_and_features
+    hr_attempts = []
 
     def hr_too_big(x, x_prev, mode=None, corr=None, previous_features=None):
         if (mode or "hr") == "hr":  # neither the full nor the lean correlation fits at HR
+            hr_attempts.append(corr)
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return real(x, x_prev, mode, corr, previous_features)
 
@@ -401,6 +403,8 @@ def test_raft_out_of_memory_falls_back_to_lr_flow(pipe: StreamDiffVSR, monkeypat
         warnings.simplefilter("ignore")
         out = run(lean, frames, noises)
     assert lean.stats["lean_corr_fallbacks"] == 1 and lean.stats["lr_flow_fallbacks"] == 1
+    assert hr_attempts == [None, "lean"]  # the second warm frame goes straight to the flow at LR
+    assert pipe._flow_fallbacks == {}     # kept by the view that fell back, not by its parent
     for a, b in zip(out, expected):
         assert float((a - b).abs().max()) <= 1e-6
 
@@ -467,19 +471,22 @@ def test_lean_and_half_flow_equal_full_flow_and_auto_picks_by_size(pipe: StreamD
 
 
 def test_raft_out_of_memory_tries_lean_correlation_first(pipe: StreamDiffVSR, monkeypatch: pytest.MonkeyPatch) -> None:
-    frames, noises = frames_and_noise(2, 32, 32)
+    frames, noises = frames_and_noise(3, 32, 32)
     expected = run(pipe, frames, noises)
     lean = pipe.with_options()
     real = lean._flow_and_features
+    full_attempts = []
 
     def full_too_big(x, x_prev, mode=None, corr=None, previous_features=None):
         if corr != "lean":
+            full_attempts.append(corr)
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return real(x, x_prev, mode, corr, previous_features)
 
     monkeypatch.setattr(lean, "_flow_and_features", full_too_big)
     out = run(lean, frames, noises)
     assert lean.stats["lean_corr_fallbacks"] == 1 and lean.stats["lr_flow_fallbacks"] == 0
+    assert len(full_attempts) == 1  # the lean correlation that fitted is kept for the next frame
     for a, b in zip(out, expected):
         assert float((a - b).abs().max()) <= 1e-4
 

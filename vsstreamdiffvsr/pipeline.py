@@ -210,6 +210,8 @@ class StreamDiffVSR:
         # prefetched flow recorded as CUDA graphs, by (LR shape, flow mode, raft_corr); None: recording failed.
         # Shared with with_options views like the compiled functions.
         self._flow_graphs: dict[tuple[Any, ...], GraphedCall | None] = {}
+        #: (LR size, flow mode, raft_corr) -> "lean" or "lr": the RAFT out-of-memory fallback that fitted
+        self._flow_fallbacks: dict[tuple[Any, ...], str] = {}
         self._graph_factory: Callable[..., GraphedCall] = GraphedCall
         #: counters for diagnostics and tests
         self.stats = {"frames": 0, "tiled_frames": 0, "nan_fallbacks": 0, "oom_fallbacks": 0,
@@ -586,24 +588,40 @@ class StreamDiffVSR:
     def _flow_features_with_fallbacks(self, x: torch.Tensor, x_prev: torch.Tensor,
                                       previous_features: torch.Tensor | None = None
                                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """:meth:`_flow_with_fallbacks` with RAFT's features of ``x`` (None after a fallback)."""
-        try:
-            return self._flow_and_features(x, x_prev, previous_features=previous_features)
-        except torch.OutOfMemoryError:
-            if not self.oom_fallback:
-                raise
-        _empty_cache(self.device)
-        try:
+        """:meth:`_flow_with_fallbacks` with RAFT's features of ``x`` (None after a fallback).
+
+        The fallback that fitted is kept for later frames of this size (as the tiling fallback is): running
+        out of memory again on every frame would cost each frame that attempt and fragment the allocator."""
+        key = (tuple(x.shape[-2:]), self.flow_mode, self.raft_corr)
+        fallback = self._flow_fallbacks.get(key)
+        if fallback is None:
+            try:
+                return self._flow_and_features(x, x_prev, previous_features=previous_features)
+            except torch.OutOfMemoryError:
+                if not self.oom_fallback:
+                    raise
+            _empty_cache(self.device)
             self.stats["lean_corr_fallbacks"] += 1
-            return self.compute_flow(x, x_prev, corr="lean"), None
-        except torch.OutOfMemoryError:
-            if self.flow_mode != "hr" or min(x.shape[-2:]) < MIN_FLOW_SIDE:
-                raise
-        _empty_cache(self.device)
-        self.stats["lr_flow_fallbacks"] += 1
-        warnings.warn("vsstreamdiffvsr: RAFT at HR ran out of GPU memory; using flow at LR for this frame (a "
-                      "documented deviation)", TilingFallbackWarning, stacklevel=6)
+            fallback = "lean"
+        if fallback == "lean":
+            try:
+                flow = self.compute_flow(x, x_prev, corr="lean")
+                self._keep_flow_fallback(key, "lean")
+                return flow, None
+            except torch.OutOfMemoryError:
+                if self.flow_mode != "hr" or min(x.shape[-2:]) < MIN_FLOW_SIDE:
+                    raise
+            _empty_cache(self.device)
+            self.stats["lr_flow_fallbacks"] += 1
+            warnings.warn("vsstreamdiffvsr: RAFT at HR ran out of GPU memory; using flow at LR from now on for this "
+                          "frame size (a documented deviation)", TilingFallbackWarning, stacklevel=6)
+            self._keep_flow_fallback(key, "lr")
         return self.compute_flow(x, x_prev, mode="lr"), None
+
+    def _keep_flow_fallback(self, key: tuple[Any, ...], fallback: str) -> None:
+        # a new dict, not an update: views from with_options share the parent's until they choose their own
+        if self._flow_fallbacks.get(key) != fallback:
+            self._flow_fallbacks = {**self._flow_fallbacks, key: fallback}
 
     def _run_shrinking_tiles(self, z: torch.Tensor, x: torch.Tensor, warped: torch.Tensor | None,
                              in_denoise: bool = False) -> torch.Tensor:
