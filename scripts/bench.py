@@ -308,6 +308,8 @@ def main() -> None:
     ap.add_argument("--skip-reference", action="store_true", help="only the optimized path (no PSNR)")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
+    if args.tile_denoise and not args.tile:
+        ap.error("--tile-denoise needs --tile")
 
     device = torch.device(args.device)
     if args.compile is None:

@@ -213,6 +213,25 @@ def test_feathered_tiles_are_a_partition_of_unity() -> None:
         parse_tile((64, 20))
 
 
+def test_tile_layout_caps_the_overlap_at_half_a_tile() -> None:
+    """An overlap as large as the tile (the fallback shrinks tiles under a fixed tile_overlap) would step one
+    pixel at a time: millions of tiles at 1080p, off the multiple-of-4 grid."""
+    tiles = tile_layout(1080, 1920, (32, 32), 32)
+    assert len(tiles) == len({(t.y0, t.x0) for t in tiles}) <= (1080 // 16 + 1) * (1920 // 16 + 1)
+    assert all(t.y0 % 4 == 0 and t.x0 % 4 == 0 for t in tiles)
+    assert tile_layout(64, 64, (64, 64), 32) == [tile_layout(64, 64, (64, 64), 0)[0]]
+
+
+def test_tiling_options_are_checked_together(pipe: StreamDiffVSR) -> None:
+    with pytest.raises(ValueError, match="tile_overlap .* at most half"):
+        pipe.with_options(tile=64, tile_overlap=40)
+    with pytest.raises(ValueError, match=r"tile_denoise=True needs a tile size"):
+        pipe.with_options(tile=None, tile_denoise=True)
+    with pytest.raises(ValueError, match="tile_denoise must be True or False"):
+        pipe.with_options(tile=64, tile_denoise="no")
+    assert pipe.with_options(tile=64, tile_overlap=32, tile_denoise=True).tile_denoise
+
+
 def _local_stand_ins(pipe: StreamDiffVSR, monkeypatch: pytest.MonkeyPatch, k: int) -> None:
     """Local stand-ins for the model's stages: the decoder sees k x k pixels around a pixel (a margin
     of context is what makes a cropped tile exact; blended tiles are exact only for pointwise stages)."""
@@ -359,6 +378,69 @@ def test_out_of_memory_falls_back_to_tiles(pipe: StreamDiffVSR, monkeypatch: pyt
     monkeypatch.setattr(strict, "denoise", limited)
     with pytest.raises(torch.OutOfMemoryError):
         run(strict, frames[:1], noises[:1])
+
+
+def test_out_of_memory_everywhere_ends_in_one_clear_error(pipe: StreamDiffVSR,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A frame that fits in no tiling: each setting that tiles the frame is tried once (none that would run
+    it whole again), then one error naming the frame; the pipeline's tiling is left as it was."""
+    frames, noises = frames_and_noise(1, 64, 64)
+    lean = pipe.with_options()
+    tried = []
+
+    def never(z, x, warped, cond=None):
+        tried.append(tuple(z.shape[-2:]))
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+
+    monkeypatch.setattr(lean, "denoise", never)
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(torch.OutOfMemoryError) as info:
+        warnings.simplefilter("always")
+        run(lean, frames, noises)
+    assert "64x64 LR frame even in the smallest tiles" in str(info.value) and "2.00 GiB" in str(info.value)
+    assert lean.tile is None and not lean.tile_denoise and lean.stats["tiled_frames"] == 0
+    # whole; HR tiles of 48x80 (the denoising whole); the denoising in those tiles (48x64 inside the frame);
+    # 32x40; 32x32. AUTO_TILE's 192x320 and the 96x160 after it are one tile here: skipped.
+    assert tried == [(64, 64), (64, 64), (48, 64), (32, 40), (32, 32)]
+    assert [str(w.message).split(";")[1].split(" LR")[0] for w in caught] == [
+        " decoding (the denoising whole) in 48x80", " denoising and decoding in 48x80",
+        " denoising and decoding in 32x40", " denoising and decoding in 32x32"]
+
+
+def test_denoise_out_of_memory_keeps_the_allocators_message(pipe: StreamDiffVSR,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the fallback off, the error a user sees says what the allocator said, without the failed
+    attempt's traceback (and the tensors it holds) chained to it."""
+    frames, noises = frames_and_noise(1, 64, 64)
+    strict = pipe.with_options(tile=32, oom_fallback=False)
+
+    def never(z, x, warped, cond=None):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+
+    monkeypatch.setattr(strict, "denoise", never)
+    with pytest.raises(torch.OutOfMemoryError) as info:
+        run(strict, frames, noises)
+    assert "whole-latent denoising" in str(info.value) and "2.00 GiB" in str(info.value)
+    assert info.value.__context__ is None and info.value.__cause__ is None
+
+
+def test_hr_tiles_hold_one_tiles_features_at_a_time(pipe: StreamDiffVSR, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The previous tile's TPM features and decoder output are freed before the next tile's are made."""
+    import weakref
+
+    frames, noises = frames_and_noise(2, 64, 64)
+    tiled = pipe.with_options(tile=32)
+    real = tiled._features
+    made, alive_at_call = [], []
+
+    def features(w):
+        alive_at_call.append(sum(r() is not None for r in made))
+        out = real(w)
+        made.append(weakref.ref(out[0]))
+        return out
+
+    monkeypatch.setattr(tiled, "_features", features)
+    run(tiled, frames, noises)
+    assert len(alive_at_call) > 1 and not any(alive_at_call)
 
 
 def test_out_of_memory_in_the_decoder_tiles_only_the_hr_stages(pipe: StreamDiffVSR,

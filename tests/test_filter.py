@@ -171,6 +171,10 @@ def test_nothing_reaches_stdout(tiny_ckpt: Path, capfd: pytest.CaptureFixture[st
          ["graph_flow=True needs a CUDA device", "None"]),
         (lambda: core.std.BlankClip(format=vs.RGBS, width=64, height=64), {"tile_denoise": "no"},
          ["tile_denoise must be True or False", "'no'"]),
+        (lambda: core.std.BlankClip(format=vs.RGBS, width=64, height=64), {"tile_denoise": True},
+         ["tile_denoise=True needs a tile size", "tile="]),
+        (lambda: core.std.BlankClip(format=vs.RGBS, width=64, height=64), {"tile": 32, "tile_overlap": 24},
+         ["tile_overlap (24) must be at most half", "32"]),
     ],
 )
 def test_bad_input_gets_a_clear_error(make, kwargs, needles, tiny_ckpt: Path) -> None:

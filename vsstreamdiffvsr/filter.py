@@ -141,10 +141,12 @@ def upscale(clip: vs.VideoNode, *, model_dir: str | os.PathLike[str] | None = No
             deviation: RAFT at LR, flow upsampled x4; needs an LR side of at least 128 px).
         tile: LR tile size (int or (h, w), multiples of 8) for large frames: the stages at HR size (ARTG's
             embedding, TPM encoder, decoder) run per tile with a margin of context cropped away (the untiled
-            values), the denoising on the whole LR latent; None = whole frames, with automatic tiling on
-            CUDA out-of-memory (then the denoising too, if it alone does not fit).
-        tile_overlap: LR pixels shared by neighbouring denoising tiles (multiple of 4).
-        tile_denoise: with ``tile``, also denoise per tile (feathered): less memory, a moved picture.
+            values for tile sides of 128 or more), the denoising on the whole LR latent; None = whole
+            frames, with automatic tiling on CUDA out-of-memory (then the denoising too, if it alone does
+            not fit).
+        tile_overlap: LR pixels shared by neighbouring denoising tiles (multiple of 4, at most half a tile).
+        tile_denoise: with ``tile`` (required), also denoise per tile (feathered): less memory, a moved
+            picture.
         compile: ``torch.compile`` the denoising step and decoder (first frames slow; kernels cached on disk).
         compile_mode: ``"reduce-overhead"`` (CUDA graphs, the default), ``"default"`` or ``"max-autotune"``.
         prefetch_flow: compute frame n+1's optical flow (it depends on the inputs only) while frame n is

@@ -164,7 +164,7 @@ class StreamDiffVSR:
         self.tile = parse_tile(tile)
         self.tile_overlap = _overlap(tile_overlap)
         #: with tiles: also run the 4 denoising steps per tile (feathered), not on the whole LR latent
-        self.tile_denoise = bool(tile_denoise)
+        self.tile_denoise = _check_tiling(self.tile, self.tile_overlap, tile_denoise)
         self.oom_fallback = oom_fallback
         self.nan_fallback = nan_fallback
         self.channels_last = (device.type == "cuda") if channels_last is None else bool(channels_last)
@@ -250,11 +250,14 @@ class StreamDiffVSR:
                 bound by GPU work, much of it elementwise and normalisation kernels a compiler can fuse.
             tile: LR tile size (int or (h, w), multiples of 8); None = whole frames. The stages at HR size
                 (ARTG's condition embedding, the TPM encoder, the decoder: most of the memory) run per tile
-                with ``TILE_MARGIN`` LR px of context cropped away, which gives the untiled values; the 4
-                denoising steps run on the whole LR latent unless ``tile_denoise``.
-            tile_overlap: LR pixels shared by neighbouring denoising tiles (feathered), a multiple of 4.
-            tile_denoise: with tiles, denoise per tile too (feathered): less memory, but GroupNorm and
-                attention then see a tile, not the frame, so the picture moves (PSNR in the README).
+                with ``TILE_MARGIN`` LR px of context cropped away, which gives the untiled values (tile
+                sides of 128 or more; smaller tiles get a quarter of their side and are close, not exact);
+                the 4 denoising steps run on the whole LR latent unless ``tile_denoise``.
+            tile_overlap: LR pixels shared by neighbouring denoising tiles (feathered), a multiple of 4 and at
+                most half the smaller tile side.
+            tile_denoise: with ``tile`` (required), denoise per tile too (feathered): less memory, but
+                GroupNorm and attention then see a tile, not the frame, so the picture moves (PSNR in the
+                README).
             oom_fallback: on CUDA out-of-memory, recompute the frame in tiles, then with the denoising tiled
                 too, then in smaller tiles, and keep the setting that fitted.
             nan_fallback: a half-precision frame with NaN/Inf is recomputed in float32 (one warning).
@@ -322,9 +325,10 @@ class StreamDiffVSR:
             view.tile = parse_tile(tile)  # type: ignore[arg-type]
             view.tile_denoise = False  # a new tile size starts from the whole-latent denoising
         if tile_denoise is not None:
-            view.tile_denoise = bool(tile_denoise)
+            view.tile_denoise = tile_denoise
         if tile_overlap is not None:
             view.tile_overlap = _overlap(tile_overlap)
+        view.tile_denoise = _check_tiling(view.tile, view.tile_overlap, view.tile_denoise)
         if raft_corr is not None:
             view.raft_corr = _choice("raft_corr", raft_corr, RAFT_CORR_MODES)
         if graph_flow is not None:
@@ -534,17 +538,19 @@ class StreamDiffVSR:
         tiles = self._tiles(h, w, tile, tile_denoise) if tile is not None else []
         if len(tiles) <= 1:
             return self._denoise_decode(z, x, warped)
-        self.stats["tiled_frames"] += 1
         if not tile_denoise:
-            return self._run_hr_tiles(z, x, warped, tiles)
-        acc = torch.zeros(1, 3, 4 * h, 4 * w, device=self.device, dtype=torch.float32)
-        wsum = torch.zeros(1, 1, 4 * h, 4 * w, device=self.device, dtype=torch.float32)
-        for t, wt in tiles:
-            (ly, lx), (hy, hx) = t.lr(), t.hr()
-            w_t = warped[..., hy, hx] if warped is not None else None
-            acc[..., hy, hx] += self._denoise_decode(z[..., ly, lx], x[..., ly, lx], w_t) * wt
-            wsum[..., hy, hx] += wt
-        return acc / wsum
+            y = self._run_hr_tiles(z, x, warped, tiles)
+        else:
+            acc = torch.zeros(1, 3, 4 * h, 4 * w, device=self.device, dtype=torch.float32)
+            wsum = torch.zeros(1, 1, 4 * h, 4 * w, device=self.device, dtype=torch.float32)
+            for t, wt in tiles:
+                (ly, lx), (hy, hx) = t.lr(), t.hr()
+                w_t = warped[..., hy, hx] if warped is not None else None
+                acc[..., hy, hx] += self._denoise_decode(z[..., ly, lx], x[..., ly, lx], w_t) * wt
+                wsum[..., hy, hx] += wt
+            y = acc / wsum
+        self.stats["tiled_frames"] += 1
+        return y
 
     def _run_hr_tiles(self, z: torch.Tensor, x: torch.Tensor, warped: torch.Tensor | None,
                       tiles: list[tuple[Tile, Tile]]) -> torch.Tensor:
@@ -555,17 +561,21 @@ class StreamDiffVSR:
         cond = None if warped is None or self.cond_embedding is None else self._embed_tiled(warped, tiles)
         try:
             latent = self.denoise(z, x, warped, cond=cond).to(self.vae_dtype)
-        except torch.OutOfMemoryError:
-            del cond
-            # tells the fallback to tile the denoising too, rather than shrink tiles that did fit
-            raise _DenoiseOutOfMemory("out of memory in the whole-latent denoising") from None
+        except torch.OutOfMemoryError as exc:
+            message = f"out of memory in the whole-latent denoising: {exc}"
+        else:
+            message = None
         del cond
+        if message is not None:  # raised outside the handler: the failed attempt's frames (and tensors) go
+            # tells the fallback to tile the denoising too, rather than shrink tiles that did fit
+            raise _DenoiseOutOfMemory(message)
         y = torch.empty(1, 3, 4 * h, 4 * w, device=self.device, dtype=torch.float32)
         for t, core in tiles:
             feats = None if warped is None else self._features(warped[(..., *t.hr())].to(self.vae_dtype))
             decode = self._decode if feats is not None else self.vae.decode  # cold frames stay eager
             out = decode(latent[(..., *t.lr())], feats)
             y[(..., *core.hr())] = out[(..., *_within(core, t, 4))].float()
+            del feats, out  # before the next tile's are made: one tile's features at a time
         return y
 
     def _embed_tiled(self, warped: torch.Tensor, tiles: list[tuple[Tile, Tile]]) -> torch.Tensor:
@@ -578,6 +588,7 @@ class StreamDiffVSR:
                 out = torch.empty(1, e.shape[1], h, w, device=e.device, dtype=e.dtype).contiguous(
                     memory_format=self._fmt)
             out[(..., *core.lr())] = e[(..., *_within(core, t, 1))]
+            del e
         assert out is not None
         return out
 
@@ -624,31 +635,46 @@ class StreamDiffVSR:
             self._flow_fallbacks = {**self._flow_fallbacks, key: fallback}
 
     def _run_shrinking_tiles(self, z: torch.Tensor, x: torch.Tensor, warped: torch.Tensor | None,
-                             in_denoise: bool = False) -> torch.Tensor:
-        """After an out-of-memory error, until the frame fits: the HR stages in tiles (the picture of the
-        whole frame); where the whole-latent denoising itself ran out (``in_denoise``), that in tiles too;
-        otherwise smaller tiles. The setting that fitted stays in use."""
-        tile, tile_denoise = self.tile, self.tile_denoise
+                             in_denoise: bool, error: str) -> torch.Tensor:
+        """After an out-of-memory error (``error``), until the frame fits: the HR stages in tiles (the picture
+        of the whole frame); where the whole-latent denoising itself ran out (``in_denoise``), that in tiles
+        too; otherwise smaller tiles. The setting that fitted stays in use."""
+        h, w = x.shape[-2:]
+        setting: tuple[tuple[int, int] | None, bool] | None = (self.tile, self.tile_denoise)
         while True:
             _empty_cache(self.device)
-            if tile is None:
-                tile = AUTO_TILE
-            elif in_denoise and not tile_denoise:
-                tile_denoise = True
-            else:
-                tile = _halve(tile)
+            setting = self._next_tiling(h, w, *setting, in_denoise)  # type: ignore[misc]
+            if setting is None:
+                raise torch.OutOfMemoryError(f"vsstreamdiffvsr: out of GPU memory for a {w}x{h} LR frame even in "
+                                             f"the smallest tiles; free GPU memory or use another GPU ({error})")
+            tile, tile_denoise = setting
             what = "denoising and decoding" if tile_denoise else "decoding (the denoising whole)"
             warnings.warn(f"vsstreamdiffvsr: out of GPU memory; {what} in {tile[0]}x{tile[1]} LR tiles from now "
                           "on (pass tile= / tile_denoise= to choose)", TilingFallbackWarning, stacklevel=5)
             try:
                 y = self._run(z, x, warped, tile, tile_denoise)
             except torch.OutOfMemoryError as exc:
-                in_denoise = isinstance(exc, _DenoiseOutOfMemory)
-                if tile == (32, 32) and (tile_denoise or not in_denoise):
-                    raise
+                in_denoise, error = isinstance(exc, _DenoiseOutOfMemory), str(exc).splitlines()[0][:300]
                 continue  # the loop's next _empty_cache runs outside this handler
             self.tile, self.tile_denoise = tile, tile_denoise
             return y
+
+    def _next_tiling(self, h: int, w: int, tile: tuple[int, int] | None, tile_denoise: bool,
+                     in_denoise: bool) -> tuple[tuple[int, int], bool] | None:
+        """The setting the out-of-memory fallback tries after ``(tile, tile_denoise)`` failed, skipping those
+        that would run the frame as a single tile again (tiles as large as the frame); None when none is left.
+        """
+        while True:
+            if tile is None:
+                tile = AUTO_TILE
+            elif in_denoise and not tile_denoise:
+                tile_denoise = True
+            elif _halve(tile) == tile:
+                return None
+            else:
+                tile = _halve(tile)
+            if len(self._tiles(h, w, tile, tile_denoise)) > 1:
+                return tile, tile_denoise
 
     def _fp32(self) -> "StreamDiffVSR":
         """A float32 twin sharing flow, VAE and prompt (for the NaN fallback), built on first use."""
@@ -852,10 +878,10 @@ class StreamDiffVSR:
         except torch.OutOfMemoryError as exc:
             if not self.oom_fallback:
                 raise
-            in_denoise = isinstance(exc, _DenoiseOutOfMemory)
+            in_denoise, error = isinstance(exc, _DenoiseOutOfMemory), str(exc).splitlines()[0][:300]
         # retried outside the except block: its traceback would keep the failed attempt's tensors alive
         self.stats["oom_fallbacks"] += 1
-        return self._run_shrinking_tiles(z, x, warped, in_denoise)
+        return self._run_shrinking_tiles(z, x, warped, in_denoise, error)
 
 
 class _Worker:
@@ -976,6 +1002,19 @@ def _overlap(value: int) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 0 or value % 4:
         raise ValueError(f"tile_overlap must be a non-negative multiple of 4 (LR pixels), got {value!r}")
     return value
+
+
+def _check_tiling(tile: tuple[int, int] | None, overlap: int, tile_denoise: Any) -> bool:
+    """Validate the tiling options together; returns ``tile_denoise``."""
+    if not isinstance(tile_denoise, bool):
+        raise ValueError(f"tile_denoise must be True or False, got {tile_denoise!r}")
+    if tile_denoise and tile is None:
+        raise ValueError("tile_denoise=True needs a tile size (tile=...); without one, frames run whole and the "
+                         "out-of-memory fallback picks the tiling")
+    if tile is not None and 2 * overlap > min(tile):
+        raise ValueError(f"tile_overlap ({overlap}) must be at most half the smaller tile side ({min(tile)} LR px); "
+                         "lower tile_overlap or use larger tiles")
+    return tile_denoise
 
 
 def _within(core: Tile, tile: Tile, scale: int) -> tuple[slice, slice]:

@@ -66,9 +66,12 @@ def _starts(size: int, tile: int, overlap: int) -> list[int]:
 
 
 def tile_layout(h: int, w: int, tile: tuple[int, int], overlap: int) -> list[Tile]:
-    """Tiles covering an h x w LR frame; tiles never exceed the frame (a smaller frame is one tile)."""
+    """Tiles covering an h x w LR frame; tiles never exceed the frame (a smaller frame is one tile). The
+    overlap is capped at half a tile side (a multiple of 4), so tiles advance by at least half a tile and
+    their origins stay on multiples of 4, whatever tile the out-of-memory fallback shrinks to."""
     th, tw = min(tile[0], h), min(tile[1], w)
-    return [Tile(y, x, th, tw) for y in _starts(h, th, overlap) for x in _starts(w, tw, overlap)]
+    oy, ox = (min(overlap, t // 2 // 4 * 4) for t in (th, tw))
+    return [Tile(y, x, th, tw) for y in _starts(h, th, oy) for x in _starts(w, tw, ox)]
 
 
 def _cores(starts: list[int], tile: int, size: int) -> list[tuple[int, int]]:
