@@ -289,8 +289,9 @@ def test_crop_layout_cores_partition_the_frame_inside_their_margins() -> None:
         assert bool((count == 1).all())
 
 
-def test_tiled_close_to_untiled(pipe: StreamDiffVSR) -> None:
-    frames, noises = frames_and_noise(2, 64, 160)
+@pytest.mark.parametrize(("h", "w"), [(64, 160), (68, 164)])  # the second: multiples of 4, not of 8
+def test_tiled_close_to_untiled(pipe: StreamDiffVSR, h: int, w: int) -> None:
+    frames, noises = frames_and_noise(2, h, w)
     ref = run(pipe, frames, noises)
     # two 128-px tiles side by side: the HR stages cropped with a 32 px margin, the denoising whole
     tiled = pipe.with_options(tile=128)
@@ -308,16 +309,17 @@ def test_tiled_close_to_untiled(pipe: StreamDiffVSR) -> None:
     for a, b in zip(out, ref):
         # GroupNorm statistics and attention see a tile, not the frame: close, not equal (tiny random model)
         assert 30.0 <= psnr(a, b) < 200.0
-    single = pipe.with_options(tile=(64, 160))  # one tile covering the frame = the untiled computation
+    single = pipe.with_options(tile=(h // 8 * 8 + 8, w // 8 * 8 + 8))  # one tile covering the frame = untiled
     for a, b in zip(run(single, frames, noises), ref):
         assert float((a - b).abs().max()) == 0.0
 
 
+@pytest.mark.parametrize("tile", [None, 32])
 def test_nan_in_half_precision_recomputes_in_float32(tiny_ckpt: Path, pipe: StreamDiffVSR,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    frames, noises = frames_and_noise(2, 32, 32)
-    ref = run(pipe, frames, noises)
-    half = StreamDiffVSR.from_pretrained(tiny_ckpt, device="cpu", dtype="bfloat16")
+                                                     monkeypatch: pytest.MonkeyPatch, tile: int | None) -> None:
+    frames, noises = frames_and_noise(2, 32, 64)
+    ref = run(pipe.with_options(tile=tile), frames, noises)
+    half = StreamDiffVSR.from_pretrained(tiny_ckpt, device="cpu", dtype="bfloat16", tile=tile)
 
     def poisoned(*args, **kwargs):
         return torch.full_like(args[0], float("nan"), dtype=half.dtype)
@@ -327,7 +329,7 @@ def test_nan_in_half_precision_recomputes_in_float32(tiny_ckpt: Path, pipe: Stre
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("default")
         out = run(half, frames, noises)
-    assert half.stats["nan_fallbacks"] == 2
+    assert half.stats["nan_fallbacks"] == 2 and half.tile == parse_tile(tile)  # recomputed with its tiling
     fallback_warnings = [w for w in caught if issubclass(w.category, PrecisionFallbackWarning)]
     assert len(fallback_warnings) == 1  # one warning, not one per frame
     for a, b in zip(out, ref):
