@@ -230,6 +230,9 @@ def test_tiling_options_are_checked_together(pipe: StreamDiffVSR) -> None:
     with pytest.raises(ValueError, match="tile_denoise must be True or False"):
         pipe.with_options(tile=64, tile_denoise="no")
     assert pipe.with_options(tile=64, tile_overlap=32, tile_denoise=True).tile_denoise
+    shrunk = pipe.with_options(tile=64, tile_overlap=32, tile_denoise=True)
+    shrunk.tile = (32, 32)  # as the out-of-memory fallback leaves it: the overlap is capped in the layout
+    assert shrunk.with_options(raft_corr="full").tile == (32, 32)
 
 
 def _local_stand_ins(pipe: StreamDiffVSR, monkeypatch: pytest.MonkeyPatch, k: int) -> None:

@@ -328,7 +328,10 @@ class StreamDiffVSR:
             view.tile_denoise = tile_denoise
         if tile_overlap is not None:
             view.tile_overlap = _overlap(tile_overlap)
-        view.tile_denoise = _check_tiling(view.tile, view.tile_overlap, view.tile_denoise)
+        if tile != "keep" or tile_overlap is not None or tile_denoise is not None:
+            # only what is asked for here: a tile the out-of-memory fallback shrank may sit under the overlap
+            # (tile_layout caps it), and a view of that pipeline must not fail for it
+            view.tile_denoise = _check_tiling(view.tile, view.tile_overlap, view.tile_denoise)
         if raft_corr is not None:
             view.raft_corr = _choice("raft_corr", raft_corr, RAFT_CORR_MODES)
         if graph_flow is not None:
