@@ -57,11 +57,12 @@ def warp(x: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
     if flow.dim() != 4 or flow.shape[1] != 2 or flow.shape[-2:] != x.shape[-2:]:
         raise ValueError(f"flow must be (N,2,{x.shape[-2]},{x.shape[-1]}), got {tuple(flow.shape)}")
     h, w = x.shape[-2:]
-    vgrid = _base_grid(h, w, x.device, x.dtype) + flow.permute(0, 2, 3, 1).to(x.dtype)
+    # sampled in float32 whatever x is: float16 positions have a step of 1 px between 1024 and 2048
+    vgrid = _base_grid(h, w, x.device, torch.float32) + flow.permute(0, 2, 3, 1).float()
     vx = 2.0 * vgrid[..., 0] / max(w - 1, 1) - 1.0
     vy = 2.0 * vgrid[..., 1] / max(h - 1, 1) - 1.0
-    return F.grid_sample(x, torch.stack((vx, vy), dim=3), mode="bilinear", padding_mode="zeros",
-                         align_corners=False)
+    return F.grid_sample(x.float(), torch.stack((vx, vy), dim=3), mode="bilinear", padding_mode="zeros",
+                         align_corners=False).to(x.dtype)
 
 
 def build_raft() -> nn.Module:
