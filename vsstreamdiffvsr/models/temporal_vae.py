@@ -189,6 +189,10 @@ class TemporalTinyVAE(nn.Module):
                 f"feature at its scale), got {list(num_encoder_blocks)} and {list(num_decoder_blocks)}")
         if len(encoder_block_out_channels) != len(decoder_block_out_channels):
             raise VAEConfigError("encoder and decoder must have the same number of levels")
+        if upsample_fn not in ("nearest", "bilinear", "bicubic", "nearest-exact"):
+            raise VAEConfigError(f"upsample_fn must be an interpolation mode such as 'nearest', got {upsample_fn!r}")
+        if not isinstance(scaling_factor, (int, float)) or isinstance(scaling_factor, bool) or scaling_factor <= 0:
+            raise VAEConfigError(f"scaling_factor must be a positive number, got {scaling_factor!r}")
         self.encoder = TemporalTinyEncoder(in_channels, latent_channels, num_encoder_blocks,
                                            encoder_block_out_channels, act_fn)
         self.decoder = TemporalTinyDecoder(latent_channels, out_channels, num_decoder_blocks,
