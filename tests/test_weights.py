@@ -314,7 +314,7 @@ def test_empty_prompt_embedding_computed_and_cached(ckpt_copy: Path, monkeypatch
     torch.testing.assert_close(emb, exp, atol=1e-5, rtol=1e-5)
     assert (ckpt_copy / CACHE).is_file()
     torch.testing.assert_close(load_file(str(ckpt_copy / CACHE))["prompt_embeds"], emb, atol=0, rtol=0)
-    assert not (ckpt_copy / (CACHE + ".tmp")).exists()
+    assert not list(ckpt_copy.glob("*.tmp"))  # the temporary file was renamed into place
 
     _forbid_text_model(monkeypatch)
     again = weights.empty_prompt_embedding(ckpt_copy)
@@ -405,3 +405,124 @@ def test_read_safetensors_header_garbage(tmp_path: Path) -> None:
     p.write_bytes((16).to_bytes(8, "little") + b"\xfe" * 16)
     with pytest.raises(ValueError):
         weights.read_safetensors_header(p)
+
+
+# ------------------------------------------------------------------ what passed `check` and failed later
+
+def test_float_tensor_stored_as_integers(ckpt_copy: Path, no_hub_raft: Path) -> None:
+    p = ckpt_copy / VAE_W
+    state = load_file(str(p))
+    key = next(k for k, v in state.items() if v.dim() == 4)
+    state[key] = state[key].to(torch.int32)
+    save_file(state, str(p))
+    with pytest.raises(ModelFilesError) as info:
+        weights.validate_model_dir(ckpt_copy)
+    _assert_clear(info.value, VAE_W, key, "I32")
+
+
+@pytest.mark.parametrize(("overrides", "needle"), [
+    (dict(text={"hidden_size": 64}), "hidden_size 64 differs from the U-Net's cross_attention_dim 32"),
+    (dict(text={"vocab_size": 1000}), "1000 tokens"),
+    (dict(vae={"latent_channels": 8}), "the VAE's 8-channel latent needs 11"),
+    (dict(unet={"num_class_embeds": 1000}), "class labels"),
+], ids=["text-width", "text-vocab", "vae-latent", "class-labels"])
+def test_components_that_do_not_fit_together(tmp_path: Path, no_hub_raft: Path, overrides: dict,
+                                             needle: str) -> None:
+    """Each file matches its own config, but the model as wired would fail on its first frame."""
+    from vsstreamdiffvsr.testing import make_tiny_checkpoint
+
+    root = make_tiny_checkpoint(tmp_path / "m", seed=0, raft=False, **overrides)
+    with pytest.raises(ModelFilesError) as info:
+        weights.validate_model_dir(root, need_raft=False)
+    _assert_clear(info.value, "do not fit together", needle)
+
+
+def test_cached_prompt_of_another_width(ckpt_copy: Path, no_hub_raft: Path) -> None:
+    weights.empty_prompt_embedding(ckpt_copy)
+    with safe_open(str(ckpt_copy / CACHE), framework="pt") as f:
+        meta = f.metadata()
+    save_file({"prompt_embeds": torch.zeros(1, 77, 1024)}, str(ckpt_copy / CACHE), metadata=meta)
+    with pytest.raises(ModelFilesError) as info:
+        weights.validate_model_dir(ckpt_copy)
+    _assert_clear(info.value, CACHE, "(1, 77, 1024)")
+
+
+@pytest.mark.parametrize(("changes", "needle"), [
+    ({"prediction_type": "epsilon"}, "'epsilon'"),
+    ({"timestep_spacing": "leading"}, "'leading'"),
+    ({"beta_schedule": "nonsense"}, "not a usable DDIM config"),
+])
+def test_scheduler_values_are_checked(ckpt_copy: Path, no_hub_raft: Path, changes: dict, needle: str) -> None:
+    _edit_json(ckpt_copy / "scheduler" / "scheduler_config.json", **changes)
+    with pytest.raises(ModelFilesError) as info:
+        weights.validate_model_dir(ckpt_copy)
+    _assert_clear(info.value, "scheduler/scheduler_config.json", needle)
+
+
+def test_validate_reads_the_raft_file(ckpt_copy: Path, no_hub_raft: Path) -> None:
+    p = ckpt_copy / "raft" / RAFT_FILENAME
+    p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])  # a cut-off download
+    with pytest.raises(ModelFilesError) as info:
+        weights.validate_model_dir(ckpt_copy)
+    _assert_clear(info.value, RAFT_FILENAME)
+    torch.save({"feature_encoder.convnormrelu.0.weight": [1, 2, 3]}, str(p))  # not even a tensor
+    with pytest.raises(ModelFilesError) as info:
+        weights.load_raft(ckpt_copy)
+    _assert_clear(info.value, RAFT_FILENAME)
+
+
+def test_vae_config_with_an_unknown_upsampling(ckpt_copy: Path, no_hub_raft: Path) -> None:
+    _edit_json(ckpt_copy / "vae" / "config.json", upsample_fn="foo")
+    with pytest.raises(ModelFilesError) as info:
+        weights.validate_model_dir(ckpt_copy)
+    _assert_clear(info.value, "vae/config.json", "upsample_fn")
+
+
+def test_empty_prompt_recomputed_after_text_config_change(ckpt_copy: Path) -> None:
+    """The embedding depends on the encoder's config as well as its weights (activation, norm epsilon)."""
+    (ckpt_copy / CACHE).unlink(missing_ok=True)
+    first = weights.empty_prompt_embedding(ckpt_copy)
+    _edit_json(ckpt_copy / "text_encoder" / "config.json", hidden_act="quick_gelu", layer_norm_eps=1e-3)
+    second = weights.empty_prompt_embedding(ckpt_copy)
+    torch.testing.assert_close(second, _independent_embedding(ckpt_copy), atol=1e-5, rtol=1e-5)
+    assert float((second - first).abs().max()) > 1e-3
+
+
+def test_copied_text_encoder_is_hashed_once(ckpt_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A copy (same bytes, new mtime) is recognised by its SHA-256 once; the cache then records the new mtime."""
+    (ckpt_copy / CACHE).unlink(missing_ok=True)
+    emb = weights.empty_prompt_embedding(ckpt_copy)
+    p = ckpt_copy / TE_W
+    st = p.stat()
+    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns + 3_000_000_000))
+    hashed = []
+    real = weights._sha256
+    monkeypatch.setattr(weights, "_sha256", lambda path: hashed.append(Path(path).name) or real(path))
+    for _ in range(3):
+        torch.testing.assert_close(weights.empty_prompt_embedding(ckpt_copy), emb, atol=0, rtol=0)
+    assert hashed.count(Path(TE_W).name) == 1, hashed
+
+
+def test_download_that_left_a_partial_folder(ckpt_copy: Path, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """An offline hub client may return the partial folder it has without an error: the user is told the
+    download is incomplete, not sent back to the command they just ran. RAFT in torch hub's folder counts."""
+    import huggingface_hub
+
+    hub = tmp_path / "hub"
+    (hub / "checkpoints").mkdir(parents=True)
+    shutil.move(str(ckpt_copy / "raft" / RAFT_FILENAME), str(hub / "checkpoints" / RAFT_FILENAME))
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(hub))
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda **kw: kw["local_dir"])
+
+    def no_network(*a, **k):
+        raise AssertionError("RAFT fetched although torch hub's folder has it")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    assert weights.download(ckpt_copy) == ckpt_copy.resolve()  # complete: nothing fetched
+    (ckpt_copy / UNET_W).unlink()
+    with pytest.raises(ModelFilesError) as info:
+        weights.download(ckpt_copy)
+    msg = str(info.value)
+    assert "incomplete or damaged" in msg and UNET_W in msg and "run the download again" in msg
+    assert "fix: run" not in msg and "\n" not in msg

@@ -32,6 +32,9 @@ from torch import nn
 
 from .models.flow import RAFT_FILENAME, RAFT_URL
 
+#: torchvision's RAFT file name carries the first 8 hex digits of its SHA-256
+RAFT_SHA256_PREFIX = RAFT_FILENAME.rsplit("-", 1)[1].split(".")[0]
+
 __all__ = [
     "HF_REPO_ID", "ENV_MODEL_DIR", "EMPTY_PROMPT_IDS", "ModelFilesError", "default_model_dir", "user_cache_dir",
     "resolve_model_dir", "find_raft_weights", "validate_model_dir", "read_safetensors_header",
@@ -67,7 +70,8 @@ def user_cache_dir() -> Path:
     elif sys.platform == "darwin":
         base = Path.home() / "Library" / "Caches"
     else:
-        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        xdg = os.environ.get("XDG_CACHE_HOME")
+        base = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".cache"  # the spec: ignore a relative one
     return base / "vsstreamdiffvsr"
 
 
@@ -159,12 +163,23 @@ def _meta_build(model_dir: Path, rel_config: str, build: Callable[[dict[str, Any
         raise _fail(model_dir, f"{rel_config} describes no valid model ({type(exc).__name__}: {exc})") from None
 
 
+#: safetensors dtypes a floating-point parameter may be stored in (it is cast on loading)
+FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
+
+
 def _compare(model_dir: Path, rel_weights: str, rel_config: str, model: nn.Module,
              header: dict[str, tuple[str, tuple[int, ...]]], ignore: Callable[[str], bool] = lambda k: False) -> None:
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    state = model.state_dict()
+    expected = {k: tuple(v.shape) for k, v in state.items()}
     missing = sorted(k for k in expected if k not in header)
     unexpected = sorted(k for k in header if k not in expected and not ignore(k))
     wrong = sorted(k for k in expected if k in header and header[k][1] != expected[k])
+    not_float = sorted(k for k, v in state.items() if k in header and v.is_floating_point()
+                       and header[k][0] not in FLOAT_DTYPES)
+    if not_float:
+        k = not_float[0]
+        raise _fail(model_dir, f"{rel_weights} stores {len(not_float)} floating-point tensors as other types "
+                               f"(e.g. {k}: {header[k][0]}); the file is corrupt or not this model's")
     if missing or unexpected or wrong:
         parts = []
         if missing:
@@ -237,19 +252,69 @@ def _check_text_encoder(model_dir: Path) -> nn.Module:
     return model
 
 
+def _check_together(model_dir: Path, models: dict[str, nn.Module], text: nn.Module | None,
+                    prompt: torch.Tensor | None) -> None:
+    """The components must fit each other as Stream-DiffVSR wires them (each can match its own config and
+    still not fit: a file from another model, an edited config)."""
+    unet, cn, vae = models["unet"].config, models["controlnet"].config, models["vae"]
+    latent = vae.latent_channels
+    problems = []
+    if unet.in_channels != latent + 3 or unet.out_channels != latent:
+        problems.append(f"unet takes {unet.in_channels} and gives {unet.out_channels} channels; the VAE's "
+                        f"{latent}-channel latent needs {latent + 3} (latent + LR RGB) and {latent}")
+    if cn.in_channels != unet.in_channels or cn.conditioning_channels != 3:
+        problems.append(f"controlnet takes {cn.in_channels} channels and a {cn.conditioning_channels}-channel "
+                        f"condition; it needs the U-Net's {unet.in_channels} and an RGB frame (3)")
+    if list(cn.block_out_channels) != list(unet.block_out_channels):
+        problems.append(f"controlnet blocks {list(cn.block_out_channels)} differ from the U-Net's "
+                        f"{list(unet.block_out_channels)}: its residuals would not fit")
+    for name, cfg in (("unet", unet), ("controlnet", cn)):
+        if cfg.num_class_embeds is not None or cfg.class_embed_type is not None:
+            problems.append(f"{name} expects class labels (num_class_embeds/class_embed_type set), which "
+                            "Stream-DiffVSR never passes")
+        if cfg.cross_attention_dim != unet.cross_attention_dim:
+            problems.append(f"controlnet cross_attention_dim {cfg.cross_attention_dim} differs from the "
+                            f"U-Net's {unet.cross_attention_dim}")
+    if text is not None:
+        tc = text.config
+        if tc.hidden_size != unet.cross_attention_dim:
+            problems.append(f"text_encoder hidden_size {tc.hidden_size} differs from the U-Net's "
+                            f"cross_attention_dim {unet.cross_attention_dim}")
+        if tc.vocab_size <= max(EMPTY_PROMPT_IDS) or tc.max_position_embeddings < len(EMPTY_PROMPT_IDS):
+            problems.append(f"text_encoder has {tc.vocab_size} tokens and {tc.max_position_embeddings} "
+                            f"positions; the SD2 prompt ids need {max(EMPTY_PROMPT_IDS) + 1} and "
+                            f"{len(EMPTY_PROMPT_IDS)}")
+    if prompt is not None and tuple(prompt.shape) != (1, len(EMPTY_PROMPT_IDS), unet.cross_attention_dim):
+        problems.append(f"{PROMPT_CACHE_NAME} holds a {tuple(prompt.shape)} embedding; the U-Net needs "
+                        f"(1, {len(EMPTY_PROMPT_IDS)}, {unet.cross_attention_dim}) (delete it to recompute)")
+    if problems:
+        raise _fail(model_dir, "the components do not fit together: " + "; ".join(problems))
+
+
+def _check_scheduler(model_dir: Path) -> Any:
+    scheduler = load_scheduler(model_dir)
+    cfg = scheduler.config
+    if cfg.prediction_type != "v_prediction" or cfg.timestep_spacing != "trailing":
+        raise _fail(model_dir, "scheduler/scheduler_config.json is not Stream-DiffVSR's (prediction_type "
+                               f"{cfg.prediction_type!r}, timestep_spacing {cfg.timestep_spacing!r}; the model "
+                               "is trained for 'v_prediction' and 'trailing')")
+    return scheduler
+
+
 def validate_model_dir(model_dir: str | os.PathLike[str] | None = None, *, need_raft: bool = True) -> Path:
-    """Check every file the pipeline will read, cheaply (headers and configs only). Returns the folder."""
+    """Check every file the pipeline will read before anything heavy is loaded: headers and configs, how the
+    components fit together, and RAFT's ~20 MB checkpoint. Returns the folder."""
     root = resolve_model_dir(model_dir)
     if not root.is_dir():
         raise ModelFilesError(f"model folder {root} does not exist; {_fix_hint(root)}")
     _read_json(root, "model_index.json")
-    for name in _COMPONENTS:
-        _check_component(root, name)
-    _read_json(root, "scheduler/scheduler_config.json")
-    if _cached_prompt(root) is None:
-        _check_text_encoder(root)
-    if need_raft and find_raft_weights(root) is None:
-        raise _fail(root, f"raft/{RAFT_FILENAME} is missing (also not in torch hub's checkpoint folder)")
+    models = {name: _check_component(root, name)[0] for name in _COMPONENTS}
+    _check_scheduler(root)
+    prompt = _cached_prompt(root)
+    text = _check_text_encoder(root) if prompt is None else None
+    _check_together(root, models, text, prompt)
+    if need_raft:
+        _raft_state(root)
     return root
 
 
@@ -265,7 +330,11 @@ def _load_component(model_dir: Path, name: str, dtype: torch.dtype) -> nn.Module
         raise _fail(model_dir, f"{name}/{_COMPONENTS[name][0]} cannot be read ({exc})") from None
     # Cast before assigning (diffusers' own ``.to(dtype)`` logs a warning for every model).
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-    model.load_state_dict(state, strict=True, assign=True)
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except Exception as exc:  # the header said otherwise: a file changed since, or a lying header
+        raise _fail(model_dir, f"{name}/{_COMPONENTS[name][0]} does not load ({type(exc).__name__}: "
+                               f"{str(exc).splitlines()[0][:200]})") from None
     leftovers = [k for k, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if leftovers:  # a buffer that is not in the checkpoint: materialise it the slow, ordinary way
         raise RuntimeError(f"internal error: {name} has tensors outside the checkpoint: {leftovers[:3]}")
@@ -293,14 +362,16 @@ def load_scheduler(model_dir: Path) -> Any:
 
     config = _read_json(model_dir, "scheduler/scheduler_config.json")
     try:
-        return DDIMScheduler.from_config(config)
+        scheduler = DDIMScheduler.from_config(config)
+        scheduler.set_timesteps(4)  # the config's values are only used (and checked) here
     except Exception as exc:
-        raise _fail(model_dir, f"scheduler/scheduler_config.json is not a DDIM config ({exc})") from None
+        raise _fail(model_dir, f"scheduler/scheduler_config.json is not a usable DDIM config ({exc})") from None
+    return scheduler
 
 
-def load_raft(model_dir: Path) -> nn.Module:
-    """torchvision RAFT-large with the ``C_T_SKHT_V2`` weights, wrapped as :class:`RaftFlow`."""
-    from .models.flow import RaftFlow, build_raft
+def _raft_state(model_dir: Path) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """An unloaded RAFT-large and its checked checkpoint state."""
+    from .models.flow import build_raft
 
     path = find_raft_weights(model_dir)
     if path is None:
@@ -313,9 +384,18 @@ def load_raft(model_dir: Path) -> nn.Module:
     if not isinstance(state, dict):
         raise _fail(model_dir, f"{path} holds no state dict")
     expected = raft.state_dict()
-    bad = [k for k in expected if k not in state or tuple(state[k].shape) != tuple(expected[k].shape)]
+    bad = [k for k in expected if not isinstance(state.get(k), torch.Tensor) or tuple(state[k].shape) != tuple(
+        expected[k].shape) or state[k].is_floating_point() != expected[k].is_floating_point()]
     if bad or set(state) - set(expected):
         raise _fail(model_dir, f"{path} is not a RAFT-large checkpoint (e.g. {(bad or sorted(set(state) - set(expected)))[0]})")
+    return raft, state
+
+
+def load_raft(model_dir: Path) -> nn.Module:
+    """torchvision RAFT-large with the ``C_T_SKHT_V2`` weights, wrapped as :class:`RaftFlow`."""
+    from .models.flow import RaftFlow
+
+    raft, state = _raft_state(model_dir)
     raft.load_state_dict(state)
     return RaftFlow(raft.eval().requires_grad_(False))
 
@@ -353,12 +433,38 @@ def _cached_prompt(model_dir: Path) -> torch.Tensor | None:
     te = model_dir / "text_encoder" / TEXT_ENCODER_WEIGHTS
     if not te.is_file():
         return emb  # the text encoder was removed after caching: the cache is all there is
+    config = model_dir / "text_encoder" / "config.json"
+    if config.is_file() and _sha256(config) != meta.get("config_sha256"):
+        return None  # the encoder's config (activation, norm epsilon...) changed: so does the embedding
     fp = _fingerprint(te)
     if fp["size"] == meta.get("size") and fp["mtime_ns"] == meta.get("mtime_ns"):
         return emb
     if fp["size"] == meta.get("size") and _sha256(te) == meta.get("sha256"):
-        return emb  # same content, new timestamp (a copy)
+        _save_prompt(model_dir, emb, meta)  # same content, new timestamp (a copy): hash it once, not every load
+        return emb
     return None
+
+
+def _save_prompt(model_dir: Path, emb: torch.Tensor, meta: dict[str, str]) -> None:
+    """Write the cache atomically, keyed by the text encoder's files as they are now."""
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    te_dir = model_dir / "text_encoder"
+    meta = {**meta, **_fingerprint(te_dir / TEXT_ENCODER_WEIGHTS)}
+    if (te_dir / "config.json").is_file():
+        meta["config_sha256"] = _sha256(te_dir / "config.json")
+    tmp: str | None = None
+    try:  # a name of its own: two processes caching at once must not write one file
+        fd, tmp = tempfile.mkstemp(prefix=PROMPT_CACHE_NAME + ".", suffix=".tmp", dir=model_dir)
+        os.close(fd)
+        save_file({"prompt_embeds": emb.contiguous()}, tmp, metadata=meta)
+        os.replace(tmp, model_dir / PROMPT_CACHE_NAME)
+    except Exception:  # read-only model folder (safetensors raises its own error type): recompute next time
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
 
 
 def _compute_prompt(model_dir: Path) -> torch.Tensor:
@@ -385,23 +491,15 @@ def empty_prompt_embedding(model_dir: Path) -> torch.Tensor:
     """The (1, 77, D) CLIP embedding of the empty prompt, float32 on CPU.
 
     Computed once with the text encoder and cached as ``<model_dir>/empty_prompt_embedding.safetensors``,
-    keyed by the text encoder file (size and mtime, then SHA-256), so later loads skip the encoder.
+    keyed by the text encoder's weights (size and mtime, then SHA-256) and config (SHA-256), so later loads
+    skip the encoder.
     """
-    from safetensors.torch import save_file
-
     emb = _cached_prompt(model_dir)
     if emb is not None:
         return emb
     emb = _compute_prompt(model_dir)
     te = model_dir / "text_encoder" / TEXT_ENCODER_WEIGHTS
-    meta = {**_fingerprint(te), "sha256": _sha256(te), "ids": json.dumps(list(EMPTY_PROMPT_IDS))}
-    tmp = model_dir / (PROMPT_CACHE_NAME + ".tmp")
-    try:
-        save_file({"prompt_embeds": emb}, str(tmp), metadata=meta)
-        os.replace(tmp, model_dir / PROMPT_CACHE_NAME)
-    except Exception:  # read-only model folder (safetensors raises its own error type): recompute next time
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
+    _save_prompt(model_dir, emb, {"sha256": _sha256(te), "ids": json.dumps(list(EMPTY_PROMPT_IDS))})
     return emb
 
 
@@ -422,14 +520,19 @@ def download(model_dir: str | os.PathLike[str] | None = None) -> Path:
         raise ConnectionError(f"cannot download {HF_REPO_ID} from the Hugging Face Hub ({_short(exc)}); "
                               f"check the network, or copy the repository's files into {root}") from None
     raft_dst = root / "raft" / RAFT_FILENAME
-    if not raft_dst.is_file():
+    if find_raft_weights(root) is None:  # torch hub's copy counts: nothing to fetch then
         raft_dst.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            torch.hub.download_url_to_file(RAFT_URL, str(raft_dst), progress=True)
+        try:  # the hash prefix in the file name is checked: a cut-off or altered download is not kept
+            torch.hub.download_url_to_file(RAFT_URL, str(raft_dst), hash_prefix=RAFT_SHA256_PREFIX, progress=True)
         except Exception as exc:
             raise ConnectionError(f"cannot download {RAFT_URL} ({_short(exc)}); check the network, or copy "
                                   f"{RAFT_FILENAME} into {raft_dst.parent}") from None
-    validate_model_dir(root)
+    try:
+        validate_model_dir(root)
+    except ModelFilesError as exc:  # e.g. an offline hub client that returned the partial folder it had
+        what = str(exc).split("; fix:")[0]
+        raise ModelFilesError(f"the download into {root} is incomplete or damaged ({what}); check the network "
+                              "and run the download again (it fetches only what is missing)") from None
     empty_prompt_embedding(root)
     return root
 
