@@ -251,6 +251,8 @@ def test_default_model_dir_xdg(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) 
     monkeypatch.delenv("XDG_CACHE_HOME")
     d = weights.default_model_dir()
     assert d.is_relative_to(tmp_path / "home" / ".cache") and "vsstreamdiffvsr" in d.parts, d
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/cache")  # the XDG spec: a relative path is ignored
+    assert weights.default_model_dir() == d
 
 
 # ------------------------------------------------------------------------------------------ empty prompt
