@@ -63,6 +63,17 @@ def test_jump_beyond_max_gap_and_backward_are_seeks() -> None:
     assert p2.seeks == 1
 
 
+def test_a_seek_drops_the_frames_of_the_run_it_leaves() -> None:
+    """Back to 20 after frames 31-33 were computed ahead in a run started at 30: playing on from 20 must
+    not serve them (two runs mixed), nor leave the new run behind (35 would be one more seek)."""
+    p = OrderedProducer(toy_step([]), max_gap=4)
+    assert p.get(30, fetch_with_cuts()) == (30, 30, 300)
+    assert p.get(34, fetch_with_cuts()) == (30, 34, 340)  # 31..33 computed and kept, not delivered
+    outs = [p.get(n, fetch_with_cuts()) for n in range(20, 38)]
+    assert [o[0] for o in outs] == [20] * 18
+    assert p.seeks == 2
+
+
 def test_seek_landing_exactly_max_gap_ahead_is_caught_up() -> None:
     p = OrderedProducer(toy_step([]), max_gap=4)
     p.get(0, fetch_with_cuts())

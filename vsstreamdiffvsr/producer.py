@@ -109,6 +109,10 @@ class OrderedProducer(Generic[P, O]):
             else:
                 start, keep_from, state = max(0, n - self.warmup), n, StreamState()
                 self.seeks += 1
+                # what the cache holds belongs to the run just left: serving it later would mix two runs, and
+                # a frame served from it would not advance the new run (the next request a needless seek)
+                self._cache.clear()
+                self._delivered.clear()
             for i in range(start, n + 1):
                 src = fetch(i)
                 if self.reset_on_scene_change and src.scene_cut:
