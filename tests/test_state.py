@@ -113,6 +113,26 @@ def test_constructor_checks() -> None:
     with pytest.raises(ValueError):
         StreamState(frame_count=-1)
     StreamState(prev_hq=torch.zeros(1, 3, 32, 36), prev_lq=torch.zeros(1, 3, 8, 9))  # 4x of an odd size is fine
+    # what the model cannot take fails here, with the field named, not inside a convolution later
+    with pytest.raises(ValueError, match=r"prev_hq must be a \(1, 3, h, w\) float tensor, got \(1, 5, 32, 32\)"):
+        StreamState(prev_hq=torch.zeros(1, 5, 32, 32), prev_lq=torch.zeros(1, 3, 8, 8))
+    with pytest.raises(ValueError, match="prev_lq must be a .* float tensor, got .*torch.int32"):
+        StreamState(prev_hq=torch.zeros(1, 3, 32, 32), prev_lq=torch.zeros(1, 3, 8, 8, dtype=torch.int32))
+    with pytest.raises(ValueError, match="frame_count must be an integer"):
+        StreamState(frame_count=1.5)  # type: ignore[arg-type]
+
+
+def test_states_compare_by_identity() -> None:
+    s = _state()
+    assert s == s and s != s.clone()  # no "Boolean value of Tensor ... is ambiguous"
+
+
+def test_load_rejects_a_bad_frame_count(tmp_path: Path) -> None:
+    path = tmp_path / "bad.safetensors"
+    save_file({"prev_hq": torch.zeros(1, 3, 8, 8), "prev_lq": torch.zeros(1, 3, 2, 2)}, str(path),
+              metadata={"format": "vsstreamdiffvsr.StreamState/1", "frame_count": "many"})
+    with pytest.raises(ValueError, match=f"{path.name} holds no valid StreamState"):
+        StreamState.load(path)
 
 
 def test_state_is_frozen() -> None:

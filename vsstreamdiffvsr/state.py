@@ -12,7 +12,7 @@ __all__ = ["StreamState"]
 _FORMAT = "vsstreamdiffvsr.StreamState/1"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # tensors have no single truth value: states compare by identity
 class StreamState:
     """The recurrent state between frames. Empty (the default) means the next frame is a cold start.
 
@@ -35,12 +35,16 @@ class StreamState:
             raise ValueError("StreamState needs both prev_hq and prev_lq, or neither")
         if self.prev_hq is not None:
             assert self.prev_lq is not None
-            if self.prev_hq.dim() != 4 or self.prev_lq.dim() != 4 or self.prev_hq.shape[-2:] != torch.Size(
-                    (4 * self.prev_lq.shape[-2], 4 * self.prev_lq.shape[-1])):
+            for name, t in (("prev_hq", self.prev_hq), ("prev_lq", self.prev_lq)):
+                if not isinstance(t, torch.Tensor) or t.dim() != 4 or tuple(t.shape[:2]) != (1, 3) \
+                        or not t.is_floating_point():
+                    what = f"{tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
+                    raise ValueError(f"StreamState: {name} must be a (1, 3, h, w) float tensor, got {what}")
+            if self.prev_hq.shape[-2:] != torch.Size((4 * self.prev_lq.shape[-2], 4 * self.prev_lq.shape[-1])):
                 raise ValueError(f"StreamState: prev_hq {tuple(self.prev_hq.shape)} is not 4x prev_lq "
                                  f"{tuple(self.prev_lq.shape)}")
-        if self.frame_count < 0:
-            raise ValueError("StreamState: frame_count must be >= 0")
+        if not isinstance(self.frame_count, int) or isinstance(self.frame_count, bool) or self.frame_count < 0:
+            raise ValueError(f"StreamState: frame_count must be an integer >= 0, got {self.frame_count!r}")
 
     @property
     def is_cold(self) -> bool:
@@ -94,4 +98,8 @@ class StreamState:
             raise
         except Exception as exc:
             raise ValueError(f"{path} is not a readable StreamState file ({exc})") from None
-        return cls(hq, lq, int(meta.get("frame_count", "0")))
+        try:
+            count = int(meta.get("frame_count", "0"))
+            return cls(hq, lq, count)
+        except ValueError as exc:
+            raise ValueError(f"{path} holds no valid StreamState ({exc})") from None
