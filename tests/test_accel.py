@@ -340,6 +340,15 @@ def test_nan_in_half_precision_recomputes_in_float32(tiny_ckpt: Path, pipe: Stre
         assert float((a - b).abs().max()) <= 1e-5  # the float32 twin is loaded from the checkpoint
 
 
+def test_views_share_one_float32_fallback_model(tiny_ckpt: Path) -> None:
+    """Each upscale() call is a view of the shared pipeline: their NaN fallbacks load one float32 copy."""
+    half = StreamDiffVSR.from_pretrained(tiny_ckpt, device="cpu", dtype="bfloat16")
+    a, b = half.with_options(tile=32), half.with_options(flow="hr")
+    ta, tb = a._fp32(), b._fp32()
+    assert ta.unet is tb.unet and ta.controlnet is tb.controlnet
+    assert next(ta.unet.parameters()).dtype == torch.float32 and ta is not tb  # options stay per view
+
+
 def test_cropped_tiles_with_the_embedding_kept_in_the_controlnet(pipe: StreamDiffVSR) -> None:
     """A model whose ControlNet keeps its conditioning embedding (BGR order) tiles as one that does not."""
     frames, noises = frames_and_noise(2, 64, 160)

@@ -194,6 +194,8 @@ class StreamDiffVSR:
         self._features = self.vae.temporal_features
         self._embed: Callable[[torch.Tensor], torch.Tensor] = self.cond_embedding or _unchanged
         self._fp32_twin: StreamDiffVSR | None = None
+        #: the float32 U-Net/ControlNet/embedding of the NaN fallback, loaded once and shared by every view
+        self._fp32_weights: dict[str, Any] = {}
         self._tile_cache: dict[tuple, list[tuple[Tile, Any]]] = {}
         self._flow_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.compiled = False
@@ -682,16 +684,21 @@ class StreamDiffVSR:
     def _fp32(self) -> "StreamDiffVSR":
         """A float32 twin sharing flow, VAE and prompt (for the NaN fallback), built on first use."""
         if self._fp32_twin is None:
-            if self.model_dir is not None:
-                from . import weights
+            shared = self._fp32_weights  # one float32 copy per model, whatever the number of views
+            if not shared:
+                if self.model_dir is not None:
+                    from . import weights
 
-                unet = weights.load_unet(weights.resolve_model_dir(self.model_dir), torch.float32)
-                controlnet = weights.load_controlnet(weights.resolve_model_dir(self.model_dir), torch.float32)
-                embedding = _split_cond_embedding(controlnet)
-            else:
-                unet = copy.deepcopy(self.unet).float()
-                controlnet = copy.deepcopy(self.controlnet).float()
-                embedding = copy.deepcopy(self.cond_embedding).float() if self.cond_embedding is not None else None
+                    unet = weights.load_unet(weights.resolve_model_dir(self.model_dir), torch.float32)
+                    controlnet = weights.load_controlnet(weights.resolve_model_dir(self.model_dir), torch.float32)
+                    embedding = _split_cond_embedding(controlnet)
+                else:
+                    unet = copy.deepcopy(self.unet).float()
+                    controlnet = copy.deepcopy(self.controlnet).float()
+                    embedding = (copy.deepcopy(self.cond_embedding).float() if self.cond_embedding is not None
+                                 else None)
+                shared.update(unet=unet, controlnet=controlnet, embedding=embedding)
+            unet, controlnet, embedding = shared["unet"], shared["controlnet"], shared["embedding"]
             twin = copy.copy(self)
             twin.unet = unet.to(self.device, memory_format=self._fmt)
             twin.controlnet = controlnet.to(self.device, memory_format=self._fmt)
