@@ -171,6 +171,12 @@ def test_nothing_reaches_stdout(tiny_ckpt: Path, capfd: pytest.CaptureFixture[st
          ["graph_flow=True needs a CUDA device", "None"]),
         (lambda: core.std.BlankClip(format=vs.RGBS, width=64, height=64), {"tile_denoise": "no"},
          ["tile_denoise must be True or False", "'no'"]),
+        (lambda: core.std.BlankClip(format=vs.RGBS, width=64, height=64), {"compile": "0"},
+         ["compile must be True or False", "'0'"]),
+        (lambda: core.std.BlankClip(format=vs.RGBS, width=64, height=64), {"prefetch_flow": "no"},
+         ["prefetch_flow must be True or False"]),
+        (lambda: core.std.BlankClip(format=vs.RGBS, width=64, height=64), {"graph_flow": 1},
+         ["graph_flow must be None, True or False"]),
         (lambda: core.std.BlankClip(format=vs.RGBS, width=64, height=64), {"tile_denoise": True},
          ["tile_denoise=True needs a tile size", "tile="]),
         (lambda: core.std.BlankClip(format=vs.RGBS, width=64, height=64), {"tile": 32, "tile_overlap": 24},
@@ -260,16 +266,72 @@ def test_compile_graph_mode_runs_frames_on_one_thread(tiny_ckpt: Path, pipe, tmp
     assert len(threads) == 1 and threads.pop().startswith("vsstreamdiffvsr")
 
 
-def test_nan_in_the_source_is_a_clear_error(tiny_ckpt: Path) -> None:
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_nan_or_inf_in_the_source_is_a_clear_error(tiny_ckpt: Path, bad: float) -> None:
+    """Infinities too: the [0, 1] clamp must not turn them silently into white or black."""
     src = make_source(32, 32, 3)
 
     def poison(n: int, f: vs.VideoFrame) -> vs.VideoFrame:
         out = f.copy()
         if n == 1:
-            np.asarray(out[0])[0, 0] = np.nan
+            np.asarray(out[0])[0, 0] = bad
         return out
 
     out = vsstreamdiffvsr.upscale(src.std.ModifyFrame(src, poison), model_dir=tiny_ckpt, device="cpu")
-    out.get_frame(0)
-    with pytest.raises(vs.Error, match="source frame 1 contains NaN"):
+    out.get_frame(0)  # frame 1 is looked at ahead (its flow) here: frame 0 must not report it
+    with pytest.raises(vs.Error, match="source frame 1 contains NaN or infinite values"):
         out.get_frame(2)  # caught up through the bad frame 1
+
+
+def test_a_failure_inside_the_model_is_one_plain_line(tiny_ckpt: Path, pipe, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Out of GPU memory, a CUDA error...: vs.Error naming the frame and the error, not a torch traceback."""
+    src = make_source(32, 32, 2)
+    out = vsstreamdiffvsr.upscale(src, model_dir=tiny_ckpt, device="cpu", seed=5)
+    shared = vsfilter.get_pipeline(tiny_ckpt, torch.device("cpu"), torch.float32)
+
+    def broken(self, *a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB\nmore detail")
+
+    monkeypatch.setattr(type(shared), "process_frame", broken)
+    with pytest.raises(vs.Error) as info:
+        out.get_frame(0)
+    assert "upscale: frame 0: OutOfMemoryError: CUDA out of memory. Tried to allocate 9.00 GiB" in str(info.value)
+    assert "more detail" not in str(info.value)
+
+
+def test_alpha_prop_is_not_carried_to_the_4x_frame(tiny_ckpt: Path) -> None:
+    src = make_source(32, 32, 1)
+    alpha = core.std.BlankClip(src, format=vs.GRAYS, length=1)
+    out = vsstreamdiffvsr.upscale(core.std.ClipToProp(src, alpha, prop="_Alpha"), model_dir=tiny_ckpt,
+                                  device="cpu")
+    assert "_Alpha" not in out.get_frame(0).props
+
+
+def test_stdout_redirect_of_two_nodes_on_two_threads() -> None:
+    """Enter A, enter B, leave A, leave B (two upscale() callbacks overlapping): stdout goes to stderr while
+    either runs and comes back to itself after both."""
+    import sys
+
+    original = sys.stdout
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+    seen = []
+
+    def node_a() -> None:
+        with vsfilter._python_stdout_to_stderr():
+            a_in.set()
+            b_in.wait(5)
+        a_out.set()
+
+    def node_b() -> None:
+        a_in.wait(5)
+        with vsfilter._python_stdout_to_stderr():
+            b_in.set()
+            a_out.wait(5)
+            seen.append(sys.stdout is sys.stderr)
+
+    threads = [threading.Thread(target=node_a), threading.Thread(target=node_b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert seen == [True] and sys.stdout is original

@@ -32,6 +32,29 @@ core = vs.core
 _PIPES: dict[tuple[str, str, str], StreamDiffVSR] = {}
 _PIPES_LOCK = threading.Lock()
 
+_REDIRECT_LOCK = threading.Lock()
+_redirect_depth = 0
+_redirect_saved: Any = None
+
+
+@contextlib.contextmanager
+def _python_stdout_to_stderr() -> Iterator[None]:
+    """``sys.stdout`` -> stderr while any frame callback runs (vspipe's y4m goes to stdout). Counted under a
+    lock: ``contextlib.redirect_stdout`` swaps a process-wide attribute, and two upscale() nodes on two
+    threads would restore each other's value (stdout left on stderr, or a print reaching the video)."""
+    global _redirect_depth, _redirect_saved
+    with _REDIRECT_LOCK:
+        if _redirect_depth == 0:
+            _redirect_saved, sys.stdout = sys.stdout, sys.stderr
+        _redirect_depth += 1
+    try:
+        yield
+    finally:
+        with _REDIRECT_LOCK:
+            _redirect_depth -= 1
+            if _redirect_depth == 0:
+                sys.stdout, _redirect_saved = _redirect_saved, None
+
 
 @contextlib.contextmanager
 def _stdout_to_stderr() -> Iterator[None]:
@@ -99,7 +122,10 @@ def _check_clip(clip: Any) -> None:
 
 def _frame_to_tensor(frame: vs.VideoFrame, device: torch.device) -> torch.Tensor:
     # one small copy of the LR planes (source frames are read-only; rows may be padded)
-    x = torch.from_numpy(np.stack([np.asarray(frame[p]) for p in range(3)]))[None]
+    planes = np.stack([np.asarray(frame[p]) for p in range(3)])
+    if not np.isfinite(planes).all():  # before the clamp below, which would turn +-Inf into 1 and 0
+        raise NonFiniteInputError("the frame holds NaN or infinite values")
+    x = torch.from_numpy(planes)[None]
     x = x.to(device=device, dtype=torch.float32, non_blocking=True)
     # RGB from YUV conversions overshoots slightly; the model was trained on [0, 1] images.
     return x.clamp_(0.0, 1.0)
@@ -114,6 +140,8 @@ def _tensor_to_frame(hq: torch.Tensor, blank: vs.VideoFrame, props: Any) -> vs.V
         np.copyto(np.asarray(out[p]), data[p])
     out.props.clear()
     out.props.update(props)
+    with contextlib.suppress(KeyError):
+        del out.props["_Alpha"]  # the source's alpha plane is LR and not upscaled: it does not fit this frame
     return out
 
 
@@ -177,8 +205,12 @@ def upscale(clip: vs.VideoNode, *, model_dir: str | os.PathLike[str] | None = No
             raise vs.Error(f"upscale: {name} must be an integer >= {lo}, got {value!r}")
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise vs.Error(f"upscale: seed must be an integer, got {seed!r}")
-    if not isinstance(tile_denoise, bool):
-        raise vs.Error(f"upscale: tile_denoise must be True or False, got {tile_denoise!r}")
+    for name, flag in (("tile_denoise", tile_denoise), ("compile", compile), ("prefetch_flow", prefetch_flow),
+                       ("reset_on_scene_change", reset_on_scene_change), ("compile_flow", compile_flow)):
+        if not isinstance(flag, bool):  # "0" from a vspipe -a argument is truthy
+            raise vs.Error(f"upscale: {name} must be True or False, got {flag!r}")
+    if graph_flow is not None and not isinstance(graph_flow, bool):
+        raise vs.Error(f"upscale: graph_flow must be None, True or False, got {graph_flow!r}")
     try:
         dev = parse_device(device)
         dt = parse_dtype(dtype if dtype is not None else default_dtype(dev))
@@ -218,6 +250,20 @@ def upscale(clip: vs.VideoNode, *, model_dir: str | os.PathLike[str] | None = No
         return F.pad(x, (0, pw, 0, ph), mode="replicate") if (pw or ph) else x
 
     def step(i: int, frame: vs.VideoFrame, state: StreamState) -> tuple[vs.VideoFrame, StreamState]:
+        try:
+            return run_step(i, frame, state)
+        except NonFiniteInputError:
+            raise vs.Error(f"upscale: source frame {i} contains NaN or infinite values; fix the source "
+                           "(e.g. replace them with std.Expr) before upscaling") from None
+        except vs.Error:
+            raise
+        except ValueError as exc:
+            raise vs.Error(f"upscale: frame {i}: {exc}") from None
+        except Exception as exc:  # out of GPU memory, a CUDA error...: one line naming the frame
+            first = (str(exc).strip().splitlines() or [""])[0][:400]
+            raise vs.Error(f"upscale: frame {i}: {type(exc).__name__}: {first}") from None
+
+    def run_step(i: int, frame: vs.VideoFrame, state: StreamState) -> tuple[vs.VideoFrame, StreamState]:
         prepared = ahead_lq.pop(i, None)
         ahead_lq.clear()
         x, ticket = prepared if prepared is not None else (lq_tensor(frame), None)
@@ -225,19 +271,17 @@ def upscale(clip: vs.VideoNode, *, model_dir: str | os.PathLike[str] | None = No
         if prefetch_flow and i < last:
             nxt = peek[0](i + 1)
             if nxt is not None and not (reset_on_scene_change and nxt.props.get("_SceneChangePrev", 0)):
-                x_next = lq_tensor(nxt)
-                ready = pipe.inputs_ready()
+                try:
+                    x_next: torch.Tensor | None = lq_tensor(nxt)
+                except NonFiniteInputError:
+                    x_next = None  # frame i + 1 reports it when its turn comes, not frame i
+                if x_next is not None:
+                    ready = pipe.inputs_ready()
 
-                def queue_next() -> None:  # runs once frame i is queued on the GPU: RAFT overlaps its denoising
-                    ahead_lq[i + 1] = (x_next, pipe.prefetch_flow(x_next, x, ready=ready, after=ticket))
-        try:
-            hq, state = pipe.process_frame(x, state, noise=frame_noise(seed, i, lat_shape),
-                                           flow=None if state.is_cold else ticket, on_enqueued=queue_next)
-        except NonFiniteInputError:
-            raise vs.Error(f"upscale: source frame {i} contains NaN or infinite values; fix the source "
-                           "(e.g. replace them with std.Expr) before upscaling") from None
-        except ValueError as exc:
-            raise vs.Error(f"upscale: frame {i}: {exc}") from None
+                    def queue_next() -> None:  # once frame i is queued on the GPU: RAFT overlaps its denoising
+                        ahead_lq[i + 1] = (x_next, pipe.prefetch_flow(x_next, x, ready=ready, after=ticket))
+        hq, state = pipe.process_frame(x, state, noise=frame_noise(seed, i, lat_shape),
+                                       flow=None if state.is_cold else ticket, on_enqueued=queue_next)
         return _tensor_to_frame(hq[..., : 4 * h, : 4 * w], template[0], frame.props), state
 
     producer: OrderedProducer[vs.VideoFrame, vs.VideoFrame] = OrderedProducer(
@@ -264,7 +308,7 @@ def upscale(clip: vs.VideoNode, *, model_dir: str | os.PathLike[str] | None = No
         if not template:
             template.append(f[-1])
         peek[:] = [source]
-        with contextlib.redirect_stdout(sys.stderr), torch.inference_mode():
+        with _python_stdout_to_stderr(), torch.inference_mode():
             return producer.get(n, fetch)
 
     # One ModifyFrame node, never wrapped in FrameEval: VapourSynth then runs one callback at a time.
