@@ -71,6 +71,21 @@ def test_same_bytes_for_any_requests_and_threads(script: Path, pipe) -> None:
         assert float((rgb - expected[n]).abs().max()) <= 1e-6
 
 
+def test_same_bytes_with_the_gap_limit_and_cache_eviction_in_play(script: Path) -> None:
+    """max_gap=4 (a cache of 8) over 24 frames: requests run up against the gap and the cache evicts, and
+    the bytes still do not depend on the request depth (up to max_gap) or the thread count."""
+    outputs = {}
+    for requests, threads in ((1, 1), (4, 4), (3, 2)):
+        res = run_vspipe(script, "-r", str(requests), "-a", f"threads={threads}", "-a", "length=24",
+                         "-a", "max_gap=4")
+        assert res.returncode == 0, res.stderr.decode()[-2000:]
+        outputs[(requests, threads)] = res.stdout
+    first = outputs[(1, 1)]
+    assert len(first) == 24 * 3 * (4 * 32) * (4 * 34) * 4
+    for key, data in outputs.items():
+        assert data == first, f"output differs for -r {key[0]} / {key[1]} threads"
+
+
 def test_seek_with_start_frame(script: Path, pipe) -> None:
     """vspipe -s N: a cold start somewhere in N..N+r, never a hang, and still the rules' frames."""
     res = run_vspipe(script, "-s", "9", "-r", "1", "-a", "threads=2", "-a", "length=12", "-a", "max_gap=2")
