@@ -9,15 +9,17 @@
 Paths:
   reference  executes like the reference code: float32 (TF32 matmul/conv on CUDA), eager, RAFT at HR with
              the all-pairs correlation volume, cuDNN autotuning off, flow computed in line, the ControlNet's
-             conditioning embedding run at every step
+             conditioning embedding run at every step. Its RAFT loop is ours, which upsamples only the final
+             flow estimate (torchvision upsamples all 12): if anything, the speed-ups are understated
   optimized  --dtype (bfloat16), channels_last on CUDA (cuDNN autotuning too when not compiled), the next
              frame's flow queued on a side stream as the filter does (--no-prefetch; --graph-flow replays it
              from a CUDA graph), torch.compile with CUDA graphs on CUDA (--no-compile, --compile-mode;
              --compile-flow compiles RAFT too), --flow, --tile (--tile-denoise), --raft-corr, --vae-dtype
-The table gives ms/frame (median over --frames after --warmup frames), peak allocated GPU memory, the
-first frame's time, the warm-up overhead (time of the warm-up frames above the median: compile and
-autotuning), and PSNR of each path's output against the float32 output on the same weights, frames and
-noise. Speed does not depend on weight values, so random weights are fine for timing; for the PSNR to mean
+The table gives ms/frame (median over --frames after --warmup frames), peak allocated GPU memory over the
+whole run (weights, compile and autotuning included) and over the steady frames, the cold first frame's
+time, the warm-up overhead (time of the warm-up frames above the median: compile and autotuning), and PSNR
+of each path's output against the float32 output (TF32 on CUDA, as the reference runs) on the same
+weights, frames and noise. Speed does not depend on weight values, so random weights are fine for timing; for the PSNR to mean
 something they are calibrated to give a picture with a real range (calibrate_random), and the float32
 picture's mean, spread and clamped share are printed under the table.
 """
@@ -39,7 +41,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vsstreamdiffvsr import StreamDiffVSR, StreamState  # noqa: E402
-from vsstreamdiffvsr.pipeline import DEFAULT_COMPILE_MODE, parse_dtype  # noqa: E402
+from vsstreamdiffvsr.pipeline import COMPILE_MODES, DEFAULT_COMPILE_MODE, parse_dtype  # noqa: E402
 
 FULL_UNET = dict(
     in_channels=7, out_channels=4, block_out_channels=(256, 512, 512, 1024), layers_per_block=2,
@@ -91,7 +93,7 @@ def build(components: dict, device: torch.device, dtype: torch.dtype, **options)
     pipe = StreamDiffVSR(unet=to(copy.deepcopy(components["unet"]), dtype).eval(),
                          controlnet=to(copy.deepcopy(components["controlnet"]), dtype).eval(),
                          vae=copy.deepcopy(components["vae"]).to(vae_dtype).eval(),
-                         scheduler=DDIMScheduler.from_config(SCHEDULER_CONFIG),
+                         scheduler=DDIMScheduler.from_config(components.get("scheduler", SCHEDULER_CONFIG)),
                          raft=RaftFlow(copy.deepcopy(components["raft"]).eval()),
                          prompt_embeds=components["prompt"], device=device, dtype=dtype, **options)
     if upstream_execution and pipe.cond_embedding is not None:
@@ -210,8 +212,10 @@ def calibrate_random(components: dict, h: int = 48, w: int = 64) -> dict:
 def _load_folder(root: Path) -> dict:
     from vsstreamdiffvsr import weights
 
+    root = weights.validate_model_dir(root)  # every check the filter makes, before anything heavy
     return dict(unet=weights.load_unet(root), controlnet=weights.load_controlnet(root), vae=weights.load_vae(root),
-                raft=weights.load_raft(root).raft, prompt=weights.empty_prompt_embedding(root))
+                raft=weights.load_raft(root).raft, prompt=weights.empty_prompt_embedding(root),
+                scheduler=dict(weights.load_scheduler(root).config))
 
 
 def load_components(device: torch.device, model_dir: Path | None = None, tiny: bool = False) -> tuple[dict, str]:
@@ -266,21 +270,74 @@ def _db(value: float) -> str:
     return "-" if math.isnan(value) else f"{value:.1f}"
 
 
+def _gib(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:.2f}"
+
+
 def table(results: dict, title: str) -> str:
-    lines = [title, "| path | ms/frame | first frame ms | warm-up overhead s | peak GiB | PSNR vs fp32 (dB) | speed-up |",
-             "|---|---|---|---|---|---|---|"]
+    """Markdown table of paths. The PSNR column compares with the float32 path (TF32 on CUDA, as the
+    reference runs): "-" where there is none or it is the row itself; fallbacks are listed under the table."""
+    lines = [title, "| path | ms/frame (median) | cold frame ms | warm-up overhead s (compile, autotune) | "
+                    "peak GiB (whole run) | peak GiB (steady frames) | PSNR vs fp32 (dB) | speed-up |",
+             "|---|---|---|---|---|---|---|---|"]
     base_ms = next(iter(results.values()))["ms"]
+    notes = []
     for name, r in results.items():
-        extra = f" fallbacks {r['fallbacks']}" if r.get("fallbacks") else ""
+        steady = r.get("peak_by_frame_gib", [])[r.get("warmup", 0):]
+        psnr_db = r["psnr_vs_fp32"]
         lines.append(f"| {name} | {r['ms']:.1f} | {r['first_ms']:.0f} | {r['warmup_overhead_s']:.1f} | "
-                     f"{r['peak_gib']:.2f} | {_db(r['psnr_vs_fp32'])} | {base_ms / r['ms']:.2f}x |{extra}")
-    return "\n".join(lines)
+                     f"{_gib(r['peak_gib'])} | {_gib(max(steady)) if steady else '-'} | "
+                     f"{'-' if math.isinf(psnr_db) else _db(psnr_db)} | {base_ms / r['ms']:.2f}x |")
+        if r.get("fallbacks"):
+            notes.append(f"- {name}: fallbacks {r['fallbacks']}")
+    return "\n".join(lines + notes)
+
+
+def _finite(value):
+    """JSON without NaN/Infinity (strict parsers reject them): null instead."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def parse_lr(text: str) -> tuple[int, int]:
     """"WxH" -> (w, h), padded to multiples of 4 as the filter pads (480x270 runs as 480x272)."""
-    w, h = (int(v) for v in text.lower().split("x"))
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"--lr must be WIDTHxHEIGHT, e.g. 320x180, got {text!r}") from None
     return w + -w % 4, h + -h % 4
+
+
+def check_args(args: argparse.Namespace) -> tuple[int, int]:
+    """Every option checked before weights load (minutes on a GPU): ValueError naming the option. (w, h)."""
+    from vsstreamdiffvsr.pipeline import MIN_LR_SIDE, parse_device
+    from vsstreamdiffvsr.tiling import parse_tile
+
+    w, h = parse_lr(args.lr)
+    device = parse_device(args.device)
+    if args.model_dir is not None and args.tiny:
+        raise ValueError("--tiny and --model-dir exclude each other")
+    if args.warmup < 0 or args.frames - args.warmup < 1:
+        raise ValueError(f"--frames ({args.frames}) must be larger than --warmup ({args.warmup}, >= 0): the median is over "
+                         "the frames after the warm-up (20 or more for a figure to report)")
+    parse_dtype(args.dtype)
+    if args.vae_dtype:
+        parse_dtype(args.vae_dtype)
+    tile = parse_tile(args.tile)
+    if args.tile_denoise and tile is None:
+        raise ValueError("--tile-denoise needs --tile")
+    if min(w, h) < MIN_LR_SIDE or (args.flow == "lr" and min(w, h) < 4 * MIN_LR_SIDE):
+        need = 4 * MIN_LR_SIDE if args.flow == "lr" else MIN_LR_SIDE
+        raise ValueError(f"--lr {w}x{h}: the model needs LR sides of at least {need} px"
+                         f"{' with --flow lr' if args.flow == 'lr' else ''}")
+    if args.graph_flow and device.type != "cuda":
+        raise ValueError("--graph-flow needs a CUDA device")
+    return w, h
 
 
 def main() -> None:
@@ -294,7 +351,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16", help="optimized path precision (bfloat16 or float16)")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                     help="torch.compile the optimized path (default: on for CUDA, off elsewhere)")
-    ap.add_argument("--compile-mode", default=DEFAULT_COMPILE_MODE, help="torch.compile mode (default: %(default)s)")
+    ap.add_argument("--compile-mode", default=DEFAULT_COMPILE_MODE, choices=COMPILE_MODES,
+                    help="torch.compile mode (default: %(default)s)")
     ap.add_argument("--flow", default="hr", choices=("hr", "lr"))
     ap.add_argument("--tile", type=int, default=None, help="LR tile size for the optimized path")
     ap.add_argument("--tile-denoise", action="store_true", help="with --tile: denoise in tiles too")
@@ -308,13 +366,14 @@ def main() -> None:
     ap.add_argument("--skip-reference", action="store_true", help="only the optimized path (no PSNR)")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
-    if args.tile_denoise and not args.tile:
-        ap.error("--tile-denoise needs --tile")
+    try:
+        w, h = check_args(args)
+    except ValueError as exc:
+        ap.error(str(exc))
 
     device = torch.device(args.device)
     if args.compile is None:
         args.compile = device.type == "cuda"
-    w, h = parse_lr(args.lr)
     gpu = setup_device(device)
     load, weights_desc = load_components(device, args.model_dir, args.tiny)
     frames, noises = make_frames(args.frames, h, w)
@@ -325,11 +384,14 @@ def main() -> None:
                graph_flow=args.graph_flow, compile_flow=args.compile_flow,
                vae_dtype=parse_dtype(args.vae_dtype) if args.vae_dtype else None)
     opt_dtype = parse_dtype(args.dtype)
-    paths.append((f"optimized ({str(opt_dtype).removeprefix('torch.')}{', compiled' if args.compile else ''}"
-                  f"{', flow=lr' if args.flow == 'lr' else ''}{f', tile={args.tile}' if args.tile else ''}"
-                  f"{', tile_denoise' if args.tile_denoise else ''}"
-                  f"{f', vae {args.vae_dtype}' if args.vae_dtype else ''})",
-                  opt_dtype, opt, not args.no_prefetch))
+    label = [str(opt_dtype).removeprefix("torch."),
+             f"compiled ({args.compile_mode})" if args.compile else "",
+             "flow=lr" if args.flow == "lr" else "", f"tile={args.tile}" if args.tile else "",
+             "tile_denoise" if args.tile_denoise else "", f"vae {args.vae_dtype}" if args.vae_dtype else "",
+             f"raft_corr={args.raft_corr}" if args.raft_corr != "auto" else "",
+             "flow in line" if args.no_prefetch else "", "flow graph" if args.graph_flow else "",
+             "RAFT compiled" if args.compile_flow else ""]
+    paths.append((f"optimized ({', '.join(p for p in label if p)})", opt_dtype, opt, not args.no_prefetch))
     results, ref_outs = {}, None
     for name, dtype, options, prefetch in paths:
         res = run_path(load, device, dtype, options, frames, noises, args.warmup, prefetch=prefetch)
@@ -338,6 +400,7 @@ def main() -> None:
             res["picture"] = picture_stats(ref_outs)
         res["psnr_vs_fp32"] = psnr(res["outs"], ref_outs) if ref_outs is not None else float("nan")
         del res["outs"]
+        res["warmup"] = args.warmup
         results[name] = res
 
     print(table(results, f"# {gpu}, {w}x{h} -> {4 * w}x{4 * h}, {weights_desc} weights, {args.frames} frames "
@@ -347,7 +410,10 @@ def main() -> None:
         print(f"float32 picture: mean {pic['mean']:.3f}, spread {pic['std']:.3f}, "
               f"{100 * pic['clamped']:.1f}% of values clamped to 0 or 1")
     if args.json:
-        args.json.write_text(json.dumps(dict(gpu=gpu, lr=[w, h], results=results), indent=2, default=str))
+        settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+        args.json.write_text(json.dumps(_finite(dict(gpu=gpu, lr=[w, h], weights=weights_desc, torch=torch.__version__,
+                                                     settings=settings, results=results)),
+                                        indent=2, default=str, allow_nan=False))
 
 
 if __name__ == "__main__":

@@ -161,8 +161,10 @@ class Driver:
             first_line = (str(exc).splitlines() or [""])[0][:300]  # an AssertionError may have no message
             self.notes.append(f"failed: {name}: {type(exc).__name__}: {first_line}")
             self.save()
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
+        # outside the handler, whose traceback's frames hold the failed step's pipeline: free it before the next
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     # ----------------------------------------------------------------------------------------- steps
     REF = "reference (fp32/TF32, eager)"
@@ -433,6 +435,11 @@ def plan(d: Driver, c: float) -> dict[str, tuple[float, Callable[[], None]]]:
     }
 
 
+def _step_names() -> list[str]:
+    """The names plan() knows (it needs no driver to list them)."""
+    return list(plan(None, 0.0))  # type: ignore[arg-type]  # the lambdas are not called
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda")
@@ -446,6 +453,9 @@ def main() -> None:
                     "denoise-profile,720p-cached,720p-eager,flow-graph,720p-levers,1080p-tiled",
                     help="comma-separated steps, run in this order (see plan())")
     args = ap.parse_args()
+    unknown = [n for n in args.steps.split(",") if n not in _step_names()]
+    if unknown:
+        ap.error(f"unknown steps {unknown}; known: {', '.join(_step_names())}")
     d = Driver(args)
     first_compile = 110.0  # s, an H100's first compile of the warm step + TPM + decoder; updated once seen
     graphs_failed = False

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -21,12 +23,28 @@ def test_bench_smoke(tmp_path: Path) -> None:
     assert any(line.startswith("| reference |") for line in lines)
     assert any(line.startswith("| optimized (bfloat16)") for line in lines)
     assert "float32 picture: mean" in res.stdout
-    data = json.loads(out.read_text())
+    data = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
     ref, opt = data["results"]["reference"], data["results"]["optimized (bfloat16)"]
+    assert data["settings"]["frames"] == 3 and data["settings"]["warmup"] == 1 and "torch" in data
     assert ref["ms"] > 0 and opt["ms"] > 0
-    assert ref["psnr_vs_fp32"] == float("inf")           # the reference is the float32 output itself
+    assert ref["psnr_vs_fp32"] is None                    # the reference is the float32 output itself (inf)
     assert 35.0 < opt["psnr_vs_fp32"] < float("inf")      # bf16: close, not identical
     assert ref["picture"]["std"] > 0.1                     # ... on a picture with range (calibrated weights)
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (["--frames", "2", "--warmup", "4"], "--frames (2) must be larger than --warmup"),
+    (["--tile", "100"], "multiples of 8"),
+    (["--flow", "lr", "--lr", "64x64"], "at least 128 px with --flow lr"),
+    (["--graph-flow"], "--graph-flow needs a CUDA device"),
+    (["--lr", "320"], "WIDTHxHEIGHT"),
+    (["--dtype", "int8"], "dtype must be"),
+])
+def test_bench_rejects_bad_options_before_loading(args: list[str], needle: str) -> None:
+    """One line naming the option, at once: not a traceback after minutes of loading and a reference run."""
+    res = subprocess.run([sys.executable, str(REPO / "scripts" / "bench.py"), "--tiny", "--device", "cpu", *args],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and needle in res.stderr and "Traceback" not in res.stderr, res.stderr[-2000:]
 
 
 def test_device_bench_driver_smoke(tmp_path: Path) -> None:
