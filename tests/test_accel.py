@@ -8,6 +8,8 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import subprocess
+import sys
 import threading
 import warnings
 from pathlib import Path
@@ -814,3 +816,67 @@ def test_prefetch_reuses_the_previous_frames_raft_features(pipe: StreamDiffVSR) 
         assert encoded == [1, 1]
     finally:
         hook.remove()
+
+
+def test_run_flags_of_two_pipelines_on_two_threads_restore_the_users_values() -> None:
+    """A enters, B enters, A leaves, B leaves (two models with locks of their own): the user's flags come back
+    at the end, and B keeps its own while it runs."""
+    from vsstreamdiffvsr.accel import run_flags
+
+    user = torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+    seen = []
+
+    def pipeline_a() -> None:
+        with run_flags(True, True):
+            a_in.set()
+            b_in.wait(5)
+        a_out.set()
+
+    def pipeline_b() -> None:
+        a_in.wait(5)
+        with run_flags(False, False):
+            b_in.set()
+            a_out.wait(5)
+            seen.append((torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32))
+
+    threads = [threading.Thread(target=pipeline_a), threading.Thread(target=pipeline_b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert seen == [(False, False)]
+    assert (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32) == user
+
+
+def test_run_flags_with_torchs_newer_tf32_api(tmp_path: Path) -> None:
+    """A process that set TF32 through fp32_precision: reading the legacy flag would raise ("mix of the legacy
+    and new APIs"), so the flags are kept in the new API (a subprocess: the choice is process-wide)."""
+    code = (
+        "import torch\n"
+        "from vsstreamdiffvsr.accel import run_flags\n"
+        "torch.backends.cuda.matmul.fp32_precision = 'tf32'\n"
+        "with run_flags(False, False):\n"
+        "    assert torch.backends.cuda.matmul.fp32_precision == 'ieee'\n"
+        "assert torch.backends.cuda.matmul.fp32_precision == 'tf32'\n"
+        "print('ok')\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
+
+
+def test_compile_cache_tells_the_users_setting_from_torchs_default(tmp_path: Path) -> None:
+    """torch writes its /tmp default into TORCHINDUCTOR_CACHE_DIR the first time inductor runs; only a value
+    the user set before importing us is theirs to keep."""
+    code = (
+        "import os\n"
+        "from vsstreamdiffvsr.accel import compile_cache\n"
+        "os.environ['TORCHINDUCTOR_CACHE_DIR'] = '/tmp/torchinductor_someone'  # as torch does\n"
+        "print(compile_cache())\n")
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
+    env["XDG_CACHE_HOME"] = str(tmp_path / "cache")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip() == str(tmp_path / "cache" / "vsstreamdiffvsr" / "inductor")
+    env["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path / "mine")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert res.stdout.strip() == str(tmp_path / "mine"), res.stderr[-2000:]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,11 @@ from typing import Any
 import torch
 
 __all__ = ["compile_cache", "run_flags", "GraphedCall"]
+
+
+#: the user's own TORCHINDUCTOR_CACHE_DIR, read at import: torch writes its /tmp default into the environment
+#: the first time inductor runs, which must not pass for a choice of the user's
+_USER_INDUCTOR_CACHE = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
 
 
 def compile_cache(cache_dir: str | os.PathLike[str] | None = None) -> Path:
@@ -21,8 +27,8 @@ def compile_cache(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     """
     from .weights import user_cache_dir
 
-    if cache_dir is None and os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
-        return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+    if cache_dir is None and _USER_INDUCTOR_CACHE:
+        return Path(_USER_INDUCTOR_CACHE)
     root = Path(cache_dir) if cache_dir is not None else user_cache_dir() / "inductor"
     root.mkdir(parents=True, exist_ok=True)
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(root)
@@ -36,6 +42,29 @@ def compile_cache(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     return root
 
 
+_FLAGS_LOCK = threading.Lock()
+_flags_users = 0
+_flags_saved: tuple[bool, tuple[str, Any]] | None = None
+
+
+def _get_tf32() -> tuple[str, Any]:
+    """("legacy", allow_tf32) or, once the process chose torch's newer API, ("new", fp32_precision): reading
+    the legacy flag after the new one was set raises, and writing it would break the user's later reads."""
+    matmul = torch.backends.cuda.matmul
+    try:
+        return "legacy", matmul.allow_tf32
+    except RuntimeError:  # "mix of the legacy and new APIs"
+        return "new", matmul.fp32_precision
+
+
+def _set_tf32(api: str, value: Any) -> None:
+    matmul = torch.backends.cuda.matmul
+    if api == "legacy":
+        matmul.allow_tf32 = bool(value)
+    else:
+        matmul.fp32_precision = value if isinstance(value, str) else ("tf32" if value else "ieee")
+
+
 @contextlib.contextmanager
 def run_flags(cudnn_benchmark: bool, tf32: bool) -> Iterator[None]:
     """Set cuDNN autotuning and TF32 matmuls for the block, then restore the caller's values.
@@ -43,16 +72,30 @@ def run_flags(cudnn_benchmark: bool, tf32: bool) -> Iterator[None]:
     ``cudnn_benchmark``: cuDNN times its convolution algorithms once per new shape and keeps the fastest;
     our shapes are static per clip, so that cost is paid on the first frames only. ``tf32``: float32
     matmuls (RAFT's correlation, the float32 path's attention) on the tensor cores, as the reference's
-    inference script runs them (cuDNN convolutions use TF32 by torch's default already). The flags are
-    process-wide: callers hold the pipeline's lock, so our own calls never race on them.
+    inference script runs them (cuDNN convolutions use TF32 by torch's default already).
+
+    The flags are process-wide, and pipelines with locks of their own (two GPUs, two dtypes) may run at
+    once: the values from before the first block are saved and restored when the last block ends, under a
+    lock; in between, the block entered last sets them.
     """
-    previous = torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.benchmark = cudnn_benchmark
-    torch.backends.cuda.matmul.allow_tf32 = tf32
+    global _flags_users, _flags_saved
+    with _FLAGS_LOCK:
+        if _flags_users == 0:
+            _flags_saved = (torch.backends.cudnn.benchmark, _get_tf32())
+        _flags_users += 1
+        assert _flags_saved is not None
+        torch.backends.cudnn.benchmark = cudnn_benchmark
+        _set_tf32(_flags_saved[1][0], tf32)
     try:
         yield
     finally:
-        torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32 = previous
+        with _FLAGS_LOCK:
+            _flags_users -= 1
+            if _flags_users == 0 and _flags_saved is not None:
+                benchmark, (api, value) = _flags_saved
+                torch.backends.cudnn.benchmark = benchmark
+                _set_tf32(api, value)
+                _flags_saved = None
 
 
 class GraphedCall:
