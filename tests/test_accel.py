@@ -880,3 +880,48 @@ def test_compile_cache_tells_the_users_setting_from_torchs_default(tmp_path: Pat
     env["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path / "mine")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert res.stdout.strip() == str(tmp_path / "mine"), res.stderr[-2000:]
+
+
+def test_nan_noise_is_refused_before_it_poisons_the_stream(pipe: StreamDiffVSR) -> None:
+    from vsstreamdiffvsr.pipeline import NonFiniteInputError
+
+    frames, noises = frames_and_noise(1, 32, 32)
+    bad = noises[0].clone()
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(NonFiniteInputError, match="noise"):
+        pipe.process_frame(frames[0], StreamState(), noise=bad)
+
+
+def test_half_precision_vae_frames_fall_back_too(tiny_ckpt: Path, pipe: StreamDiffVSR,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """dtype float32 with a bf16 tiny VAE: a NaN frame is recomputed with a float32 copy of the VAE."""
+    frames, noises = frames_and_noise(2, 32, 32)
+    ref = run(pipe, frames, noises)
+    lean = StreamDiffVSR.from_pretrained(tiny_ckpt, device="cpu", dtype="float32", vae_dtype="bfloat16")
+    real_decode = lean.vae.decode
+
+    def poisoned(z, feats=None):
+        return real_decode(z, feats) * float("nan")
+
+    monkeypatch.setattr(lean.vae, "decode", poisoned)  # cold frames
+    monkeypatch.setattr(lean, "_decode", poisoned)      # warm frames
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PrecisionFallbackWarning)
+        out = run(lean, frames, noises)
+    assert lean.stats["nan_fallbacks"] == 2 and lean._fp32().vae is not lean.vae
+    for a, b in zip(out, ref):
+        assert float((a - b).abs().max()) <= 1e-5
+
+
+def test_a_frame_nan_even_in_float32_is_an_error_not_a_state(tiny_ckpt: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from vsstreamdiffvsr.pipeline import NonFiniteOutputError
+
+    half = StreamDiffVSR.from_pretrained(tiny_ckpt, device="cpu", dtype="bfloat16")
+    monkeypatch.setattr(StreamDiffVSR, "_run_or_tile",
+                        lambda self, z, x, warped: torch.full((1, 3, 4 * x.shape[-2], 4 * x.shape[-1]), float("nan")))
+    frames, noises = frames_and_noise(1, 32, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PrecisionFallbackWarning)
+        with pytest.raises(NonFiniteOutputError, match="even in float32"):
+            half.process_frame(frames[0], StreamState(), noise=noises[0])

@@ -36,7 +36,7 @@ from .state import StreamState
 from .tiling import Tile, crop_layout, feather_weight, parse_tile, tile_layout
 
 __all__ = ["StreamDiffVSR", "FlowTicket", "MIN_LR_SIDE", "NUM_INFERENCE_STEPS", "NonFiniteInputError",
-           "PrecisionFallbackWarning", "TilingFallbackWarning", "FlowGraphWarning"]
+           "NonFiniteOutputError", "PrecisionFallbackWarning", "TilingFallbackWarning", "FlowGraphWarning"]
 
 #: The smallest LR side: RAFT runs at 4x and needs 128 px.
 MIN_LR_SIDE = MIN_FLOW_SIDE // 4
@@ -67,6 +67,10 @@ TILE_MARGIN = 32
 
 class NonFiniteInputError(ValueError):
     """The input frame holds NaN or infinite values."""
+
+
+class NonFiniteOutputError(RuntimeError):
+    """A frame came out NaN/Inf even when recomputed in float32: the weights (or the noise) are broken."""
 
 
 class PrecisionFallbackWarning(RuntimeWarning):
@@ -438,6 +442,9 @@ class StreamDiffVSR:
             if not isinstance(noise, torch.Tensor) or tuple(noise.shape) != shape:
                 got = tuple(noise.shape) if isinstance(noise, torch.Tensor) else type(noise).__name__
                 raise ValueError(f"noise must have shape {shape}, got {got}")
+            if not noise.is_floating_point() or not bool(torch.isfinite(noise).all()):
+                # it would make every frame NaN from here on, through the recurrence
+                raise NonFiniteInputError("noise must be a float tensor without NaN or infinite values")
             return noise.to(device=self.device, dtype=torch.float32)
         gen_device = generator.device if generator is not None else torch.device("cpu")
         return torch.randn(shape, generator=generator, device=gen_device, dtype=torch.float32).to(self.device)
@@ -697,7 +704,9 @@ class StreamDiffVSR:
                     controlnet = copy.deepcopy(self.controlnet).float()
                     embedding = (copy.deepcopy(self.cond_embedding).float() if self.cond_embedding is not None
                                  else None)
-                shared.update(unet=unet, controlnet=controlnet, embedding=embedding)
+                # a half-precision tiny VAE (vae_dtype) gets a float32 copy too: it is part of the precision
+                vae = copy.deepcopy(self.vae).float() if self.vae_dtype != torch.float32 else self.vae
+                shared.update(unet=unet, controlnet=controlnet, embedding=embedding, vae=vae)
             unet, controlnet, embedding = shared["unet"], shared["controlnet"], shared["embedding"]
             twin = copy.copy(self)
             twin.unet = unet.to(self.device, memory_format=self._fmt)
@@ -709,7 +718,8 @@ class StreamDiffVSR:
             twin.compiled = False
             twin.prompt_embeds = self._prompt_fp32
             twin._step_cold, twin._step_warm = twin._eager_step_cold, twin._eager_step_warm
-            twin._decode, twin._features = self.vae.decode, self.vae.temporal_features
+            twin.vae, twin.vae_dtype = shared["vae"], torch.float32
+            twin._decode, twin._features = twin.vae.decode, twin.vae.temporal_features
             twin.nan_fallback = False
             twin._fp32_twin = None
             self._fp32_twin = twin
@@ -859,7 +869,8 @@ class StreamDiffVSR:
         y = self._run_or_tile(z, x, warped)
         if on_enqueued is not None:
             on_enqueued()  # before the NaN check below makes the host wait for the GPU
-        if self.nan_fallback and self.dtype != torch.float32 and not bool(torch.isfinite(y).all()):
+        half = self.dtype != torch.float32 or self.vae_dtype != torch.float32
+        if self.nan_fallback and half and not bool(torch.isfinite(y).all()):
             self.stats["nan_fallbacks"] += 1
             warnings.warn(f"vsstreamdiffvsr: {str(self.dtype).removeprefix('torch.')} produced NaN/Inf; "
                           "frame recomputed in float32", PrecisionFallbackWarning, stacklevel=4)
@@ -868,6 +879,9 @@ class StreamDiffVSR:
             twin.tile, twin.tile_denoise = self.tile, self.tile_denoise
             y = twin._run_or_tile(z, x, warped)
             self.tile, self.tile_denoise = twin.tile, twin.tile_denoise
+            if not bool(torch.isfinite(y).all()):  # never carried into the next frame
+                raise NonFiniteOutputError("the frame is NaN/Inf even in float32: the model weights are broken "
+                                           "(check the model folder)")
         return y
 
     def _announce_compile(self, lr_size: tuple[int, ...]) -> None:
