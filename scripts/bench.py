@@ -19,9 +19,9 @@ The table gives ms/frame (median over --frames after --warmup frames), peak allo
 whole run (weights, compile and autotuning included) and over the steady frames, the cold first frame's
 time, the warm-up overhead (time of the warm-up frames above the median: compile and autotuning), and PSNR
 of each path's output against the float32 output (TF32 on CUDA, as the reference runs) on the same
-weights, frames and noise. Speed does not depend on weight values, so random weights are fine for timing; for the PSNR to mean
-something they are calibrated to give a picture with a real range (calibrate_random), and the float32
-picture's mean, spread and clamped share are printed under the table.
+weights, frames and noise. Speed does not depend on weight values, so random weights are fine for timing;
+for the PSNR to mean something they are calibrated to give a picture with a real range (calibrate_random),
+and the float32 picture's mean, spread and clamped share are printed under the table.
 """
 
 from __future__ import annotations
@@ -323,8 +323,8 @@ def check_args(args: argparse.Namespace) -> tuple[int, int]:
     if args.model_dir is not None and args.tiny:
         raise ValueError("--tiny and --model-dir exclude each other")
     if args.warmup < 0 or args.frames - args.warmup < 1:
-        raise ValueError(f"--frames ({args.frames}) must be larger than --warmup ({args.warmup}, >= 0): the median is over "
-                         "the frames after the warm-up (20 or more for a figure to report)")
+        raise ValueError(f"--frames ({args.frames}) must be larger than --warmup ({args.warmup}, >= 0): the median "
+                         "is over the frames after the warm-up (20 or more for a figure to report)")
     parse_dtype(args.dtype)
     if args.vae_dtype:
         parse_dtype(args.vae_dtype)

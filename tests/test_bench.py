@@ -50,7 +50,8 @@ def test_bench_rejects_bad_options_before_loading(args: list[str], needle: str) 
 def test_device_bench_driver_smoke(tmp_path: Path) -> None:
     """The one-shot GPU driver runs its steps in order, saves after each, and lists what did not fit."""
     res = subprocess.run([sys.executable, str(REPO / "scripts" / "device_bench.py"), "--tiny", "--device", "cpu",
-                          "--frames", "3", "--warmup", "1", "--steps", "720p-ref,720p-eager,denoise-profile,720p-graphs",
+                          "--frames", "3", "--warmup", "1",
+                          "--steps", "720p-ref,720p-eager,denoise-profile,720p-graphs",
                           # the budget leaves minutes of slack for the 3 small steps on a loaded machine, and is
                           # below 720p-graphs's own estimate (first compile 110 s + 30), which is always skipped
                           "--budget-s", "135", "--out", str(tmp_path)],
