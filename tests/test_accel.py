@@ -897,14 +897,17 @@ def test_half_precision_vae_frames_fall_back_too(tiny_ckpt: Path, pipe: StreamDi
     """dtype float32 with a bf16 tiny VAE: a NaN frame is recomputed with a float32 copy of the VAE."""
     frames, noises = frames_and_noise(2, 32, 32)
     ref = run(pipe, frames, noises)
+    from vsstreamdiffvsr.models.temporal_vae import TemporalTinyVAE
+
     lean = StreamDiffVSR.from_pretrained(tiny_ckpt, device="cpu", dtype="float32", vae_dtype="bfloat16")
-    real_decode = lean.vae.decode
+    real_decode = TemporalTinyVAE.decode
 
-    def poisoned(z, feats=None):
-        return real_decode(z, feats) * float("nan")
+    def poisoned(self, z, feats=None):  # NaN from the half-precision VAE only, as an overflow would give
+        out = real_decode(self, z, feats)
+        return out * float("nan") if next(self.parameters()).dtype != torch.float32 else out
 
-    monkeypatch.setattr(lean.vae, "decode", poisoned)  # cold frames
-    monkeypatch.setattr(lean, "_decode", poisoned)      # warm frames
+    monkeypatch.setattr(TemporalTinyVAE, "decode", poisoned)  # cold frames, and the fallback's float32 copy
+    monkeypatch.setattr(lean, "_decode", lean.vae.decode)      # warm frames (bound before the patch)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", PrecisionFallbackWarning)
         out = run(lean, frames, noises)
@@ -925,3 +928,46 @@ def test_a_frame_nan_even_in_float32_is_an_error_not_a_state(tiny_ckpt: Path,
         warnings.simplefilter("ignore", PrecisionFallbackWarning)
         with pytest.raises(NonFiniteOutputError, match="even in float32"):
             half.process_frame(frames[0], StreamState(), noise=noises[0])
+
+
+@pytest.mark.parametrize(("call", "needle"), [
+    (lambda p, f: p.prefetch_flow(f.permute(0, 2, 3, 1), f), "lq must have shape (1,3,h,w)"),
+    (lambda p, f: p.prefetch_flow(f, [f]), "lq_prev must be a torch.Tensor"),
+    (lambda p, f: p.prefetch_flow(f, f[..., :32, :32]), "differ in size"),
+    (lambda p, f: p.prefetch_flow((f * 255).to(torch.uint8), f), "divide 8-bit data by 255"),
+    (lambda p, f: p.prefetch_flow(f, f, after="ticket"), "after must be the FlowTicket"),
+    (lambda p, f: p.process_frame(f, flow=f.numpy()), "flow must be a FlowTicket"),
+    (lambda p, f: p.process_frame(f, generator="x"), "generator must be a torch.Generator"),
+    (lambda p, f: p.process_frame(f, on_enqueued=1), "on_enqueued must be callable"),
+])
+def test_bad_calls_are_plain_value_errors(pipe: StreamDiffVSR, call, needle: str) -> None:
+    frame = torch.rand(1, 3, 32, 48)
+    frames_before = pipe.stats["frames"]
+    with pytest.raises(ValueError) as info:
+        call(pipe, frame)
+    assert needle in str(info.value) and pipe.stats["frames"] == frames_before  # refused before any work
+
+
+def test_a_graphed_call_under_the_models_lock_is_an_error_not_a_deadlock(pipe: StreamDiffVSR) -> None:
+    """The worker thread takes the model's lock; a caller already holding it would wait forever."""
+    from vsstreamdiffvsr.pipeline import _Worker
+
+    graphed = pipe.with_options()
+    graphed._worker = _Worker(torch.device("cpu"))  # as compile_mode="reduce-overhead" sets it
+    frames, noises = frames_and_noise(1, 32, 32)
+    outcome = []
+
+    def call() -> None:
+        with graphed.lock:
+            try:
+                graphed.process_frame(frames[0], noise=noises[0])
+                outcome.append("returned")
+            except RuntimeError as exc:
+                outcome.append(str(exc))
+
+    t = threading.Thread(target=call, daemon=True)
+    t.start()
+    t.join(60)
+    assert outcome and "holds the model's lock" in outcome[0], outcome or "deadlocked"
+    hq, _ = graphed.process_frame(frames[0], noise=noises[0])  # without the lock held: runs on the worker
+    assert hq.shape == (1, 3, 128, 128)

@@ -412,19 +412,24 @@ class StreamDiffVSR:
         self._cudnn_benchmark = None if value is None else bool(value)
 
     # ---------------------------------------------------------------------------------------- checks
-    def _check_lq(self, lq: Any) -> torch.Tensor:
+    @staticmethod
+    def _check_lq_shape(lq: Any, name: str = "lq") -> None:
+        """Type, shape and size of an LR frame (no look at the values: no device sync)."""
         if not isinstance(lq, torch.Tensor):
-            raise ValueError(f"lq must be a torch.Tensor of shape (1,3,h,w), got {type(lq).__name__}")
+            raise ValueError(f"{name} must be a torch.Tensor of shape (1,3,h,w), got {type(lq).__name__}")
         if lq.dim() != 4 or lq.shape[0] != 1 or lq.shape[1] != 3:
-            raise ValueError(f"lq must have shape (1,3,h,w), got {tuple(lq.shape)}")
+            raise ValueError(f"{name} must have shape (1,3,h,w), got {tuple(lq.shape)}")
         if not lq.is_floating_point():
-            raise ValueError(f"lq must be a float tensor in [0,1], got {lq.dtype} (divide 8-bit data by 255)")
+            raise ValueError(f"{name} must be a float tensor in [0,1], got {lq.dtype} (divide 8-bit data by 255)")
         h, w = int(lq.shape[2]), int(lq.shape[3])
         if h % 4 or w % 4:
-            raise ValueError(f"lq height and width must be multiples of 4, got {h}x{w} (pad the frame first)")
+            raise ValueError(f"{name} height and width must be multiples of 4, got {h}x{w} (pad the frame first)")
         if h < MIN_LR_SIDE or w < MIN_LR_SIDE:
-            raise ValueError(f"lq must be at least {MIN_LR_SIDE}x{MIN_LR_SIDE} (RAFT needs {MIN_FLOW_SIDE} px "
+            raise ValueError(f"{name} must be at least {MIN_LR_SIDE}x{MIN_LR_SIDE} (RAFT needs {MIN_FLOW_SIDE} px "
                              f"at 4x), got {h}x{w}")
+
+    def _check_lq(self, lq: Any) -> torch.Tensor:
+        self._check_lq_shape(lq)
         x = lq.to(device=self.device, dtype=torch.float32)
         if x is lq:  # never keep the caller's buffer in the state: a reader may refill it for the next frame
             x = x.clone()
@@ -705,7 +710,15 @@ class StreamDiffVSR:
                     embedding = (copy.deepcopy(self.cond_embedding).float() if self.cond_embedding is not None
                                  else None)
                 # a half-precision tiny VAE (vae_dtype) gets a float32 copy too: it is part of the precision
-                vae = copy.deepcopy(self.vae).float() if self.vae_dtype != torch.float32 else self.vae
+                vae = self.vae
+                if self.vae_dtype != torch.float32:
+                    if self.model_dir is not None:
+                        from . import weights
+
+                        vae = weights.load_vae(weights.resolve_model_dir(self.model_dir), torch.float32)
+                    else:
+                        vae = copy.deepcopy(self.vae).float()
+                    vae = vae.to(self.device, memory_format=self._fmt)
                 shared.update(unet=unet, controlnet=controlnet, embedding=embedding, vae=vae)
             unet, controlnet, embedding = shared["unet"], shared["controlnet"], shared["embedding"]
             twin = copy.copy(self)
@@ -756,8 +769,14 @@ class StreamDiffVSR:
         that ticket was made for this very tensor object (``after.lq is lq_prev``): do not refill a tensor
         in place and pass it again.
         """
+        self._check_lq_shape(lq)
+        self._check_lq_shape(lq_prev, "lq_prev")
+        if lq.shape != lq_prev.shape:
+            raise ValueError(f"lq {tuple(lq.shape)} and lq_prev {tuple(lq_prev.shape)} differ in size")
+        if after is not None and not isinstance(after, FlowTicket):
+            raise ValueError(f"after must be the FlowTicket of lq_prev's own flow, got {type(after).__name__}")
         if self._worker is not None and not self._worker.on_it():
-            return self._worker.run(self.prefetch_flow, lq, lq_prev, ready, after)
+            return self._on_worker(self.prefetch_flow, lq, lq_prev, ready, after)
         previous_features = after.features if after is not None and after.lq is lq_prev else None
         stream = self._flow_stream
         with self.lock, torch.inference_mode(), run_flags(self.cudnn_benchmark, self.tf32):
@@ -830,8 +849,15 @@ class StreamDiffVSR:
         Raises:
             ValueError: wrong shape, dtype, range or size, or a frame size different from the state's.
         """
+        if flow is not None and not isinstance(flow, (FlowTicket, torch.Tensor)):
+            raise ValueError(f"flow must be a FlowTicket from prefetch_flow or a (1,2,4h,4w) tensor, got "
+                             f"{type(flow).__name__}")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise ValueError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        if on_enqueued is not None and not callable(on_enqueued):
+            raise ValueError(f"on_enqueued must be callable, got {type(on_enqueued).__name__}")
         if self._worker is not None and not self._worker.on_it():
-            return self._worker.run(self.process_frame, lq, state, noise, generator, flow, on_enqueued)
+            return self._on_worker(self.process_frame, lq, state, noise, generator, flow, on_enqueued)
         state = state if state is not None else StreamState()
         if not isinstance(state, StreamState):
             raise ValueError(f"state must be a StreamState, got {type(state).__name__}")
@@ -884,6 +910,16 @@ class StreamDiffVSR:
                                            "(check the model folder)")
         return y
 
+    def _on_worker(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run ``fn`` on the graphed pipelines' worker thread, which takes this model's lock: a caller that
+        holds the lock itself (a callback reaching another view of the model) would wait on it forever."""
+        assert self._worker is not None
+        if self.lock._is_owned():  # type: ignore[attr-defined]  # RLock's own test of its holder
+            raise RuntimeError("vsstreamdiffvsr: a CUDA-graph pipeline was called while this thread holds the "
+                               "model's lock (from a process_frame callback, or inside `with pipe.lock`); call it "
+                               "after that returns")
+        return self._worker.run(fn, *args)
+
     def _announce_compile(self, lr_size: tuple[int, ...]) -> None:
         """One line on stderr before a new shape compiles, so a first run does not look hung."""
         key = (self.compile_mode, lr_size, self.tile)
@@ -921,6 +957,8 @@ class _Worker:
 
     @classmethod
     def for_device(cls, device: torch.device) -> "_Worker":
+        if device.type == "cuda" and device.index is None:  # "cuda" and "cuda:0": one device, one worker
+            device = torch.device("cuda", torch.cuda.current_device())
         with cls._lock:
             if device not in cls._by_device:
                 cls._by_device[device] = cls(device)
