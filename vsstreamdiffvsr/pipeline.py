@@ -841,7 +841,12 @@ class StreamDiffVSR:
             flow: this frame's flow against the state's previous frame, computed ahead
                 (:meth:`prefetch_flow`, or a (1,2,4h,4w) tensor); ignored on a cold start.
             on_enqueued: called once this frame's GPU work is queued, before the host waits for it: the
-                place to queue overlapping work, such as :meth:`prefetch_flow` of the next frame.
+                place to queue overlapping work, such as :meth:`prefetch_flow` of the next frame. It must
+                not call a CUDA-graph pipeline of the same model other than through this one's methods.
+
+        Call it with the default CUDA stream current (as the filter does): a pipeline compiled with CUDA
+        graphs runs frames on a worker thread of its own, whose stream is the default one, and does not
+        order its work after a side stream of the caller's.
 
         Returns:
             ``(hq, new_state)``: hq is (1,3,4h,4w) float32 in [0,1] on this pipeline's device.
