@@ -117,6 +117,21 @@ def test_cache_is_bounded_and_keeps_undelivered_frames() -> None:
     assert p.seeks == 0
 
 
+def test_delivered_frames_are_kept_within_their_own_bound() -> None:
+    """keep_delivered bounds the frames already handed out (4K outputs are 100 MB each); frames computed
+    ahead and not yet asked for are never dropped for it."""
+    p = OrderedProducer(toy_step([]), max_gap=4, keep_delivered=2)
+    for n in range(20):
+        p.get(n, fetch_with_cuts())
+        assert len(p._cache) <= 2
+    assert p.get(23, fetch_with_cuts()) == (0, 23, 230)    # 20..22 computed ahead, kept
+    assert all(k in p._cache for k in (20, 21, 22))
+    assert [p.get(n, fetch_with_cuts())[1] for n in (20, 21, 22)] == [20, 21, 22] and p.seeks == 0
+    assert sorted(p._cache) == [22, 23]                     # the two most recently delivered
+    assert p.get(22, fetch_with_cuts()) == (0, 22, 220) and p.seeks == 0  # asked again: served
+    assert p.get(21, fetch_with_cuts())[0] == 21 and p.seeks == 1         # beyond the bound: a seek
+
+
 def test_error_mid_catch_up_leaves_a_consistent_producer() -> None:
     log: list[int] = []
     inner = toy_step(log)

@@ -284,8 +284,12 @@ def upscale(clip: vs.VideoNode, *, model_dir: str | os.PathLike[str] | None = No
                                        flow=None if state.is_cold else ticket, on_enqueued=queue_next)
         return _tensor_to_frame(hq[..., : 4 * h, : 4 * w], template[0], frame.props), state
 
+    # delivered output frames kept for repeated requests: up to 2 * max_gap, within ~1 GiB (a 4K RGBS frame
+    # is 100 MB), at least 2
+    out_bytes = 3 * (4 * w) * (4 * h) * clip.format.bytes_per_sample
     producer: OrderedProducer[vs.VideoFrame, vs.VideoFrame] = OrderedProducer(
-        step, max_gap=max_gap, warmup=warmup, reset_on_scene_change=reset_on_scene_change)
+        step, max_gap=max_gap, warmup=warmup, reset_on_scene_change=reset_on_scene_change,
+        keep_delivered=max(2, min(2 * max_gap, (1 << 30) // out_bytes)))
     # shifted[k][n] == clip[n - k]: the frames a catch-up needs arrive with the request (no blocking fetch);
     # ahead[n] == clip[n + 1] lets frame n + 1's flow start while frame n denoises
     shifted = [clip] + [core.std.Splice([clip[0] * k, clip[:-k]]) for k in range(1, window + 1)]

@@ -64,10 +64,13 @@ class OrderedProducer(Generic[P, O]):
         warmup: frames computed and discarded before a seek target (>= 0).
         reset_on_scene_change: honour :attr:`SourceFrame.scene_cut`.
         cache_size: outputs kept (default ``2 * max_gap``); frames already delivered are evicted first.
+        keep_delivered: at most this many delivered frames are kept (default ``cache_size``), for repeated
+            requests that VapourSynth's own cache did not serve; a bound on memory for large frames.
     """
 
     def __init__(self, step: Callable[[int, P, StreamState], tuple[O, StreamState]], *, max_gap: int = 16,
-                 warmup: int = 0, reset_on_scene_change: bool = True, cache_size: int | None = None) -> None:
+                 warmup: int = 0, reset_on_scene_change: bool = True, cache_size: int | None = None,
+                 keep_delivered: int | None = None) -> None:
         if max_gap < 1:
             raise ValueError("max_gap must be >= 1")
         if warmup < 0:
@@ -77,6 +80,7 @@ class OrderedProducer(Generic[P, O]):
         self.warmup = warmup
         self.reset_on_scene_change = reset_on_scene_change
         self.cache_size = cache_size if cache_size is not None else 2 * max_gap
+        self.keep_delivered = max(1, keep_delivered) if keep_delivered is not None else self.cache_size
         self._lock = threading.Lock()
         self._cache: OrderedDict[int, O] = OrderedDict()
         self._delivered: set[int] = set()
@@ -91,6 +95,11 @@ class OrderedProducer(Generic[P, O]):
         return self._last
 
     def _evict(self, keep: int) -> None:
+        delivered = [k for k in self._cache if k in self._delivered]
+        excess = len(delivered) - self.keep_delivered
+        for k in [k for k in delivered if k != keep][: max(0, excess)]:  # the oldest first
+            del self._cache[k]
+            self._delivered.discard(k)
         while len(self._cache) > self.cache_size:
             victim = next((k for k in self._cache if k in self._delivered and k != keep), None)
             if victim is None:
@@ -103,7 +112,9 @@ class OrderedProducer(Generic[P, O]):
         with self._lock:
             if n in self._cache:
                 self._delivered.add(n)
-                return self._cache[n]
+                out = self._cache[n]
+                self._evict(keep=n)
+                return out
             if self._last < n <= self._last + self.max_gap:
                 start, keep_from, state = self._last + 1, self._last + 1, self._state
             else:
@@ -125,4 +136,5 @@ class OrderedProducer(Generic[P, O]):
                     self._cache[i] = out
                     self._evict(keep=n)
             self._delivered.add(n)
+            self._evict(keep=n)
             return self._cache[n]
