@@ -212,9 +212,10 @@ def calibrate_random(components: dict, h: int = 48, w: int = 64) -> dict:
 def _load_folder(root: Path) -> dict:
     from vsstreamdiffvsr import weights
 
-    root = weights.validate_model_dir(root)  # every check the filter makes, before anything heavy
+    root = weights.validate_model_dir(root, need_raft=False)  # as from_pretrained: RAFT is checked by loading it
+    raft = weights.load_raft(root).raft
     return dict(unet=weights.load_unet(root), controlnet=weights.load_controlnet(root), vae=weights.load_vae(root),
-                raft=weights.load_raft(root).raft, prompt=weights.empty_prompt_embedding(root),
+                raft=raft, prompt=weights.empty_prompt_embedding(root),
                 scheduler=dict(weights.load_scheduler(root).config))
 
 

@@ -294,11 +294,13 @@ class StreamDiffVSR:
         dev = parse_device(device)
         dt = parse_dtype(dtype if dtype is not None else default_dtype(dev))
         _choice("compile_mode", compile_mode, COMPILE_MODES)
-        root = weights.validate_model_dir(model_dir)
+        # RAFT is checked by loading it, first: its ~20 MB are read once, and still before the large files
+        root = weights.validate_model_dir(model_dir, need_raft=False)
+        raft = weights.load_raft(root)
         pipe = cls(unet=weights.load_unet(root, dt), controlnet=weights.load_controlnet(root, dt),
                    vae=weights.load_vae(root, parse_dtype(vae_dtype) if vae_dtype is not None else torch.float32),
                    scheduler=weights.load_scheduler(root),
-                   raft=weights.load_raft(root), prompt_embeds=weights.empty_prompt_embedding(root),
+                   raft=raft, prompt_embeds=weights.empty_prompt_embedding(root),
                    device=dev, dtype=dt, flow=flow, channels_last=channels_last, tile=tile,
                    tile_overlap=tile_overlap, oom_fallback=oom_fallback, nan_fallback=nan_fallback,
                    raft_corr=raft_corr, cudnn_benchmark=cudnn_benchmark, graph_flow=graph_flow,
@@ -694,37 +696,29 @@ class StreamDiffVSR:
                 return tile, tile_denoise
 
     def _fp32(self) -> "StreamDiffVSR":
-        """A float32 twin sharing flow, VAE and prompt (for the NaN fallback), built on first use."""
+        """A float32 twin sharing flow, prompt and (unless half precision) VAE, for the NaN fallback; built on
+        first use, its float32 weights shared by every view of the model."""
         if self._fp32_twin is None:
             shared = self._fp32_weights  # one float32 copy per model, whatever the number of views
             if not shared:
+                half_vae = self.vae_dtype != torch.float32  # part of the precision too: a float32 copy
                 if self.model_dir is not None:
                     from . import weights
 
-                    unet = weights.load_unet(weights.resolve_model_dir(self.model_dir), torch.float32)
-                    controlnet = weights.load_controlnet(weights.resolve_model_dir(self.model_dir), torch.float32)
+                    root = weights.resolve_model_dir(self.model_dir)
+                    unet = weights.load_unet(root, torch.float32)
+                    controlnet = weights.load_controlnet(root, torch.float32)
                     embedding = _split_cond_embedding(controlnet)
+                    vae = weights.load_vae(root, torch.float32) if half_vae else self.vae
                 else:
-                    unet = copy.deepcopy(self.unet).float()
-                    controlnet = copy.deepcopy(self.controlnet).float()
-                    embedding = (copy.deepcopy(self.cond_embedding).float() if self.cond_embedding is not None
-                                 else None)
-                # a half-precision tiny VAE (vae_dtype) gets a float32 copy too: it is part of the precision
-                vae = self.vae
-                if self.vae_dtype != torch.float32:
-                    if self.model_dir is not None:
-                        from . import weights
-
-                        vae = weights.load_vae(weights.resolve_model_dir(self.model_dir), torch.float32)
-                    else:
-                        vae = copy.deepcopy(self.vae).float()
-                    vae = vae.to(self.device, memory_format=self._fmt)
-                shared.update(unet=unet, controlnet=controlnet, embedding=embedding, vae=vae)
-            unet, controlnet, embedding = shared["unet"], shared["controlnet"], shared["embedding"]
+                    unet, controlnet = copy.deepcopy(self.unet).float(), copy.deepcopy(self.controlnet).float()
+                    embedding = copy.deepcopy(self.cond_embedding).float() if self.cond_embedding is not None else None
+                    vae = copy.deepcopy(self.vae).float() if half_vae else self.vae
+                shared.update({name: None if m is None else m.to(self.device, memory_format=self._fmt)
+                               for name, m in dict(unet=unet, controlnet=controlnet, embedding=embedding,
+                                                   vae=vae).items()})
             twin = copy.copy(self)
-            twin.unet = unet.to(self.device, memory_format=self._fmt)
-            twin.controlnet = controlnet.to(self.device, memory_format=self._fmt)
-            twin.cond_embedding = embedding.to(self.device, memory_format=self._fmt) if embedding is not None else None
+            twin.unet, twin.controlnet, twin.cond_embedding = shared["unet"], shared["controlnet"], shared["embedding"]
             twin._embed = twin.cond_embedding or _unchanged
             twin.dtype = torch.float32
             twin.stats = dict.fromkeys(self.stats, 0)

@@ -272,9 +272,9 @@ def _check_together(model_dir: Path, models: dict[str, nn.Module], text: nn.Modu
         if cfg.num_class_embeds is not None or cfg.class_embed_type is not None:
             problems.append(f"{name} expects class labels (num_class_embeds/class_embed_type set), which "
                             "Stream-DiffVSR never passes")
-        if cfg.cross_attention_dim != unet.cross_attention_dim:
-            problems.append(f"controlnet cross_attention_dim {cfg.cross_attention_dim} differs from the "
-                            f"U-Net's {unet.cross_attention_dim}")
+    if cn.cross_attention_dim != unet.cross_attention_dim:
+        problems.append(f"controlnet cross_attention_dim {cn.cross_attention_dim} differs from the U-Net's "
+                        f"{unet.cross_attention_dim}")
     if text is not None:
         tc = text.config
         if tc.hidden_size != unet.cross_attention_dim:
