@@ -790,6 +790,21 @@ def test_compiled_flow_equals_eager_flow(pipe: StreamDiffVSR, tmp_path: Path, mo
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
 
 
+@pytest.mark.parametrize("corr", ["full", "half", "lean"])
+def test_raft_traces_as_one_graph(pipe: StreamDiffVSR, corr: str) -> None:
+    """compile_flow compiles the whole flow: a graph break (HalfCorrBlock's `assert tensor_list` broke the 1080p
+    flow into eager pieces) would leave most of RAFT uncompiled, silently."""
+    frames, _ = frames_and_noise(2, 32, 40, seed=6)
+    x, xp = (f * 2 - 1 for f in frames)
+    a, b = F.interpolate(x, scale_factor=4, mode="bicubic"), F.interpolate(xp, scale_factor=4, mode="bicubic")
+    torch._dynamo.reset()
+    with torch.inference_mode():
+        explained = torch._dynamo.explain(pipe.raft.flow_and_features)(a, b, corr=corr,
+                                                                       previous_features=pipe.raft.encode(b))
+    torch._dynamo.reset()
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
 def test_prefetch_reuses_the_previous_frames_raft_features(pipe: StreamDiffVSR) -> None:
     """after=: frame i's RAFT feature map, made for flow(i, i-1), serves flow(i+1, i); same output."""
     frames, noises = frames_and_noise(4, 32, 32, seed=8)

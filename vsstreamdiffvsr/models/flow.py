@@ -179,7 +179,9 @@ class HalfCorrBlock(nn.Module):
         self.corr_pyramid, self._sizes = pyramid, sizes
 
     def index_pyramid(self, centroids_coords: torch.Tensor) -> torch.Tensor:
-        assert self.corr_pyramid, "build_pyramid first"
+        # the sizes, not the tensor list: torch.compile cannot take the truth of a list of tensors, and broke
+        # the whole flow into eager pieces here
+        assert self._sizes, "build_pyramid first"
         b, _, h, w = centroids_coords.shape
         r, side = self.radius, 2 * self.radius + 1
         n = b * h * w
