@@ -11,10 +11,11 @@ Paths:
              the all-pairs correlation volume, cuDNN autotuning off, flow computed in line, the ControlNet's
              conditioning embedding run at every step. Its RAFT loop is ours, which upsamples only the final
              flow estimate (torchvision upsamples all 12): if anything, the speed-ups are understated
-  optimized  --dtype (bfloat16), channels_last on CUDA (cuDNN autotuning too when not compiled), the next
+  optimized  --dtype (float16, the CUDA default; "float16,bfloat16" runs one optimized path per precision,
+             each built and compiled afresh), channels_last on CUDA (cuDNN autotuning too when not compiled), the next
              frame's flow queued on a side stream as the filter does (--no-prefetch; --graph-flow replays it
              from a CUDA graph), torch.compile with CUDA graphs on CUDA (--no-compile, --compile-mode;
-             --compile-flow compiles RAFT too), --flow, --tile (--tile-denoise), --raft-corr, --vae-dtype
+             RAFT compiled with it, --no-compile-flow: eager), --flow, --tile (--tile-denoise), --raft-corr, --vae-dtype
 The table gives ms/frame (median over --frames after --warmup frames), peak allocated GPU memory over the
 whole run (weights, compile and autotuning included) and over the steady frames, the cold first frame's
 time, the warm-up overhead (time of the warm-up frames above the median: compile and autotuning), and PSNR
@@ -41,7 +42,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vsstreamdiffvsr import StreamDiffVSR, StreamState  # noqa: E402
-from vsstreamdiffvsr.pipeline import COMPILE_MODES, DEFAULT_COMPILE_MODE, parse_dtype  # noqa: E402
+from vsstreamdiffvsr.pipeline import (COMPILE_MODES, DEFAULT_COMPILE_MODE, _compile_flow, default_dtype,  # noqa: E402
+                                      parse_dtype)
 
 FULL_UNET = dict(
     in_channels=7, out_channels=4, block_out_channels=(256, 512, 512, 1024), layers_per_block=2,
@@ -87,7 +89,7 @@ def build(components: dict, device: torch.device, dtype: torch.dtype, **options)
     compile_ = options.pop("compile", False)
     vae_dtype = options.pop("vae_dtype", None) or torch.float32
     compile_mode = options.pop("compile_mode", DEFAULT_COMPILE_MODE)
-    compile_flow = options.pop("compile_flow", False)
+    compile_flow = _compile_flow(options.pop("compile_flow", None), compile_, device)
     upstream_execution = options.pop("upstream_execution", False)
     to = torch.nn.Module.to  # not diffusers' override, which logs a warning for every dtype cast
     pipe = StreamDiffVSR(unet=to(copy.deepcopy(components["unet"]), dtype).eval(),
@@ -314,6 +316,14 @@ def parse_lr(text: str) -> tuple[int, int]:
     return w + -w % 4, h + -h % 4
 
 
+def parse_dtypes(text: str) -> list[torch.dtype]:
+    """``--dtype``: one precision or a comma-separated list of them, one optimized path each."""
+    dtypes = [parse_dtype(part.strip()) for part in text.split(",")]
+    if len(set(dtypes)) != len(dtypes):
+        raise ValueError(f"--dtype lists a precision twice: {text!r}")
+    return dtypes
+
+
 def check_args(args: argparse.Namespace) -> tuple[int, int]:
     """Every option checked before weights load (minutes on a GPU): ValueError naming the option. (w, h)."""
     from vsstreamdiffvsr.pipeline import MIN_LR_SIDE, parse_device
@@ -326,7 +336,7 @@ def check_args(args: argparse.Namespace) -> tuple[int, int]:
     if args.warmup < 0 or args.frames - args.warmup < 1:
         raise ValueError(f"--frames ({args.frames}) must be larger than --warmup ({args.warmup}, >= 0): the median "
                          "is over the frames after the warm-up (20 or more for a figure to report)")
-    parse_dtype(args.dtype)
+    parse_dtypes(args.dtype)
     if args.vae_dtype:
         parse_dtype(args.vae_dtype)
     tile = parse_tile(args.tile)
@@ -349,7 +359,9 @@ def main() -> None:
     ap.add_argument("--lr", default="320x180", help="LR input WxH (output is 4x)")
     ap.add_argument("--frames", type=int, default=24)
     ap.add_argument("--warmup", type=int, default=4)
-    ap.add_argument("--dtype", default="bfloat16", help="optimized path precision (bfloat16 or float16)")
+    ap.add_argument("--dtype", default=str(default_dtype(torch.device("cuda"))).removeprefix("torch."),
+                    help="optimized path precision, or a comma-separated list of them, one path each "
+                         "(float16, bfloat16, float32; default: %(default)s, the pipeline's CUDA default)")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                     help="torch.compile the optimized path (default: on for CUDA, off elsewhere)")
     ap.add_argument("--compile-mode", default=DEFAULT_COMPILE_MODE, choices=COMPILE_MODES,
@@ -361,7 +373,8 @@ def main() -> None:
     ap.add_argument("--raft-corr", default="auto", choices=("auto", "full", "half", "lean"),
                     help="RAFT correlation of the optimized path (half: float16 pyramid; lean: none)")
     ap.add_argument("--no-prefetch", action="store_true", help="optimized path: compute each flow in line")
-    ap.add_argument("--compile-flow", action="store_true", help="optimized path: torch.compile RAFT too")
+    ap.add_argument("--compile-flow", action=argparse.BooleanOptionalAction, default=None,
+                    help="optimized path: torch.compile RAFT too (default: with --compile on CUDA, as the pipeline)")
     ap.add_argument("--graph-flow", action=argparse.BooleanOptionalAction, default=None,
                     help="replay the prefetched flow from a CUDA graph (default: off)")
     ap.add_argument("--skip-reference", action="store_true", help="only the optimized path (no PSNR)")
@@ -384,15 +397,15 @@ def main() -> None:
                compile=args.compile, compile_mode=args.compile_mode, raft_corr=args.raft_corr,
                graph_flow=args.graph_flow, compile_flow=args.compile_flow,
                vae_dtype=parse_dtype(args.vae_dtype) if args.vae_dtype else None)
-    opt_dtype = parse_dtype(args.dtype)
-    label = [str(opt_dtype).removeprefix("torch."),
-             f"compiled ({args.compile_mode})" if args.compile else "",
+    label = [f"compiled ({args.compile_mode})" if args.compile else "",
              "flow=lr" if args.flow == "lr" else "", f"tile={args.tile}" if args.tile else "",
              "tile_denoise" if args.tile_denoise else "", f"vae {args.vae_dtype}" if args.vae_dtype else "",
              f"raft_corr={args.raft_corr}" if args.raft_corr != "auto" else "",
              "flow in line" if args.no_prefetch else "", "flow graph" if args.graph_flow else "",
-             "RAFT compiled" if args.compile_flow else ""]
-    paths.append((f"optimized ({', '.join(p for p in label if p)})", opt_dtype, opt, not args.no_prefetch))
+             "RAFT compiled" if _compile_flow(args.compile_flow, args.compile, device) else ""]
+    for opt_dtype in parse_dtypes(args.dtype):
+        name = ", ".join([str(opt_dtype).removeprefix("torch.")] + [p for p in label if p])
+        paths.append((f"optimized ({name})", opt_dtype, opt, not args.no_prefetch))
     results, ref_outs = {}, None
     for name, dtype, options, prefetch in paths:
         res = run_path(load, device, dtype, options, frames, noises, args.warmup, prefetch=prefetch)

@@ -32,7 +32,10 @@ from bench import (  # noqa: E402
     sync, table,
 )
 
+from vsstreamdiffvsr.pipeline import default_dtype  # noqa: E402
+
 OPT = dict(channels_last=None, raft_corr="auto")  # the optimised path's defaults (cuDNN autotune on CUDA)
+HALF = default_dtype(torch.device("cuda"))  # the pipeline's CUDA default (float16); bf16 is measured as a variant
 
 
 def pipe_flags(pipe):
@@ -168,14 +171,14 @@ class Driver:
 
     # ----------------------------------------------------------------------------------------- steps
     REF = "reference (fp32/TF32, eager)"
-    EAGER = "optimised eager: bf16 + channels_last + cuDNN autotune + flow overlap"
+    EAGER = "optimised eager: fp16 + channels_last + cuDNN autotune + flow overlap"
 
     def raft_inputs(self, size: str) -> tuple:
         """The optimised pipeline and two [-1, 1] frames at ``size``, for the RAFT-alone steps."""
         w, h = self.size(size)
         fr, _ = make_frames(2, h, w)
         x, xp = (f.to(self.device) * 2 - 1 for f in fr)
-        return build(self.load, self.device, torch.bfloat16, **OPT), x, xp
+        return build(self.load, self.device, HALF, **OPT), x, xp
 
     def flow_graph(self, size: str, reps: int = 10) -> None:
         """RAFT alone at ``size``: eager against replayed from a CUDA graph (time and max difference)."""
@@ -219,24 +222,24 @@ class Driver:
         self.path(size, self.REF, torch.float32, REFERENCE_OPTIONS, prefetch=False, keep=True)
 
     def eager(self, size: str) -> None:
-        self.path(size, self.EAGER, torch.bfloat16, OPT, prefetch=True, ref=f"{size}/{self.REF}", keep=True,
+        self.path(size, self.EAGER, HALF, OPT, prefetch=True, ref=f"{size}/{self.REF}", keep=True,
                   views=self.graph_flow_view("eager"))
 
     def levers(self, size: str) -> None:
         r = f"{size}/{self.REF}"
-        self.path(size, "bf16 + channels_last (eager)", torch.bfloat16, dict(OPT, cudnn_benchmark=False),
+        self.path(size, "fp16 + channels_last (eager)", HALF, dict(OPT, cudnn_benchmark=False),
                   prefetch=False, ref=r)
-        self.path(size, "optimised eager, fp16", torch.float16, OPT, prefetch=True, ref=r)
-        self.path(size, "optimised eager, lean RAFT correlation", torch.bfloat16, dict(OPT, raft_corr="lean"),
+        self.path(size, "optimised eager, bf16", torch.bfloat16, OPT, prefetch=True, ref=r)
+        self.path(size, "optimised eager, lean RAFT correlation", HALF, dict(OPT, raft_corr="lean"),
                   prefetch=True, ref=r)
-        self.path(size, "optimised eager, VAE bf16", torch.bfloat16, dict(OPT, vae_dtype=torch.bfloat16),
+        self.path(size, "optimised eager, VAE fp16", HALF, dict(OPT, vae_dtype=HALF),
                   prefetch=True, ref=r)
         if min(self.size(size)) >= 128:  # RAFT at LR needs 128 px (not at --tiny sizes)
-            self.path(size, 'optimised eager, flow="lr" (deviation)', torch.bfloat16, dict(OPT, flow="lr"),
+            self.path(size, 'optimised eager, flow="lr" (deviation)', HALF, dict(OPT, flow="lr"),
                       prefetch=True, ref=r)
 
     def compiled(self, size: str, mode: str) -> dict:
-        return self.path(size, f"optimised + torch.compile ({mode})", torch.bfloat16,
+        return self.path(size, f"optimised + torch.compile ({mode})", HALF,
                          dict(OPT, compile=True, compile_mode=mode), prefetch=True, ref=f"{size}/{self.REF}",
                          compare=f"{size}/{self.EAGER}", views=self.graph_flow_view(f"compile ({mode})"))
 
@@ -246,9 +249,9 @@ class Driver:
             return {}
         return {f"{name}, flow graphed (a view: graph_flow=True)": dict(graph_flow=True)}
 
-    def variant(self, size: str, label: str, **options) -> dict:
+    def variant(self, size: str, label: str, dtype: torch.dtype = HALF, **options) -> dict:
         """The compiled (CUDA graphs) path built afresh with other options (kernels cached in-process)."""
-        return self.path(size, f"optimised + torch.compile (reduce-overhead), {label}", torch.bfloat16,
+        return self.path(size, f"optimised + torch.compile (reduce-overhead), {label}", dtype,
                          dict(OPT, compile=True, compile_mode="reduce-overhead", **options), prefetch=True,
                          ref=f"{size}/{self.REF}")
 
@@ -316,7 +319,7 @@ class Driver:
 
     def denoise_profile(self, size: str, compile_mode: str | None = None, frames: int = 2) -> None:
         """Where a warm frame's denoise + decode GPU time goes at ``size`` (its flow made beforehand, so RAFT
-        is not in it): the time by kernel category and the top kernels, for the pipeline eager (bf16,
+        is not in it): the time by kernel category and the top kernels, for the pipeline eager (fp16,
         channels_last) or compiled in ``compile_mode``. Guides the work on the ~80 ms that RAFT's overlap
         cannot hide."""
         from torch.profiler import ProfilerActivity, profile
@@ -326,8 +329,9 @@ class Driver:
         w, h = self.size(size)
         fr, nz = make_frames(3 + frames, h, w)
         fr = [f.to(self.device) for f in fr]
-        options = dict(OPT, compile=True, compile_mode=compile_mode) if compile_mode else dict(OPT)
-        pipe = build(self.load, self.device, torch.bfloat16, **options)
+        # RAFT stays eager: it is not in the profile, and compiling it would only lengthen the step
+        options = dict(OPT, compile=True, compile_mode=compile_mode, compile_flow=False) if compile_mode else dict(OPT)
+        pipe = build(self.load, self.device, HALF, **options)
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
         label = f"{size}-{compile_mode or 'eager'}"
         try:
@@ -378,7 +382,7 @@ class Driver:
         tile = (32, 32) if self.args.tiny else (192, 320)
         # the HR stages in cropped tiles around the whole-latent denoising (tile=), then the denoising in
         # feathered tiles too (tile_denoise=True, run 1's tiling): memory and picture of each
-        self.path(size, f"optimised eager, tiled {tile[0]}x{tile[1]} LR", torch.bfloat16, dict(OPT, tile=tile),
+        self.path(size, f"optimised eager, tiled {tile[0]}x{tile[1]} LR", HALF, dict(OPT, tile=tile),
                   prefetch=True, ref=f"{size}/{self.REF}", compare=f"{size}/{self.EAGER}", frames=frames,
                   warmup=warmup, views={f"optimised eager, tiled {tile[0]}x{tile[1]} LR, denoising tiled too":
                                         dict(tile_denoise=True)})
@@ -422,11 +426,14 @@ def plan(d: Driver, c: float) -> dict[str, tuple[float, Callable[[], None]]]:
         "denoise-profile-graphs": (0.3 * c + 25, lambda: d.denoise_profile("720p", "reduce-overhead")),
         "720p-graphs-no-cudnn-benchmark": (0.25 * c + 25, lambda: d.variant("720p", "cuDNN autotune off",
                                                                              cudnn_benchmark=False)),
-        "720p-graphs-vae-bf16": (0.4 * c + 25, lambda: d.variant("720p", "VAE bf16", vae_dtype=torch.bfloat16)),
+        "720p-graphs-vae-fp16": (0.4 * c + 25, lambda: d.variant("720p", "VAE fp16", vae_dtype=HALF)),
+        "720p-graphs-bf16": (0.9 * c + 30, lambda: d.variant("720p", "bf16", dtype=torch.bfloat16)),
+        "1080p-graphs-bf16": (0.9 * c + 40, lambda: d.variant("1080p", "bf16", dtype=torch.bfloat16)),
         "720p-graphs-inductor-tuned": (1.5 * c + 30, lambda: d.inductor_tuned("720p")),
-        "720p-graphs-compile-flow": (0.9 * c + 30, lambda: d.variant("720p", "RAFT compiled too", compile_flow=True)),
-        "1080p-graphs-compile-flow": (0.9 * c + 40, lambda: d.variant("1080p", "RAFT compiled too",
-                                                                       compile_flow=True)),
+        "720p-graphs-eager-flow": (0.5 * c + 30, lambda: d.variant("720p", "RAFT eager (compile_flow=False)",
+                                                                    compile_flow=False)),
+        "1080p-graphs-eager-flow": (0.5 * c + 40, lambda: d.variant("1080p", "RAFT eager (compile_flow=False)",
+                                                                     compile_flow=False)),
         "1080p-graphs-cudnn-autotune": (0.25 * c + 35, lambda: d.variant("1080p", "cuDNN autotune on",
                                                                          cudnn_benchmark=True)),
         "720p-graphs-flow-graphed": (0.25 * c + 25, lambda: d.variant("720p", "flow graphed (fresh)",
@@ -448,9 +455,10 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=4)
     ap.add_argument("--budget-s", type=float, default=520.0, help="skip steps that would end after this")
     ap.add_argument("--out", default="bench-out")
-    ap.add_argument("--steps", default="720p-ref,720p-graphs,720p-graphs-compile-flow,1080p-ref,1080p-graphs,"
-                    "1080p-graphs-compile-flow,denoise-profile-graphs,720p-graphs-inductor-tuned,4K-tiled,"
-                    "denoise-profile,720p-cached,720p-eager,flow-graph,720p-levers,1080p-tiled",
+    ap.add_argument("--steps", default="720p-ref,720p-graphs,720p-graphs-eager-flow,1080p-ref,1080p-graphs,"
+                    "1080p-graphs-eager-flow,720p-graphs-bf16,denoise-profile-graphs,1080p-graphs-bf16,"
+                    "720p-graphs-inductor-tuned,4K-tiled,denoise-profile,720p-cached,720p-eager,flow-graph,"
+                    "720p-levers,1080p-tiled",
                     help="comma-separated steps, run in this order (see plan())")
     args = ap.parse_args()
     unknown = [n for n in args.steps.split(",") if n not in _step_names()]

@@ -123,7 +123,7 @@ def test_cuda_graph_modes_mark_steps_and_copy_outputs(pipe: StreamDiffVSR, tmp_p
         assert float((a - b).abs().max()) <= 1e-5
     assert len(marks) == 2 * (4 + 1 + 1 + 1)  # each warm frame: 4 steps, TPM features, ARTG embedding, decoder
     announced = capfd.readouterr()
-    assert announced.out == "" and announced.err.count("vsstreamdiffvsr: compiling for 32x32 input") == 1
+    assert announced.out == "" and announced.err.count("compiling the denoising (reduce-overhead) for 32x32 input") == 1
     assert set(marks) == {graphed._worker.thread_name}  # all on the pipeline's one thread
     assert graphed._worker.thread_name.startswith("vsstreamdiffvsr")
     again = pipe.with_options(tile=64)  # another view (a second upscale() call, a reloaded script)
@@ -772,7 +772,8 @@ def test_flow_graph_that_cannot_be_recorded_falls_back_to_eager_once(tiny_ckpt: 
         assert torch.equal(got, pipe.compute_flow(cur * 2 - 1, prev * 2 - 1))
 
 
-def test_compiled_flow_equals_eager_flow(pipe: StreamDiffVSR, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_compiled_flow_equals_eager_flow(pipe: StreamDiffVSR, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                         capfd: pytest.CaptureFixture[str]) -> None:
     """compile_flow: RAFT through torch.compile gives the eager flow; views share it; False turns it off."""
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     frames, _ = frames_and_noise(3, 32, 40, seed=6)
@@ -783,6 +784,8 @@ def test_compiled_flow_equals_eager_flow(pipe: StreamDiffVSR, tmp_path: Path, mo
         for prev, cur in zip(frames, frames[1:]):
             x, xp = cur * 2 - 1, prev * 2 - 1
             assert float((view.compute_flow(x, xp) - pipe.compute_flow(x, xp)).abs().max()) <= 1e-4
+    announced = capfd.readouterr()  # once per size, on stderr: a first compile takes a minute or more
+    assert announced.out == "" and announced.err.count("compiling the optical flow (full correlation) for 40x32") == 1
     again = view.with_options(tile=64)
     assert again._raft is view._raft  # shared, not compiled anew
     off = view.with_options(compile_flow=False)
@@ -803,6 +806,40 @@ def test_raft_traces_as_one_graph(pipe: StreamDiffVSR, corr: str) -> None:
                                                                        previous_features=pipe.raft.encode(b))
     torch._dynamo.reset()
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
+def test_compile_flow_follows_compile_on_cuda_only(tiny_ckpt: Path) -> None:
+    """compile_flow=None: RAFT is compiled with the denoising on CUDA; on the CPU only when asked for."""
+    from vsstreamdiffvsr.pipeline import _compile_flow
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert _compile_flow(None, True, cuda) and not _compile_flow(None, False, cuda)
+    assert not _compile_flow(None, True, cpu) and _compile_flow(True, False, cpu)
+    assert not _compile_flow(False, True, cuda)
+    compiled = StreamDiffVSR.from_pretrained(tiny_ckpt, device="cpu", compile=True, compile_mode="default")
+    assert compiled.compiled and not compiled.compile_flow
+    eager = StreamDiffVSR.from_pretrained(tiny_ckpt, device="cpu")
+    assert eager.with_options(compile_flow=True).compile_flow and not eager.with_options(compile=True).compile_flow
+
+
+def test_lean_correlation_flow_stays_eager_under_compile_flow(pipe: StreamDiffVSR) -> None:
+    """The lean correlation's chunked lookups unroll into a graph that compiles for minutes (7 on this CPU at
+    a 256x320 input): with compile_flow it runs eagerly; the other correlations use the compiled RAFT."""
+    frames, _ = frames_and_noise(2, 32, 40, seed=6)
+    x, xp = (f * 2 - 1 for f in frames)
+    view = pipe.with_options()
+    calls: list[str] = []
+
+    def compiled_raft(*args, corr: str, **kwargs):
+        calls.append(corr)
+        return view.raft.flow_and_features(*args, corr=corr, **kwargs)
+
+    view._raft, view.compile_flow = compiled_raft, True
+    with torch.inference_mode():
+        for corr in ("full", "half", "lean"):
+            view.raft_corr = corr
+            view.compute_flow(x, xp)
+    assert calls == ["full", "half"]
 
 
 def test_prefetch_reuses_the_previous_frames_raft_features(pipe: StreamDiffVSR) -> None:

@@ -15,20 +15,23 @@ REPO = Path(__file__).resolve().parents[1]
 def test_bench_smoke(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     res = subprocess.run([sys.executable, str(REPO / "scripts" / "bench.py"), "--tiny", "--device", "cpu",
-                          "--frames", "3", "--warmup", "1", "--lr", "32x32", "--json", str(out)],
+                          "--frames", "3", "--warmup", "1", "--lr", "32x32", "--dtype", "float16,bfloat16",
+                          "--json", str(out)],
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     lines = [line for line in res.stdout.splitlines() if line.startswith("| ")]
     assert lines[0].startswith("| path | ms/frame")
     assert any(line.startswith("| reference |") for line in lines)
+    assert any(line.startswith("| optimized (float16)") for line in lines)     # one path per --dtype
     assert any(line.startswith("| optimized (bfloat16)") for line in lines)
     assert "float32 picture: mean" in res.stdout
     data = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
-    ref, opt = data["results"]["reference"], data["results"]["optimized (bfloat16)"]
+    ref, fp16, bf16 = (data["results"][k] for k in ("reference", "optimized (float16)", "optimized (bfloat16)"))
     assert data["settings"]["frames"] == 3 and data["settings"]["warmup"] == 1 and "torch" in data
-    assert ref["ms"] > 0 and opt["ms"] > 0
+    assert ref["ms"] > 0 and fp16["ms"] > 0 and bf16["ms"] > 0
     assert ref["psnr_vs_fp32"] is None                    # the reference is the float32 output itself (inf)
-    assert 35.0 < opt["psnr_vs_fp32"] < float("inf")      # bf16: close, not identical
+    assert 35.0 < bf16["psnr_vs_fp32"] < float("inf")     # bf16: close, not identical
+    assert bf16["psnr_vs_fp32"] < fp16["psnr_vs_fp32"] < float("inf")  # fp16: 3 more mantissa bits, closer
     assert ref["picture"]["std"] > 0.1                     # ... on a picture with range (calibrated weights)
 
 
@@ -39,6 +42,7 @@ def test_bench_smoke(tmp_path: Path) -> None:
     (["--graph-flow"], "--graph-flow needs a CUDA device"),
     (["--lr", "320"], "WIDTHxHEIGHT"),
     (["--dtype", "int8"], "dtype must be"),
+    (["--dtype", "float16,fp16"], "lists a precision twice"),
 ])
 def test_bench_rejects_bad_options_before_loading(args: list[str], needle: str) -> None:
     """One line naming the option, at once: not a traceback after minutes of loading and a reference run."""
@@ -60,8 +64,8 @@ def test_device_bench_driver_smoke(tmp_path: Path) -> None:
     data = json.loads((tmp_path / "results.json").read_text())
     paths = data["results"]["720p"]
     assert list(paths) == ["reference (fp32/TF32, eager)",
-                           "optimised eager: bf16 + channels_last + cuDNN autotune + flow overlap"]
-    assert 35.0 < paths["optimised eager: bf16 + channels_last + cuDNN autotune + flow overlap"]["psnr_vs_fp32"]
+                           "optimised eager: fp16 + channels_last + cuDNN autotune + flow overlap"]
+    assert 35.0 < paths["optimised eager: fp16 + channels_last + cuDNN autotune + flow overlap"]["psnr_vs_fp32"]
     assert data["notes"] == [data["notes"][0]] and data["notes"][0].startswith("skipped: 720p-graphs")
     assert "| reference (fp32/TF32, eager) |" in (tmp_path / "tables.md").read_text()
     profile = data["denoise_profiles"]["720p-eager"]  # the warm frame's denoise + decode, by op category

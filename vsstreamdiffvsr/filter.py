@@ -150,7 +150,7 @@ def upscale(clip: vs.VideoNode, *, model_dir: str | os.PathLike[str] | None = No
             reset_on_scene_change: bool = True, flow: str = "hr", tile: int | tuple[int, int] | None = None,
             tile_overlap: int = 16, compile: bool = False, compile_mode: str = DEFAULT_COMPILE_MODE,
             prefetch_flow: bool = True, raft_corr: str = "auto", graph_flow: bool | None = None,
-            compile_flow: bool = False, tile_denoise: bool = False) -> vs.VideoNode:
+            compile_flow: bool | None = None, tile_denoise: bool = False) -> vs.VideoNode:
     """Stream-DiffVSR x4 super-resolution of an RGBS/RGBH clip.
 
     Args:
@@ -159,7 +159,7 @@ def upscale(clip: vs.VideoNode, *, model_dir: str | os.PathLike[str] | None = No
         model_dir: the model folder (default ``$VSSTREAMDIFFVSR_MODEL_DIR`` or the per-user cache;
             fill it with ``python -m vsstreamdiffvsr download``).
         device: ``"cuda"``, ``"cuda:N"`` or ``"cpu"``.
-        dtype: U-Net/ControlNet precision; None = bfloat16 on CUDA, float32 elsewhere.
+        dtype: U-Net/ControlNet precision; None = float16 on CUDA, float32 elsewhere.
         seed: noise seed; frame n's noise is a pure function of (seed, n).
         max_gap: requests up to this many frames ahead of the last produced frame are caught up
             exactly; keep it >= vspipe's ``-r`` and ``core.num_threads``.
@@ -184,7 +184,7 @@ def upscale(clip: vs.VideoNode, *, model_dir: str | os.PathLike[str] | None = No
             :meth:`StreamDiffVSR.from_pretrained`).
         graph_flow: replay the flow computed ahead from a CUDA graph recorded once per clip size (the same
             numbers; the host no longer launches RAFT's kernels). None = off: no gain measured on an H100.
-        compile_flow: also ``torch.compile`` RAFT (not yet measured on a GPU; see
+        compile_flow: also ``torch.compile`` RAFT; None = with ``compile`` on CUDA (see
             :meth:`StreamDiffVSR.from_pretrained`).
 
     Returns:
@@ -206,11 +206,12 @@ def upscale(clip: vs.VideoNode, *, model_dir: str | os.PathLike[str] | None = No
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise vs.Error(f"upscale: seed must be an integer, got {seed!r}")
     for name, flag in (("tile_denoise", tile_denoise), ("compile", compile), ("prefetch_flow", prefetch_flow),
-                       ("reset_on_scene_change", reset_on_scene_change), ("compile_flow", compile_flow)):
+                       ("reset_on_scene_change", reset_on_scene_change)):
         if not isinstance(flag, bool):  # "0" from a vspipe -a argument is truthy
             raise vs.Error(f"upscale: {name} must be True or False, got {flag!r}")
-    if graph_flow is not None and not isinstance(graph_flow, bool):
-        raise vs.Error(f"upscale: graph_flow must be None, True or False, got {graph_flow!r}")
+    for name, flag in (("graph_flow", graph_flow), ("compile_flow", compile_flow)):
+        if flag is not None and not isinstance(flag, bool):
+            raise vs.Error(f"upscale: {name} must be None, True or False, got {flag!r}")
     try:
         dev = parse_device(device)
         dt = parse_dtype(dtype if dtype is not None else default_dtype(dev))
