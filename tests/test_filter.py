@@ -177,6 +177,8 @@ def test_nothing_reaches_stdout(tiny_ckpt: Path, capfd: pytest.CaptureFixture[st
          ["prefetch_flow must be True or False"]),
         (lambda: core.std.BlankClip(format=vs.RGBS, width=64, height=64), {"graph_flow": 1},
          ["graph_flow must be None, True or False"]),
+        (lambda: core.std.BlankClip(format=vs.RGBS, width=64, height=64), {"compile_flow": "0"},
+         ["compile_flow must be None, True or False", "'0'"]),
         (lambda: core.std.BlankClip(format=vs.RGBS, width=64, height=64), {"tile_denoise": True},
          ["tile_denoise=True needs a tile size", "tile="]),
         (lambda: core.std.BlankClip(format=vs.RGBS, width=64, height=64), {"tile": 32, "tile_overlap": 24},
