@@ -794,9 +794,10 @@ def test_compiled_flow_equals_eager_flow(pipe: StreamDiffVSR, tmp_path: Path, mo
 
 
 @pytest.mark.parametrize("corr", ["full", "half", "lean"])
-def test_raft_traces_as_one_graph(pipe: StreamDiffVSR, corr: str) -> None:
-    """compile_flow compiles the whole flow: a graph break (HalfCorrBlock's `assert tensor_list` broke the 1080p
-    flow into eager pieces) would leave most of RAFT uncompiled, silently."""
+def test_raft_traces_whole_but_for_the_float16_pyramid_build(pipe: StreamDiffVSR, corr: str) -> None:
+    """compile_flow compiles the whole flow: an unintended graph break (HalfCorrBlock's `assert tensor_list`
+    broke the 1080p flow into eager pieces) would leave most of RAFT uncompiled, silently. The one break is
+    the float16 pyramid's build, kept eager on purpose: compiled, inductor held all its float32 chunks at once."""
     frames, _ = frames_and_noise(2, 32, 40, seed=6)
     x, xp = (f * 2 - 1 for f in frames)
     a, b = F.interpolate(x, scale_factor=4, mode="bicubic"), F.interpolate(xp, scale_factor=4, mode="bicubic")
@@ -805,7 +806,12 @@ def test_raft_traces_as_one_graph(pipe: StreamDiffVSR, corr: str) -> None:
         explained = torch._dynamo.explain(pipe.raft.flow_and_features)(a, b, corr=corr,
                                                                        previous_features=pipe.raft.encode(b))
     torch._dynamo.reset()
-    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    if corr != "half":
+        assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+        return
+    assert (explained.graph_count, explained.graph_break_count) == (2, 1), explained.break_reasons
+    assert "HalfCorrBlock.build_pyramid" in str(explained.break_reasons[0].reason)
+    assert "torch.compiler.disable" in str(explained.break_reasons[0].reason)
 
 
 def test_compile_flow_follows_compile_on_cuda_only(tiny_ckpt: Path) -> None:

@@ -151,6 +151,10 @@ class HalfCorrBlock(nn.Module):
         self.corr_pyramid: list[torch.Tensor] = []
         self._sizes: list[tuple[int, int]] = []
 
+    # Always eager, also inside a compiled RAFT (compile_flow): inductor schedules all the chunks' float32
+    # matmuls first and stores them in one fused kernel, so every chunk would be alive at once, the full
+    # float32 volume this block exists to avoid (measured in inductor's generated code on the CPU).
+    @torch.compiler.disable(recursive=True)
     def build_pyramid(self, fmap1: torch.Tensor, fmap2: torch.Tensor) -> None:
         _check_fmaps(fmap1, fmap2, self.num_levels)
         b, c, h, w = fmap1.shape
