@@ -136,7 +136,8 @@ def test_main_job_takes_an_rgb_source(tiny_ckpt: Path, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("arg", "needle"), [("compile=maybe", "compile must be 0 or 1"),
                                              ("tile=big", "tile must be an integer"),
-                                             ("raft_corr=huge", "raft_corr must be one of")])
+                                             ("raft_corr=huge", "raft_corr must be one of"),
+                                             ("compile_flow=maybe", "compile_flow must be 0 or 1")])
 def test_main_job_rejects_bad_arguments(tiny_ckpt: Path, tmp_path: Path, arg: str, needle: str) -> None:
     src = tmp_path / "in.mkv"
     subprocess.run(["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i", "testsrc=size=64x48:rate=24", "-frames:v",
