@@ -488,13 +488,14 @@ def test_raft_out_of_memory_falls_back_to_lr_flow(pipe: StreamDiffVSR, monkeypat
     expected = run(pipe.with_options(flow="lr"), frames, noises)
     lean = pipe.with_options()
     real = lean._flow_and_features
-    hr_attempts = []
+    hr_attempts, lr_eager = [], []
 
-    def hr_too_big(x, x_prev, mode=None, corr=None, previous_features=None):
+    def hr_too_big(x, x_prev, mode=None, corr=None, previous_features=None, eager=False):
         if (mode or "hr") == "hr":  # neither the full nor the lean correlation fits at HR
             hr_attempts.append(corr)
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real(x, x_prev, mode, corr, previous_features)
+        lr_eager.append(eager)
+        return real(x, x_prev, mode, corr, previous_features, eager)
 
     monkeypatch.setattr(lean, "_flow_and_features", hr_too_big)
     with warnings.catch_warnings():
@@ -502,6 +503,7 @@ def test_raft_out_of_memory_falls_back_to_lr_flow(pipe: StreamDiffVSR, monkeypat
         out = run(lean, frames, noises)
     assert lean.stats["lean_corr_fallbacks"] == 1 and lean.stats["lr_flow_fallbacks"] == 1
     assert hr_attempts == [None, "lean"]  # the second warm frame goes straight to the flow at LR
+    assert lr_eager == [True, True]       # never a compile of RAFT at a new shape under memory pressure
     assert pipe._flow_fallbacks == {}     # kept by the view that fell back, not by its parent
     for a, b in zip(out, expected):
         assert float((a - b).abs().max()) <= 1e-6
@@ -575,11 +577,11 @@ def test_raft_out_of_memory_tries_lean_correlation_first(pipe: StreamDiffVSR, mo
     real = lean._flow_and_features
     full_attempts = []
 
-    def full_too_big(x, x_prev, mode=None, corr=None, previous_features=None):
+    def full_too_big(x, x_prev, mode=None, corr=None, previous_features=None, eager=False):
         if corr != "lean":
             full_attempts.append(corr)
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real(x, x_prev, mode, corr, previous_features)
+        return real(x, x_prev, mode, corr, previous_features, eager)
 
     monkeypatch.setattr(lean, "_flow_and_features", full_too_big)
     out = run(lean, frames, noises)
@@ -785,7 +787,12 @@ def test_compiled_flow_equals_eager_flow(pipe: StreamDiffVSR, tmp_path: Path, mo
             x, xp = cur * 2 - 1, prev * 2 - 1
             assert float((view.compute_flow(x, xp) - pipe.compute_flow(x, xp)).abs().max()) <= 1e-4
     announced = capfd.readouterr()  # once per size, on stderr: a first compile takes a minute or more
-    assert announced.out == "" and announced.err.count("compiling the optical flow (full correlation) for 40x32") == 1
+    assert announced.out == "" and announced.err.count("compiling the optical flow (full correlation, RAFT at HR) for 40x32") == 1
+    half = view.with_options(raft_corr="half")  # the float16 pyramid: its build eager inside the compiled flow
+    with torch.inference_mode():
+        x, xp = frames[1] * 2 - 1, frames[0] * 2 - 1
+        assert float((half.compute_flow(x, xp) - pipe.with_options(raft_corr="half").compute_flow(x, xp))
+                     .abs().max()) <= 1e-4
     again = view.with_options(tile=64)
     assert again._raft is view._raft  # shared, not compiled anew
     off = view.with_options(compile_flow=False)
@@ -814,18 +821,43 @@ def test_raft_traces_whole_but_for_the_float16_pyramid_build(pipe: StreamDiffVSR
     assert "torch.compiler.disable" in str(explained.break_reasons[0].reason)
 
 
-def test_compile_flow_follows_compile_on_cuda_only(tiny_ckpt: Path) -> None:
-    """compile_flow=None: RAFT is compiled with the denoising on CUDA; on the CPU only when asked for."""
-    from vsstreamdiffvsr.pipeline import _compile_flow
+def test_compile_flow_follows_compile_on_cuda_only(tiny_ckpt: Path, pipe: StreamDiffVSR,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """compile_flow=None: RAFT is compiled with the denoising on CUDA; on the CPU only when asked for; an
+    explicit False holds for views that compile later."""
+    import vsstreamdiffvsr.pipeline as pl
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert _compile_flow(None, True, cuda) and not _compile_flow(None, False, cuda)
-    assert not _compile_flow(None, True, cpu) and _compile_flow(True, False, cpu)
-    assert not _compile_flow(False, True, cuda)
-    compiled = StreamDiffVSR.from_pretrained(tiny_ckpt, device="cpu", compile=True, compile_mode="default")
-    assert compiled.compiled and not compiled.compile_flow
-    eager = StreamDiffVSR.from_pretrained(tiny_ckpt, device="cpu")
-    assert eager.with_options(compile_flow=True).compile_flow and not eager.with_options(compile=True).compile_flow
+    assert pl._compile_flow(None, True, cuda) and not pl._compile_flow(None, False, cuda)
+    assert not pl._compile_flow(None, True, cpu) and pl._compile_flow(True, False, cpu)
+    assert not pl._compile_flow(False, True, cuda)
+
+    flow_compiles: list[StreamDiffVSR] = []
+    monkeypatch.setattr(StreamDiffVSR, "enable_flow_compile", lambda self, **kw: flow_compiles.append(self))
+
+    def fake_compile(self, mode=pl.DEFAULT_COMPILE_MODE, cache_dir=None, backend="inductor"):
+        self.compiled, self.compile_mode = True, mode
+
+    monkeypatch.setattr(StreamDiffVSR, "enable_compile", fake_compile)
+    # from_pretrained resolves the option it was given, with compile and the device (CUDA faked by the resolver)
+    asked: list[tuple] = []
+    monkeypatch.setattr(pl, "_compile_flow", lambda v, c, d: asked.append((v, c, d.type)) or (v is None and c))
+    loaded = StreamDiffVSR.from_pretrained(tiny_ckpt, device="cpu", compile=True)
+    assert asked == [(None, True, "cpu")] and flow_compiles == [loaded] and loaded._compile_flow_opt is None
+    monkeypatch.undo()
+    monkeypatch.setattr(StreamDiffVSR, "enable_flow_compile", lambda self, **kw: flow_compiles.append(self))
+    monkeypatch.setattr(StreamDiffVSR, "enable_compile", fake_compile)
+    flow_compiles.clear()
+
+    gpu = pipe.with_options()
+    gpu.device = cuda  # the views below only read the device to resolve None
+    followed = gpu.with_options(compile=True)
+    assert followed.compiled and flow_compiles == [followed]
+    assert not gpu.with_options(compile=True, compile_flow=False).compile_flow and len(flow_compiles) == 1
+    told_not = gpu.with_options(compile_flow=False)
+    assert told_not.with_options(compile=True).compiled and len(flow_compiles) == 1  # False holds
+    gpu.device = cpu
+    assert gpu.with_options(compile=True).compiled and len(flow_compiles) == 1  # CPU: only when asked for
 
 
 def test_lean_correlation_flow_stays_eager_under_compile_flow(pipe: StreamDiffVSR) -> None:

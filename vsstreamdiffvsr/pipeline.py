@@ -211,6 +211,8 @@ class StreamDiffVSR:
         self.compiled = False
         self.compile_mode: str | None = None
         self.compile_flow = False
+        #: the compile_flow option as given (None: follow compile), so that a view compiling later can honour it
+        self._compile_flow_opt: bool | None = None
         # RAFT's flow_and_features as compute_flow calls it: eager, or compiled (enable_flow_compile)
         self._raft: Callable[..., tuple[torch.Tensor, torch.Tensor]] = self.raft.flow_and_features
         self._worker: _Worker | None = None
@@ -316,6 +318,7 @@ class StreamDiffVSR:
         pipe.model_dir = str(root)
         if compile:
             pipe.enable_compile(mode=compile_mode, cache_dir=compile_cache_dir)
+        pipe._compile_flow_opt = compile_flow
         if _compile_flow(compile_flow, compile, dev):
             pipe.enable_flow_compile(cache_dir=compile_cache_dir)
         return pipe
@@ -331,7 +334,7 @@ class StreamDiffVSR:
 
         Arguments left at None (``tile`` at ``"keep"``) keep this pipeline's value; see :meth:`from_pretrained`.
         ``compile_flow=None`` on a view that compiles a pipeline not compiled before follows ``compile``, as in
-        :meth:`from_pretrained`.
+        :meth:`from_pretrained`, unless the pipeline was given ``compile_flow=False``.
         """
         _choice("compile_mode", compile_mode, COMPILE_MODES)
         view = copy.copy(self)
@@ -360,8 +363,10 @@ class StreamDiffVSR:
             view.nan_fallback = nan_fallback
         if compile and (not self.compiled or self.compile_mode != compile_mode):
             view.enable_compile(mode=compile_mode, cache_dir=compile_cache_dir)
-        if compile_flow is None and compile and not self.compiled:
-            compile_flow = _compile_flow(None, True, self.device)
+        if compile_flow is not None:
+            view._compile_flow_opt = compile_flow
+        elif compile and not self.compiled and self._compile_flow_opt is None:
+            compile_flow = _compile_flow(None, True, self.device)  # compiling now: RAFT too, unless told not to
         if compile_flow and not self.compile_flow:
             view.enable_flow_compile(cache_dir=compile_cache_dir)
         elif compile_flow is False:
@@ -471,10 +476,7 @@ class StreamDiffVSR:
     # ------------------------------------------------------------------------------------------ steps
     def corr_for(self, height: int, width: int) -> str:
         """The RAFT correlation (``"full"``, ``"half"`` or ``"lean"``) used for RAFT input of this size."""
-        if self.raft_corr != "auto":
-            return self.raft_corr
-        full = corr_pyramid_bytes(height, width)
-        return "full" if full <= FULL_CORR_MAX else "half" if full // 2 <= HALF_CORR_MAX else "lean"
+        return resolve_corr(self.raft_corr, height, width)
 
     def compute_flow(self, x: torch.Tensor, x_prev: torch.Tensor, mode: str | None = None,
                      corr: str | None = None) -> torch.Tensor:
@@ -485,10 +487,11 @@ class StreamDiffVSR:
         return self._flow_and_features(x, x_prev, mode, corr)[0]
 
     def _flow_and_features(self, x: torch.Tensor, x_prev: torch.Tensor, mode: str | None = None,
-                           corr: str | None = None,
-                           previous_features: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                           corr: str | None = None, previous_features: torch.Tensor | None = None,
+                           eager: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`compute_flow` and RAFT's feature map of ``x``; ``previous_features`` is that of ``x_prev``
-        from the previous call (ignored if it does not fit, e.g. after a change of flow mode)."""
+        from the previous call (ignored if it does not fit, e.g. after a change of flow mode). ``eager``: never
+        the compiled RAFT (the out-of-memory fallbacks: no compile of a new shape under memory pressure)."""
         mode = mode or self.flow_mode
         if mode == "lr":
             if min(x.shape[-2:]) < MIN_FLOW_SIDE:
@@ -504,10 +507,10 @@ class StreamDiffVSR:
         # an explicit corr is the out-of-memory fallback's: eager, rather than compiling RAFT anew at that moment.
         # The lean correlation is eager too: its chunked lookups unroll into a graph that compiles for minutes.
         use = corr or self.corr_for(*a.shape[-2:])
-        own = corr is None and use != "lean"
+        own = not eager and corr is None and use != "lean"
         raft = self._raft if own else self.raft.flow_and_features
         if own and self.compile_flow:
-            self._announce_compile(tuple(x.shape[-2:]), what=use)
+            self._announce_compile(tuple(x.shape[-2:]), what=f"{use} correlation, RAFT at {mode.upper()}")
         flow, features = raft(a, b, corr=use, previous_features=previous_features)
         if mode == "lr":
             flow = flow[..., : x.shape[-2], : x.shape[-1]]
@@ -663,7 +666,7 @@ class StreamDiffVSR:
             warnings.warn("vsstreamdiffvsr: RAFT at HR ran out of GPU memory; using flow at LR from now on for this "
                           "frame size (a documented deviation)", TilingFallbackWarning, stacklevel=6)
             self._keep_flow_fallback(key, "lr")
-        return self.compute_flow(x, x_prev, mode="lr"), None
+        return self._flow_and_features(x, x_prev, mode="lr", eager=True)[0], None
 
     def _keep_flow_fallback(self, key: tuple[Any, ...], fallback: str) -> None:
         # a new dict, not an update: views from with_options share the parent's until they choose their own
@@ -943,7 +946,7 @@ class StreamDiffVSR:
         if key in self._compiled_shapes:
             return
         self._compiled_shapes.add(key)
-        part = f"the optical flow ({what} correlation)" if what else f"the denoising ({self.compile_mode})"
+        part = f"the optical flow ({what})" if what else f"the denoising ({self.compile_mode})"
         # stderr, never stdout: vspipe writes the video there
         sys.stderr.write(f"vsstreamdiffvsr: compiling {part} for {lr_size[1]}x{lr_size[0]} input; the first time "
                          "on a machine this takes a few minutes, later runs reuse the kernel cache\n")
@@ -1062,6 +1065,14 @@ def _own_outputs(fn: Callable[..., Any]) -> Callable[..., Any]:
 def _pad8(x: torch.Tensor) -> torch.Tensor:
     ph, pw = -x.shape[-2] % 8, -x.shape[-1] % 8
     return F.pad(x, (0, pw, 0, ph), mode="replicate") if (ph or pw) else x
+
+
+def resolve_corr(raft_corr: str, height: int, width: int) -> str:
+    """``raft_corr`` for RAFT input of height x width: ``"auto"`` resolved by the pyramid's size."""
+    if raft_corr != "auto":
+        return raft_corr
+    full = corr_pyramid_bytes(height, width)
+    return "full" if full <= FULL_CORR_MAX else "half" if full // 2 <= HALF_CORR_MAX else "lean"
 
 
 def _compile_flow(value: bool | None, compile: bool, device: torch.device) -> bool:
