@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vsstreamdiffvsr import StreamDiffVSR, StreamState  # noqa: E402
 from vsstreamdiffvsr.pipeline import (COMPILE_MODES, DEFAULT_COMPILE_MODE, _compile_flow, default_dtype,  # noqa: E402
-                                      parse_dtype)
+                                      parse_dtype, resolve_corr)
 
 FULL_UNET = dict(
     in_channels=7, out_channels=4, block_out_channels=(256, 512, 512, 1024), layers_per_block=2,
@@ -324,6 +324,14 @@ def parse_dtypes(text: str) -> list[torch.dtype]:
     return dtypes
 
 
+def raft_label(args: argparse.Namespace, device: torch.device, w: int, h: int) -> str:
+    """"RAFT compiled" where the optimized path compiles it (the lean correlation always runs eagerly)."""
+    if not _compile_flow(args.compile_flow, args.compile, device):
+        return ""
+    rh, rw = (4 * h, 4 * w) if args.flow == "hr" else (h + -h % 8, w + -w % 8)
+    return "RAFT compiled" if resolve_corr(args.raft_corr, rh, rw) != "lean" else "RAFT eager (lean correlation)"
+
+
 def check_args(args: argparse.Namespace) -> tuple[int, int]:
     """Every option checked before weights load (minutes on a GPU): ValueError naming the option. (w, h)."""
     from vsstreamdiffvsr.pipeline import MIN_LR_SIDE, parse_device
@@ -402,7 +410,7 @@ def main() -> None:
              "tile_denoise" if args.tile_denoise else "", f"vae {args.vae_dtype}" if args.vae_dtype else "",
              f"raft_corr={args.raft_corr}" if args.raft_corr != "auto" else "",
              "flow in line" if args.no_prefetch else "", "flow graph" if args.graph_flow else "",
-             "RAFT compiled" if _compile_flow(args.compile_flow, args.compile, device) else ""]
+             raft_label(args, device, w, h)]
     for opt_dtype in parse_dtypes(args.dtype):
         name = ", ".join([str(opt_dtype).removeprefix("torch.")] + [p for p in label if p])
         paths.append((f"optimized ({name})", opt_dtype, opt, not args.no_prefetch))

@@ -154,3 +154,25 @@ def test_flops_counts_every_component_of_a_frame() -> None:
     ref = float(rows["**frame as the reference executes it**"][2].strip("* "))
     saved = 3 * per_call["ARTG condition embedding"] + per_call["RAFT feature encoder, one frame"]
     assert abs(ref - ours - saved) < 0.02 and ref > ours
+
+
+def test_the_optimized_path_label_says_where_raft_is_compiled() -> None:
+    """RAFT is compiled with --compile on CUDA by default, never with the lean correlation (4K), which runs
+    eagerly: the row's label must not claim a compiled RAFT there."""
+    import argparse
+
+    import torch
+
+    bench = _bench()
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+
+    def label(device, w, h, **kw) -> str:
+        args = argparse.Namespace(**{"compile_flow": None, "compile": True, "flow": "hr", "raft_corr": "auto", **kw})
+        return bench.raft_label(args, device, w, h)
+
+    assert label(cuda, 320, 180) == "RAFT compiled" and label(cuda, 480, 272) == "RAFT compiled"
+    assert label(cuda, 960, 540) == "RAFT eager (lean correlation)"
+    assert label(cuda, 960, 540, flow="lr") == "RAFT compiled"  # RAFT at LR: a small pyramid
+    assert label(cuda, 320, 180, raft_corr="lean") == "RAFT eager (lean correlation)"
+    assert label(cuda, 320, 180, compile_flow=False) == "" and label(cpu, 320, 180) == ""
+    assert label(cpu, 320, 180, compile=False, compile_flow=True) == "RAFT compiled"
