@@ -108,8 +108,8 @@ def default_dtype(device: torch.device) -> torch.dtype:
     half-precision kernels are slower than float32 ones).
 
     float16 rather than bfloat16: the same tensor-core rate on the GPUs this targets, three more mantissa
-    bits (69 against 51 dB PSNR to float32 on calibrated random weights), and the precision the reference's
-    own TensorRT path runs its U-Net and ControlNet in. A frame that overflows float16's range comes back
+    bits (69 against 51 dB PSNR to float32 on calibrated random weights), and the precision of the fp16
+    engines the reference's TensorRT acceleration path builds. A frame that overflows float16's range comes back
     NaN/Inf and is recomputed in float32 (``nan_fallback``); ``dtype="bfloat16"`` cannot overflow.
     """
     return torch.float16 if device.type == "cuda" else torch.float32
