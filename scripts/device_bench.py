@@ -134,10 +134,13 @@ class Driver:
             nan = float("nan")
             rows = [f"| {size} ({r['lr'][0]}x{r['lr'][1]} in), corr {r['corr']} | {r['eager_ms']:.1f} | "
                     f"{r.get('graph_ms', nan):.1f} | {r.get('record_s', nan):.1f} | "
-                    f"{r.get('graph_max_abs_diff_px', nan):.2g} |" for size, r in self.raft.items()]
+                    f"{r.get('graph_max_abs_diff_px', nan):.2g} | {r.get('compiled_ms', nan):.1f} | "
+                    f"{r.get('compile_s', nan):.1f} | {r.get('compiled_max_abs_diff_px', nan):.2g} |"
+                    for size, r in self.raft.items()]
             parts.append("\n".join([f"### RAFT alone: bicubic x4 + 12 updates at HR ({self.gpu})",
-                                    "| size | eager ms | CUDA graph ms | recording s | graph vs eager max px |",
-                                    "|---|---|---|---|---|", *rows]))
+                                    "| size | eager ms | CUDA graph ms | recording s | graph vs eager max px | "
+                                    "compiled ms | compile s | compiled vs eager max px |",
+                                    "|---|---|---|---|---|---|---|---|", *rows]))
         for section, res in self.results.items():
             w, h = next(iter(res.values()))["lr"]
             parts.append(table(res, f"### {section}: {w}x{h} -> {4 * w}x{4 * h} ({self.gpu}, {self.weights_desc} "
@@ -180,8 +183,9 @@ class Driver:
         x, xp = (f.to(self.device) * 2 - 1 for f in fr)
         return build(self.load, self.device, HALF, **OPT), x, xp
 
-    def flow_graph(self, size: str, reps: int = 10) -> None:
-        """RAFT alone at ``size``: eager against replayed from a CUDA graph (time and max difference)."""
+    def flow_graph(self, size: str, reps: int = 10, compiled: bool = False) -> None:
+        """RAFT alone at ``size``: eager against replayed from a CUDA graph (time and max difference); with
+        ``compiled``, against RAFT compiled as ``compile_flow`` compiles it (compile time, time, difference)."""
         from vsstreamdiffvsr.accel import GraphedCall
 
         pipe, x, xp = self.raft_inputs(size)
@@ -211,10 +215,18 @@ class Driver:
                     out["graph_ms"], g = timed(lambda: graphed(x, xp))
                     out["graph_max_abs_diff_px"] = float((g - eager).abs().max())
                     del graphed, g
+                if compiled:
+                    pipe.enable_flow_compile()
+                    t = time.perf_counter()
+                    pipe.compute_flow(x, xp)  # the compile
+                    sync(self.device)
+                    out["compile_s"] = round(time.perf_counter() - t, 1)
+                    out["compiled_ms"], c = timed(lambda: pipe.compute_flow(x, xp))
+                    out["compiled_max_abs_diff_px"] = float((c - eager).abs().max())
         finally:
             pipe = None  # drop the weights before the next step
             gc.collect()
-        self.raft[size] = out
+        self.raft[f"{size}, compiled too" if compiled else size] = out
         self.log(f"flow graph {size}: {out}")
         self.save()
 
@@ -410,6 +422,8 @@ class Driver:
 def plan(d: Driver, c: float) -> dict[str, tuple[float, Callable[[], None]]]:
     return {
         "flow-graph": (25, lambda: (d.flow_graph("720p"), d.flow_graph("1080p"))),
+        "flow-compiled": (0.8 * c + 30, lambda: (d.flow_graph("720p", compiled=True),
+                                                 d.flow_graph("1080p", compiled=True))),
         "720p-ref": (15, lambda: d.ref("720p")),
         "720p-eager": (25, lambda: d.eager("720p")),
         "720p-graphs": (c + 30, lambda: d.compiled("720p", "reduce-overhead")),
@@ -455,7 +469,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=4)
     ap.add_argument("--budget-s", type=float, default=520.0, help="skip steps that would end after this")
     ap.add_argument("--out", default="bench-out")
-    ap.add_argument("--steps", default="720p-ref,720p-graphs,720p-graphs-eager-flow,1080p-ref,1080p-graphs,"
+    ap.add_argument("--steps", default="flow-compiled,720p-ref,720p-graphs,720p-graphs-eager-flow,1080p-ref,1080p-graphs,"
                     "1080p-graphs-eager-flow,720p-graphs-bf16,denoise-profile-graphs,1080p-graphs-bf16,"
                     "720p-graphs-inductor-tuned,4K-tiled,denoise-profile,720p-cached,720p-eager,flow-graph,"
                     "720p-levers,1080p-tiled",
