@@ -63,12 +63,12 @@ def _stdout_to_stderr() -> Iterator[None]:
         sys.stdout.flush() if sys.stdout is not None else None
         saved = os.dup(1)
     except (OSError, ValueError, AttributeError):
-        with contextlib.redirect_stdout(sys.stderr):
+        with _python_stdout_to_stderr():
             yield
         return
     try:
         os.dup2(2, 1)
-        with contextlib.redirect_stdout(sys.stderr):
+        with _python_stdout_to_stderr():  # the counted swap: a frame callback may be redirecting at once
             yield
     finally:
         try:
