@@ -552,6 +552,30 @@ def test_half_correlation_matches_torchvision() -> None:
     assert bool(torch.isfinite(huge.corr_pyramid[0]).all()) and float(huge.corr_pyramid[0].abs().max()) == 65504
 
 
+def test_half_correlation_scales_features_once_with_the_reference_numbers() -> None:
+    """build_pyramid divides the first feature map by sqrt(C) once instead of every chunk's products: at
+    RAFT's 256 channels (sqrt 16) the stored pyramid equals, bit for bit, the reference's order (product,
+    then division, then pooling; computed here in the same row chunks, so the matmuls sum alike)."""
+    from vsstreamdiffvsr.models.flow import HalfCorrBlock
+
+    g = torch.Generator().manual_seed(3)
+    f1, f2 = (7 * torch.randn(1, 256, 24, 32, generator=g) for _ in range(2))
+    n, rows = 24 * 32, 37
+    for dtype in (torch.float32, torch.float16):
+        block = HalfCorrBlock(num_levels=4, radius=4, storage_dtype=dtype, chunk_bytes=4 * n * rows)
+        block.build_pyramid(f1, f2)
+        a, b = f1.reshape(256, n), f2.reshape(256, n)
+        want: list[list[torch.Tensor]] = [[], [], [], []]
+        for r0 in range(0, n, rows):
+            vol = (torch.matmul(a[:, r0:r0 + rows].T, b) / torch.sqrt(torch.tensor(256.0))).view(-1, 1, 24, 32)
+            for level in range(4):
+                if level:
+                    vol = F.avg_pool2d(vol, kernel_size=2, stride=2)
+                want[level].append(vol.flatten(1).to(dtype))
+        for got, parts in zip(block.corr_pyramid, want):
+            assert torch.equal(got, torch.cat(parts)), dtype
+
+
 def test_lean_and_half_flow_equal_full_flow_and_auto_picks_by_size(pipe: StreamDiffVSR) -> None:
     g = torch.Generator().manual_seed(1)
     x = torch.rand(1, 3, 32, 40, generator=g) * 2 - 1

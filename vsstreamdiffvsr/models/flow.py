@@ -159,8 +159,11 @@ class HalfCorrBlock(nn.Module):
         _check_fmaps(fmap1, fmap2, self.num_levels)
         b, c, h, w = fmap1.shape
         n = h * w
-        f1, f2 = fmap1.reshape(b, c, n), fmap2.reshape(b, c, n)
-        norm = torch.sqrt(torch.tensor(c, dtype=torch.float32))  # the reference divides by sqrt(tensor(C))
+        # The reference divides every product by sqrt(tensor(C)); dividing f1 once instead spares a float32
+        # pass over each chunk (~9 GB of memory traffic per 1080p frame). The same numbers for RAFT's 256
+        # channels: a division by 16 commutes with every rounding (TF32's too)
+        norm = torch.sqrt(torch.tensor(c, dtype=torch.float32))
+        f1, f2 = (fmap1 / norm).reshape(b, c, n), fmap2.reshape(b, c, n)
         sizes = [(h, w)]
         for _ in range(self.num_levels - 1):
             sizes.append((sizes[-1][0] // 2, sizes[-1][1] // 2))
@@ -171,7 +174,7 @@ class HalfCorrBlock(nn.Module):
         for bi in range(b):
             for r0 in range(0, n, rows):
                 r1 = min(n, r0 + rows)
-                vol = (torch.matmul(f1[bi, :, r0:r1].transpose(0, 1), f2[bi]) / norm).view(r1 - r0, 1, h, w)
+                vol = torch.matmul(f1[bi, :, r0:r1].transpose(0, 1), f2[bi]).view(r1 - r0, 1, h, w)
                 for level, dst in enumerate(pyramid):
                     if level:
                         vol = F.avg_pool2d(vol, kernel_size=2, stride=2)
