@@ -20,7 +20,8 @@ import torch.nn.functional as F
 
 from vsstreamdiffvsr import StreamDiffVSR, StreamState
 from vsstreamdiffvsr.accel import GraphedCall
-from vsstreamdiffvsr.pipeline import FlowGraphWarning, PrecisionFallbackWarning, TilingFallbackWarning, _own_outputs
+from vsstreamdiffvsr.pipeline import (CompileFallbackWarning, FlowGraphWarning, PrecisionFallbackWarning,
+                                      TilingFallbackWarning, _own_outputs)
 from vsstreamdiffvsr.tiling import feather_weight, parse_tile, tile_layout
 
 
@@ -92,6 +93,92 @@ def test_compiled_tiles_equal_eager_tiles(pipe: StreamDiffVSR, tmp_path: Path,
     for a, b in zip(out, ref):
         assert float((a - b).abs().max()) <= 1e-5
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+
+
+def _broken_compiler(gm: torch.fx.GraphModule, example_inputs: list) -> None:
+    """A torch.compile backend that fails as inductor does on a machine without a working Triton."""
+    raise RuntimeError("Cannot find a working triton installation. Either the package is not installed or it "
+                       "is too old.\nMore information may be found here.")
+
+
+def test_a_failing_compiler_leaves_the_pipeline_eager_with_one_warning(pipe: StreamDiffVSR, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A compiler that fails on this machine (no Triton, no C++ compiler, a compiler bug) costs a warning
+    and the compile's speed, not the clip: the denoising and the flow each warn once and run eagerly, with
+    the eager numbers, also in views made later."""
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    frames, noises = frames_and_noise(3, 32, 32)
+    ref = run(pipe, frames, noises)
+    broken = pipe.with_options()
+    broken.enable_compile(mode="default", backend=_broken_compiler, cache_dir=tmp_path / "inductor")
+    broken.enable_flow_compile(backend=_broken_compiler, cache_dir=tmp_path / "inductor")
+    torch._dynamo.reset()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = run(broken, frames, noises)
+        again = run(broken.with_options(tile=None), frames, noises)  # a view: the same compiled sets
+    fallbacks = [str(w.message) for w in caught if issubclass(w.category, CompileFallbackWarning)]
+    assert len(fallbacks) == 2, fallbacks
+    assert any("for the denoising" in m for m in fallbacks) and any("for the optical flow" in m for m in fallbacks)
+    assert all("Cannot find a working triton installation" in m and "compile=False" in m for m in fallbacks)
+    assert all("\n" not in m for m in fallbacks)  # one line each
+    for a, b, c in zip(out, again, ref):
+        assert torch.equal(a, c) and torch.equal(b, c)
+    torch._dynamo.reset()
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+
+
+def test_compile_fallback_passes_on_what_is_not_a_compile_failure() -> None:
+    """The model's own errors, and running out of memory while compiling (which the out-of-memory fallback
+    handles by tiling), propagate: only a compiler's failure turns the functions eager."""
+    from vsstreamdiffvsr.pipeline import _CompileFallback
+
+    def oom_compiler(gm: torch.fx.GraphModule, example_inputs: list) -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory while autotuning")
+
+    def runtime_failure(gm: torch.fx.GraphModule, example_inputs: list):
+        def fails(*args):
+            raise ValueError("a bad input the eager code rejects too")
+        return fails
+
+    def eager(x: torch.Tensor) -> torch.Tensor:
+        return x * 2 + 1
+
+    x = torch.ones(3)
+    for backend, error in ((oom_compiler, torch.OutOfMemoryError), (runtime_failure, ValueError)):
+        torch._dynamo.reset()
+        fallback = _CompileFallback("a test")
+        call = fallback.wrap(torch.compile(eager, backend=backend), eager)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", CompileFallbackWarning)
+            with pytest.raises(error):
+                call(x)
+        assert not fallback.failed
+    torch._dynamo.reset()
+    fallback = _CompileFallback("a test")
+    call = fallback.wrap(torch.compile(eager, backend=_broken_compiler), eager)
+    with pytest.warns(CompileFallbackWarning, match="for a test"):
+        assert torch.equal(call(x), eager(x))
+    assert fallback.failed
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CompileFallbackWarning)  # once only
+        assert torch.equal(call(x), eager(x))
+    torch._dynamo.reset()
+
+
+def test_compile_on_cuda_without_triton_is_refused_up_front(monkeypatch: pytest.MonkeyPatch) -> None:
+    """PyPI's torch for Windows has no Triton: compile=True says so at upscale() time, with the fix."""
+    import torch.utils._triton as triton_util
+
+    from vsstreamdiffvsr.pipeline import _check_compiler
+
+    monkeypatch.setattr(triton_util, "has_triton", lambda: False)
+    with pytest.raises(ValueError, match=r"needs Triton.*triton-windows.*compile=False"):
+        _check_compiler(torch.device("cuda"), "inductor")
+    _check_compiler(torch.device("cpu"), "inductor")  # inductor's CPU code needs no Triton
+    _check_compiler(torch.device("cuda"), "aot_eager")
+    monkeypatch.setattr(triton_util, "has_triton", lambda: True)
+    _check_compiler(torch.device("cuda"), "inductor")
 
 
 def test_cuda_graph_modes_mark_steps_and_copy_outputs(pipe: StreamDiffVSR, tmp_path: Path,

@@ -36,7 +36,8 @@ from .state import StreamState
 from .tiling import Tile, crop_layout, feather_weight, parse_tile, tile_layout
 
 __all__ = ["StreamDiffVSR", "FlowTicket", "MIN_LR_SIDE", "NUM_INFERENCE_STEPS", "NonFiniteInputError",
-           "NonFiniteOutputError", "PrecisionFallbackWarning", "TilingFallbackWarning", "FlowGraphWarning"]
+           "NonFiniteOutputError", "PrecisionFallbackWarning", "TilingFallbackWarning", "FlowGraphWarning",
+           "CompileFallbackWarning"]
 
 #: The smallest LR side: RAFT runs at 4x and needs 128 px.
 MIN_LR_SIDE = MIN_FLOW_SIDE // 4
@@ -87,6 +88,10 @@ class TilingFallbackWarning(RuntimeWarning):
 
 class FlowGraphWarning(RuntimeWarning):
     """RAFT could not be recorded as a CUDA graph; its flow is computed eagerly (same numbers, slower)."""
+
+
+class CompileFallbackWarning(RuntimeWarning):
+    """``torch.compile`` failed for a part of the pipeline, which runs eagerly from then on (same numbers)."""
 
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -383,21 +388,25 @@ class StreamDiffVSR:
         run on a machine pays the full compile time.
         """
         _choice("compile_mode", mode, COMPILE_MODES)
+        _check_compiler(self.device, backend)
         compile_cache(cache_dir)
         opts = dict(mode=mode, dynamic=False, backend=backend, fullgraph=False)
         if backend != "inductor":
             opts.pop("mode")
         key = (mode, backend)
         if key not in self._compiled_sets:
-            wrap = _own_outputs if mode in CUDA_GRAPH_MODES else (lambda fn: fn)
+            graphs = _own_outputs if mode in CUDA_GRAPH_MODES else (lambda fn: fn)
+            fallback = _CompileFallback("the denoising")
+
+            def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+                return fallback.wrap(graphs(torch.compile(fn, **opts)), fn)
+
             # torch's CUDA-graph trees are per thread: graphs recorded on one VapourSynth worker thread would
             # be recorded again, each with its own memory pool, on every other one. All frames of graphed
             # pipelines therefore run on one thread per device (_Worker.for_device).
-            self._compiled_sets[key] = (wrap(torch.compile(self._eager_step_warm, **opts)),
-                                        wrap(torch.compile(self.vae.decode, **opts)),
-                                        wrap(torch.compile(self.vae.temporal_features, **opts)),
-                                        wrap(torch.compile(self.cond_embedding, **opts)) if self.cond_embedding
-                                        else _unchanged,
+            self._compiled_sets[key] = (wrap(self._eager_step_warm), wrap(self.vae.decode),
+                                        wrap(self.vae.temporal_features),
+                                        wrap(self.cond_embedding) if self.cond_embedding else _unchanged,
                                         _Worker.for_device(self.device) if mode in CUDA_GRAPH_MODES else None)
         self._step_warm, self._decode, self._features, self._embed, self._worker = self._compiled_sets[key]
         self.compiled = True
@@ -409,13 +418,16 @@ class StreamDiffVSR:
         Never CUDA graphs: the flow runs on a side stream while the denoising's graphs replay, and graph trees
         share one memory pool per thread, which two streams must not use at once.
         """
+        _check_compiler(self.device, backend)
         compile_cache(cache_dir)
         key = ("raft", backend)
         if key not in self._compiled_sets:
             opts = dict(dynamic=False, backend=backend, fullgraph=False)
             if backend == "inductor":
                 opts["mode"] = "default"
-            self._compiled_sets[key] = (torch.compile(self.raft.flow_and_features, **opts),)
+            eager = self.raft.flow_and_features
+            self._compiled_sets[key] = (_CompileFallback("the optical flow").wrap(torch.compile(eager, **opts),
+                                                                                  eager),)
         (self._raft,) = self._compiled_sets[key]
         self.compile_flow = True
 
@@ -1045,6 +1057,62 @@ def _cudagraph_tree_tls() -> None:
         return
     trees.local.tree_manager_containers = {}
     trees.local.tree_manager_locks = collections.defaultdict(threading.Lock)
+
+
+def _check_compiler(device: torch.device, backend: Any) -> None:
+    """Up front, rather than as a compiler traceback at the second frame: inductor on CUDA needs Triton, which
+    PyPI's torch for Windows does not bring, and which needs a GPU of compute capability 7.0 or newer."""
+    if device.type != "cuda" or backend != "inductor":
+        return
+    try:
+        from torch.utils._triton import has_triton
+    except ImportError:  # a torch without the helper: the compile's own error, if any, is left to speak
+        return
+    if not has_triton():
+        raise ValueError("compile=True (and compile_flow) on CUDA needs Triton, which this torch installation "
+                         "lacks or cannot use with this GPU (compute capability 7.0 or newer is needed); install "
+                         "it (pip install triton, on Windows triton-windows) or use compile=False")
+
+
+class _CompileFallback:
+    """The functions of one compile set, each with its eager original: the first compile failure among them
+    (a compiler or Triton problem on this machine) warns once and turns them all eager for good.
+
+    Out-of-memory errors are not compile failures: they propagate, for the out-of-memory fallback to tile.
+    """
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.failed = False
+
+    def wrap(self, compiled: Callable[..., Any], eager: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if not self.failed:
+                try:
+                    return compiled(*args, **kwargs)
+                except torch.OutOfMemoryError:
+                    raise
+                except Exception as exc:
+                    if not _is_compile_failure(exc):
+                        raise
+                    inner = getattr(exc, "inner_exception", None)
+                    if isinstance(inner, torch.OutOfMemoryError):
+                        raise inner from exc
+                    self.failed = True
+                    reason = (str(inner or exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+                    warnings.warn(f"vsstreamdiffvsr: torch.compile failed for {self.what} ({reason}); running it "
+                                  "eagerly from now on (same result, slower; compile=False skips the attempt)",
+                                  CompileFallbackWarning, stacklevel=2)
+            return eager(*args, **kwargs)
+
+        return call
+
+
+def _is_compile_failure(exc: BaseException) -> bool:
+    """A compiler's failure (inductor, Triton, a C++ compiler; dynamo's own bugs), not the model's."""
+    from torch._dynamo import exc as dynamo_exc
+
+    return isinstance(exc, (dynamo_exc.BackendCompilerFailed, dynamo_exc.InternalTorchDynamoError))
 
 
 def _own_outputs(fn: Callable[..., Any]) -> Callable[..., Any]:
