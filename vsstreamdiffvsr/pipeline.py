@@ -396,7 +396,7 @@ class StreamDiffVSR:
         key = (mode, backend)
         if key not in self._compiled_sets:
             graphs = _own_outputs if mode in CUDA_GRAPH_MODES else (lambda fn: fn)
-            fallback = _CompileFallback("the denoising")
+            fallback = _CompileFallback("the denoising", "compile=False")
 
             def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
                 return fallback.wrap(graphs(torch.compile(fn, **opts)), fn)
@@ -426,7 +426,7 @@ class StreamDiffVSR:
             if backend == "inductor":
                 opts["mode"] = "default"
             eager = self.raft.flow_and_features
-            self._compiled_sets[key] = (_CompileFallback("the optical flow").wrap(torch.compile(eager, **opts),
+            self._compiled_sets[key] = (_CompileFallback("the optical flow", "compile_flow=False").wrap(torch.compile(eager, **opts),
                                                                                   eager),)
         (self._raft,) = self._compiled_sets[key]
         self.compile_flow = True
@@ -1069,9 +1069,10 @@ def _check_compiler(device: torch.device, backend: Any) -> None:
     except ImportError:  # a torch without the helper: the compile's own error, if any, is left to speak
         return
     if not has_triton():
-        raise ValueError("compile=True (and compile_flow) on CUDA needs Triton, which this torch installation "
-                         "lacks or cannot use with this GPU (compute capability 7.0 or newer is needed); install "
-                         "it (pip install triton, on Windows triton-windows) or use compile=False")
+        raise ValueError("torch.compile on CUDA (compile=True, compile_flow=True) needs Triton, which this torch "
+                         "installation lacks or cannot use with this GPU (compute capability 7.0 or newer is "
+                         "needed); install it (pip install triton, on Windows triton-windows) or leave compiling "
+                         "off (compile=False, compile_flow=False)")
 
 
 class _CompileFallback:
@@ -1081,8 +1082,8 @@ class _CompileFallback:
     Out-of-memory errors are not compile failures: they propagate, for the out-of-memory fallback to tile.
     """
 
-    def __init__(self, what: str) -> None:
-        self.what = what
+    def __init__(self, what: str, off: str) -> None:
+        self.what, self.off = what, off  # what is compiled; the option that turns its compile off
         self.failed = False
 
     def wrap(self, compiled: Callable[..., Any], eager: Callable[..., Any]) -> Callable[..., Any]:
@@ -1101,7 +1102,7 @@ class _CompileFallback:
                     self.failed = True
                     reason = (str(inner or exc).strip().splitlines() or [type(exc).__name__])[0][:300]
                     warnings.warn(f"vsstreamdiffvsr: torch.compile failed for {self.what} ({reason}); running it "
-                                  "eagerly from now on (same result, slower; compile=False skips the attempt)",
+                                  f"eagerly from now on (same result, slower; {self.off} skips the attempt)",
                                   CompileFallbackWarning, stacklevel=2)
             return eager(*args, **kwargs)
 
