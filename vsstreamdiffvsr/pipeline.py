@@ -298,7 +298,7 @@ class StreamDiffVSR:
                 launching it does not hold up the host (CUDA only; default off). The same numbers; if recording
                 fails the flow runs eagerly, with one warning. On an H100 it did not pay: RAFT is bound by
                 GPU work there (27.5 ms graphed against 30 ms eager at 720p), and the compiled pipeline ran
-                1.5 ms slower with it; it may help where the host is slow.
+                1.5 ms slower with it (3.9 ms with RAFT compiled); it may help where the host is slow.
 
         Raises:
             ModelFilesError: a file is missing, truncated, corrupt or does not match its config.
