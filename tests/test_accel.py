@@ -1111,10 +1111,12 @@ def test_half_precision_vae_frames_fall_back_too(tiny_ckpt: Path, pipe: StreamDi
 
     monkeypatch.setattr(TemporalTinyVAE, "decode", poisoned)  # cold frames, and the fallback's float32 copy
     monkeypatch.setattr(lean, "_decode", lean.vae.decode)      # warm frames (bound before the patch)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", PrecisionFallbackWarning)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", PrecisionFallbackWarning)
         out = run(lean, frames, noises)
     assert lean.stats["nan_fallbacks"] == 2 and lean._fp32().vae is not lean.vae
+    said = {str(w.message) for w in caught if issubclass(w.category, PrecisionFallbackWarning)}
+    assert said == {"vsstreamdiffvsr: tiny VAE bfloat16 produced NaN/Inf; frame recomputed in float32"}
     for a, b in zip(out, ref):
         assert float((a - b).abs().max()) <= 1e-5
 

@@ -426,8 +426,8 @@ class StreamDiffVSR:
             if backend == "inductor":
                 opts["mode"] = "default"
             eager = self.raft.flow_and_features
-            self._compiled_sets[key] = (_CompileFallback("the optical flow", "compile_flow=False").wrap(torch.compile(eager, **opts),
-                                                                                  eager),)
+            fallback = _CompileFallback("the optical flow", "compile_flow=False")
+            self._compiled_sets[key] = (fallback.wrap(torch.compile(eager, **opts), eager),)
         (self._raft,) = self._compiled_sets[key]
         self.compile_flow = True
 
@@ -926,11 +926,12 @@ class StreamDiffVSR:
         y = self._run_or_tile(z, x, warped)
         if on_enqueued is not None:
             on_enqueued()  # before the NaN check below makes the host wait for the GPU
-        half = self.dtype != torch.float32 or self.vae_dtype != torch.float32
+        half = [f"{what} {str(dt).removeprefix('torch.')}" for what, dt in
+                (("U-Net/ControlNet", self.dtype), ("tiny VAE", self.vae_dtype)) if dt != torch.float32]
         if self.nan_fallback and half and not bool(torch.isfinite(y).all()):
             self.stats["nan_fallbacks"] += 1
-            warnings.warn(f"vsstreamdiffvsr: {str(self.dtype).removeprefix('torch.')} produced NaN/Inf; "
-                          "frame recomputed in float32", PrecisionFallbackWarning, stacklevel=4)
+            warnings.warn(f"vsstreamdiffvsr: {' and '.join(half)} produced NaN/Inf; frame recomputed in float32",
+                          PrecisionFallbackWarning, stacklevel=4)
             del y
             twin = self._fp32()
             twin.tile, twin.tile_denoise = self.tile, self.tile_denoise
