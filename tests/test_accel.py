@@ -616,53 +616,67 @@ def test_lean_correlation_matches_torchvision() -> None:
 
 
 def test_half_correlation_matches_torchvision() -> None:
-    """float16 storage: rounding-level differences; float32 storage: the gather lookup equals grid_sample."""
+    """float16 storage (float32 matmuls as on the CPU, float16 ones as on CUDA): rounding-level differences;
+    float32 storage: the gather lookup equals grid_sample. Features whose products leave float16's range are
+    scaled by a power of two and scaled back in the lookup: the same numbers, never inf."""
     from torchvision.models.optical_flow.raft import CorrBlock
 
     from vsstreamdiffvsr.models.flow import HalfCorrBlock
 
     g = torch.Generator().manual_seed(0)
     f1, f2 = torch.randn(1, 64, 16, 20, generator=g), torch.randn(1, 64, 16, 20, generator=g)
-    ref = CorrBlock(num_levels=4, radius=4)
-    ref.build_pyramid(f1, f2)
     grid = torch.stack(torch.meshgrid(torch.arange(16.0), torch.arange(20.0), indexing="ij")[::-1])[None]
     coords = grid + 4 * torch.randn(1, 2, 16, 20, generator=g)  # some lookups fall outside the frame
     coords[0, :, 0, 0] = torch.tensor([3.0, 5.0])  # an exact integer position
-    want = ref.index_pyramid(coords)
-    for dtype, tol in ((torch.float32, 1e-5), (torch.float16, 1e-3)):
-        block = HalfCorrBlock(num_levels=4, radius=4, storage_dtype=dtype, chunk_bytes=4 * 320 * 7)  # 7 rows
-        block.build_pyramid(f1, f2)
-        assert block.corr_pyramid[0].dtype == dtype and len(block.corr_pyramid) == 4
-        got = block.index_pyramid(coords)
-        assert got.shape == want.shape == (1, 324, 16, 20) and got.dtype == torch.float32
-        assert float((got - want).abs().max()) <= tol * float(want.abs().max()), dtype
-    huge = HalfCorrBlock(num_levels=4, radius=4)
-    huge.build_pyramid(f1 * 300, f2 * 300)  # correlations beyond float16's range saturate, never inf
-    assert bool(torch.isfinite(huge.corr_pyramid[0]).all()) and float(huge.corr_pyramid[0].abs().max()) == 65504
+    for scale in (1.0, 300.0):  # x300: products up to ~1e6, far beyond float16's 65504
+        ref = CorrBlock(num_levels=4, radius=4)
+        ref.build_pyramid(f1 * scale, f2 * scale)
+        want = ref.index_pyramid(coords)
+        for dtype, mm, tol in ((torch.float32, None, 1e-5), (torch.float16, None, 1e-3),
+                               (torch.float16, torch.float16, 1e-3)):
+            block = HalfCorrBlock(num_levels=4, radius=4, storage_dtype=dtype, matmul_dtype=mm,
+                                  chunk_bytes=4 * 320 * 7)  # 7 rows per float32 chunk at level 0
+            block.build_pyramid(f1 * scale, f2 * scale)
+            assert [v.dtype for v in block.corr_pyramid] == [dtype] * 4
+            assert all(bool(torch.isfinite(v).all()) for v in block.corr_pyramid)
+            unscale = float(block._unscale)
+            assert unscale == 1.0 if scale == 1.0 or dtype == torch.float32 else unscale in (2.0**k for k in range(1, 20))
+            got = block.index_pyramid(coords)
+            assert got.shape == want.shape == (1, 324, 16, 20) and got.dtype == torch.float32
+            assert float((got - want).abs().max()) <= tol * float(want.abs().max()), (scale, dtype, mm)
 
 
-def test_half_correlation_scales_features_once_with_the_reference_numbers() -> None:
-    """build_pyramid divides the first feature map by sqrt(C) once instead of every chunk's products: at
-    RAFT's 256 channels (sqrt 16) the stored pyramid equals, bit for bit, the reference's order (product,
-    then division, then pooling; computed here in the same row chunks, so the matmuls sum alike)."""
+def test_half_correlation_levels_are_products_with_the_pooled_second_features() -> None:
+    """Level l is f1/sqrt(C) times the 2^l-pooled f2 (pooling is linear): the reference's pooled volume up to
+    float32 rounding, rounded once to float16. On CUDA's route (float16 matmul inputs) each stored value is the
+    float32 product of the inputs rounded to float16's 11 significant bits (TF32's), rounded once more."""
     from vsstreamdiffvsr.models.flow import HalfCorrBlock
 
     g = torch.Generator().manual_seed(3)
     f1, f2 = (7 * torch.randn(1, 256, 24, 32, generator=g) for _ in range(2))
-    n, rows = 24 * 32, 37
-    for dtype in (torch.float32, torch.float16):
-        block = HalfCorrBlock(num_levels=4, radius=4, storage_dtype=dtype, chunk_bytes=4 * n * rows)
+    n = 24 * 32
+    a = f1.reshape(256, n).T / 16
+    vol = (a @ f2.reshape(256, n)).view(n, 1, 24, 32)  # the reference's order: the products, then pooling
+    pooled_f2, ref = [f2], [vol.flatten(1)]
+    for _ in range(3):
+        vol, f = F.avg_pool2d(vol, 2, 2), F.avg_pool2d(pooled_f2[-1], 2, 2)
+        ref.append(vol.flatten(1))
+        pooled_f2.append(f)
+    chunked = HalfCorrBlock(num_levels=4, radius=4, chunk_bytes=4 * n * 37)  # CPU: float32 matmuls, 37-row chunks
+    direct = HalfCorrBlock(num_levels=4, radius=4, matmul_dtype=torch.float16)
+    for block in (chunked, direct):
         block.build_pyramid(f1, f2)
-        a, b = f1.reshape(256, n), f2.reshape(256, n)
-        want: list[list[torch.Tensor]] = [[], [], [], []]
-        for r0 in range(0, n, rows):
-            vol = (torch.matmul(a[:, r0:r0 + rows].T, b) / torch.sqrt(torch.tensor(256.0))).view(-1, 1, 24, 32)
-            for level in range(4):
-                if level:
-                    vol = F.avg_pool2d(vol, kernel_size=2, stride=2)
-                want[level].append(vol.flatten(1).to(dtype))
-        for got, parts in zip(block.corr_pyramid, want):
-            assert torch.equal(got, torch.cat(parts)), dtype
+    for level in range(4):
+        want = ref[level]
+        slack = 1e-5 * float(want.abs().max())  # float32 sums in another order
+        got = chunked.corr_pyramid[level]
+        assert got.dtype == torch.float16 and got.shape == want.shape
+        assert bool(((got.float() - want).abs() <= 2**-11 * want.abs() + slack).all()), level
+        rounded = a.half().float() @ pooled_f2[level].reshape(256, -1).half().float()
+        got = direct.corr_pyramid[level].float()
+        assert bool(((got - rounded).abs() <= 2**-11 * rounded.abs() + slack).all()), level
+        # and the rounding of the inputs shows: float32 inputs would not meet that bound everywhere
+        assert not bool(((want.half().float() - rounded).abs() <= 2**-11 * rounded.abs() + slack).all()), level
 
 
 def test_lean_and_half_flow_equal_full_flow_and_auto_picks_by_size(pipe: StreamDiffVSR) -> None:

@@ -283,8 +283,9 @@ class StreamDiffVSR:
                 too, then in smaller tiles, and keep the setting that fitted.
             nan_fallback: a half-precision frame with NaN/Inf is recomputed in float32 (one warning).
             raft_corr: RAFT's correlation: ``"full"`` (torchvision's all-pairs float32 pyramid, the reference),
-                ``"half"`` (that pyramid stored in float16: half the memory; values rounded to the 11 bits TF32
-                keeps of the matmul's inputs), ``"lean"`` (no (HW/64)^2 volume: the same flow up to rounding,
+                ``"half"`` (that pyramid stored in float16: half the memory, values rounded to the 11 bits TF32
+                keeps of the matmul's inputs; each level one matmul with pooled features, on CUDA in float16),
+                ``"lean"`` (no (HW/64)^2 volume: the same flow up to rounding,
                 far less memory, much more time) or ``"auto"``: full up to a 2 GiB pyramid (720p output),
                 half up to 4 GiB stored (1080p), lean above (4K).
             vae_dtype: precision of the tiny VAE (TPM features and decoder); None = float32. Half precision

@@ -9,6 +9,7 @@ borders, zeros outside). Both quirks are reproduced exactly; the model was train
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -132,58 +133,85 @@ def _check_fmaps(fmap1: torch.Tensor, fmap2: torch.Tensor, num_levels: int) -> N
 class HalfCorrBlock(nn.Module):
     """Drop-in for torchvision's ``CorrBlock`` that stores the correlation pyramid in float16 (half the memory).
 
-    Each row chunk of the all-pairs volume is computed in float32 (TF32 matmul on CUDA, as the reference
-    runs it) and pooled to every level in float32 before it is stored, so the one change is the rounding of
-    the stored values to float16's 11 significant bits, the precision TF32 already gives the matmul's
-    inputs. The 9x9 bilinear lookup gathers each point's 10x10 integer neighbourhood (all 81 points share
-    one fractional offset) and interpolates in float32 with zero padding: grid_sample's numbers up to
+    Level l of the reference's pyramid is the all-pairs volume average-pooled 2^l times over the second
+    frame's pixels. Pooling is linear, so level l is also the product of the first frame's features with the
+    second frame's pooled features: each level is one matmul written straight into its float16 store, with
+    no float32 volume and no pooling pass over one (on the float32-pooled reference, those passes were most
+    of the build's memory traffic: ~17 GB per 1080p frame).
+
+    On CUDA the matmuls take float16 inputs and accumulate in float32: the 11 significant bits TF32 keeps of
+    the reference's float32 inputs, at twice TF32's rate. Elsewhere (CPU half-precision matmuls are ~30x
+    slower than float32 ones) they run in float32, in row chunks of at most ``chunk_bytes``, and are rounded
+    when stored. Either way the values differ from the reference's by rounding only.
+
+    float16 tops out at 65504, and an inf in the pyramid would make the flow, and through the recurrence
+    every later frame, NaN. A product is at most the product of its two feature vectors' norms, so each map is
+    scaled by the power of two that keeps its largest norm within ``sqrt(65504)`` (with a margin for the
+    rounding), and the lookup scales back: exact, and RAFT's features, whose norms are far smaller, are not
+    scaled at all. The 9x9 bilinear lookup gathers each point's 10x10 integer neighbourhood (all 81 points
+    share one fractional offset) and interpolates in float32 with zero padding: grid_sample's numbers up to
     rounding, without converting the volume back to float32.
     """
 
     def __init__(self, *, num_levels: int = 4, radius: int = 4, storage_dtype: torch.dtype = torch.float16,
-                 chunk_bytes: int = 128 * 2**20) -> None:
+                 chunk_bytes: int = 128 * 2**20, matmul_dtype: torch.dtype | None = None) -> None:
+        """``matmul_dtype``: the matmuls' input precision; None = ``storage_dtype`` on CUDA, float32 elsewhere."""
         super().__init__()
         self.num_levels = num_levels
         self.radius = radius
         self.storage_dtype = storage_dtype
         self.chunk_bytes = chunk_bytes
+        self.matmul_dtype = matmul_dtype
         self.out_channels = num_levels * (2 * radius + 1) ** 2
         self.corr_pyramid: list[torch.Tensor] = []
         self._sizes: list[tuple[int, int]] = []
+        self._unscale: torch.Tensor | None = None  # 1 / the scales of build_pyramid, applied by the lookup
 
-    # Always eager, also inside a compiled RAFT (compile_flow): inductor schedules all the chunks' float32
-    # matmuls first and stores them in one fused kernel, so every chunk would be alive at once, the full
-    # float32 volume this block exists to avoid (measured in inductor's generated code on the CPU).
+    def _range_scale(self, fmap: torch.Tensor) -> torch.Tensor:
+        """The power of two <= 1 that brings ``fmap``'s largest feature-vector norm within sqrt(max / 1.002)
+        of the storage type: products of two scaled maps then stay in range, with the matmul's float16 input
+        rounding (2^-11 per value, 2^-10 per product) and its float32 sums inside the margin. A 0-dim tensor
+        (no host sync: the build stays capturable in a CUDA graph)."""
+        bound = math.sqrt(torch.finfo(self.storage_dtype).max / 1.002)
+        norm = torch.linalg.vector_norm(fmap.float(), dim=1).amax()
+        return torch.exp2(torch.floor(torch.log2(bound / norm))).clamp(max=1.0)  # norm 0: inf -> 1
+
+    # Always eager, also inside a compiled RAFT (compile_flow): its work is a few matmuls written in place,
+    # nothing for a compiler to fuse, and inductor would schedule the float32 route's chunks all at once
+    # (the whole float32 volume this block exists to avoid; measured in its generated code on the CPU).
     @torch.compiler.disable(recursive=True)
     def build_pyramid(self, fmap1: torch.Tensor, fmap2: torch.Tensor) -> None:
         _check_fmaps(fmap1, fmap2, self.num_levels)
         b, c, h, w = fmap1.shape
         n = h * w
-        # The reference divides every product by sqrt(tensor(C)); dividing f1 once instead spares a float32
-        # pass over each chunk (~9 GB of memory traffic per 1080p frame). The same numbers for RAFT's 256
-        # channels: a division by 16 commutes with every rounding (TF32's too)
-        norm = torch.sqrt(torch.tensor(c, dtype=torch.float32))
-        f1, f2 = (fmap1 / norm).reshape(b, c, n), fmap2.reshape(b, c, n)
-        sizes = [(h, w)]
+        # The reference divides every product by sqrt(tensor(C)); dividing f1 once gives the same numbers for
+        # RAFT's 256 channels (a division by 16 commutes with every rounding)
+        f1 = fmap1.float() / torch.sqrt(torch.tensor(c, dtype=torch.float32))
+        pooled = [fmap2.float()]
         for _ in range(self.num_levels - 1):
-            sizes.append((sizes[-1][0] // 2, sizes[-1][1] // 2))
-        pyramid = [torch.empty(b * n, hl * wl, device=fmap1.device, dtype=self.storage_dtype) for hl, wl in sizes]
-        rows = max(1, self.chunk_bytes // (4 * n))
-        # saturate rather than store inf (float16 tops out at 65504): a NaN flow would poison every later frame
-        limit = torch.finfo(self.storage_dtype).max
-        for bi in range(b):
-            for r0 in range(0, n, rows):
-                r1 = min(n, r0 + rows)
-                vol = torch.matmul(f1[bi, :, r0:r1].transpose(0, 1), f2[bi]).view(r1 - r0, 1, h, w)
-                for level, dst in enumerate(pyramid):
-                    if level:
-                        vol = F.avg_pool2d(vol, kernel_size=2, stride=2)
-                    # cast, then saturate in place in float16 (inf -> +-65504): the numbers of clamping the
-                    # float32 values first, without a float32 temporary
-                    rows_out = dst[bi * n + r0: bi * n + r1]
-                    rows_out.copy_(vol.reshape(r1 - r0, -1))
-                    rows_out.clamp_(-limit, limit)
-        self.corr_pyramid, self._sizes = pyramid, sizes
+            pooled.append(F.avg_pool2d(pooled[-1], kernel_size=2, stride=2))
+        s1, s2 = self._range_scale(f1), self._range_scale(pooled[0])  # pooling never raises the largest norm
+        mm_dtype = self.matmul_dtype or (self.storage_dtype if fmap1.device.type == "cuda" else torch.float32)
+        direct = mm_dtype == self.storage_dtype  # the matmul writes the store itself, no float32 temporary
+        a = (f1 * s1).to(mm_dtype).reshape(b, c, n).transpose(1, 2)  # (b, n, c)
+        pyramid, sizes = [], []
+        for f2 in pooled:
+            hl, wl = f2.shape[-2:]
+            m = hl * wl
+            f2 = (f2 * s2).to(mm_dtype).reshape(b, c, m)
+            dst = torch.empty(b * n, m, device=fmap1.device, dtype=self.storage_dtype)
+            rows = n if direct else max(1, self.chunk_bytes // (4 * m))
+            for bi in range(b):
+                for r0 in range(0, n, rows):
+                    r1 = min(n, r0 + rows)
+                    out = dst[bi * n + r0: bi * n + r1]
+                    if direct:
+                        torch.matmul(a[bi, r0:r1], f2[bi], out=out)
+                    else:
+                        out.copy_(torch.matmul(a[bi, r0:r1], f2[bi]))
+            pyramid.append(dst)
+            sizes.append((hl, wl))
+        self.corr_pyramid, self._sizes, self._unscale = pyramid, sizes, 1.0 / (s1 * s2)
 
     def index_pyramid(self, centroids_coords: torch.Tensor) -> torch.Tensor:
         # the sizes, not the tensor list: torch.compile cannot take the truth of a list of tensors, and broke
@@ -194,6 +222,7 @@ class HalfCorrBlock(nn.Module):
         n = b * h * w
         xy = centroids_coords.permute(0, 2, 3, 1).reshape(n, 2).float()
         offs = torch.arange(-r, r + 2, device=xy.device)  # the 10 integer positions around the 9 points
+        unscale = self._unscale  # a power of two, 1 for RAFT's features: folded into the row weights, exactly
         levels = []
         for vol, (hl, wl) in zip(self.corr_pyramid, self._sizes):
             x0, y0 = torch.floor(xy[:, 0]), torch.floor(xy[:, 1])
@@ -202,14 +231,14 @@ class HalfCorrBlock(nn.Module):
             inside = ((iy >= 0) & (iy < hl))[:, :, None] & ((ix >= 0) & (ix < wl))[:, None, :]
             idx = iy.clamp(0, hl - 1)[:, :, None] * wl + ix.clamp(0, wl - 1)[:, None, :]  # (n, 10y, 10x)
             g = vol.gather(1, idx.view(n, -1)).view(n, side + 1, side + 1).float() * inside
-            rows = g[:, :-1] * (1 - fy) + g[:, 1:] * fy                  # (n, 9y, 10x)
+            rows = g[:, :-1] * ((1 - fy) * unscale) + g[:, 1:] * (fy * unscale)  # (n, 9y, 10x)
             val = rows[:, :, :-1] * (1 - fx) + rows[:, :, 1:] * fx       # (n, 9y, 9x)
             levels.append(val.transpose(1, 2).reshape(b, h, w, side * side))  # x offset outer, as the reference
             xy = xy / 2
         return torch.cat(levels, dim=-1).permute(0, 3, 1, 2).contiguous()
 
     def release(self) -> None:
-        self.corr_pyramid, self._sizes = [], []
+        self.corr_pyramid, self._sizes, self._unscale = [], [], None
 
 
 class LeanCorrBlock(nn.Module):
