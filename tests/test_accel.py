@@ -928,24 +928,58 @@ def test_compiled_flow_equals_eager_flow(pipe: StreamDiffVSR, tmp_path: Path, mo
 
 
 @pytest.mark.parametrize("corr", ["full", "half", "lean"])
-def test_raft_traces_whole_but_for_the_float16_pyramid_build(pipe: StreamDiffVSR, corr: str) -> None:
-    """compile_flow compiles the whole flow: an unintended graph break (HalfCorrBlock's `assert tensor_list`
-    broke the 1080p flow into eager pieces) would leave most of RAFT uncompiled, silently. The one break is
-    the float16 pyramid's build, kept eager on purpose: compiled, inductor held all its float32 chunks at once."""
+def test_each_raft_part_traces_whole(pipe: StreamDiffVSR, corr: str) -> None:
+    """compile_flow compiles RAFT's parts (encoder, context, one update, upsampling): an unintended graph break
+    (HalfCorrBlock's `assert tensor_list` once broke the 1080p flow into eager pieces) would leave part of
+    RAFT uncompiled, silently."""
     frames, _ = frames_and_noise(2, 32, 40, seed=6)
     x, xp = (f * 2 - 1 for f in frames)
     a, b = F.interpolate(x, scale_factor=4, mode="bicubic"), F.interpolate(xp, scale_factor=4, mode="bicubic")
+    raft = pipe.raft
+    parts, block = raft.parts, raft._blocks[corr]
     torch._dynamo.reset()
-    with torch.inference_mode():
-        explained = torch._dynamo.explain(pipe.raft.flow_and_features)(a, b, corr=corr,
-                                                                       previous_features=pipe.raft.encode(b))
+    try:
+        with torch.inference_mode():
+            fmap1, fmap2 = raft.encode(a), raft.encode(b)
+            block.build_pyramid(fmap1, fmap2)
+            hidden, context = parts.context(a)
+            gy, gx = torch.meshgrid(torch.arange(16), torch.arange(20), indexing="ij")
+            coords0 = torch.stack((gx, gy)).float()[None]
+            coords1 = coords0 + 0.5
+            for fn, args in ((parts.encode, (a,)), (parts.context, (a,)),
+                             (parts.update, (block, hidden, context, coords0, coords1)),
+                             (parts.upsample, (hidden, coords0, coords1))):
+                explained = torch._dynamo.explain(fn)(*args)
+                assert (explained.graph_count, explained.graph_break_count) == (1, 0), (fn, explained.break_reasons)
+    finally:
+        block.release()
+        torch._dynamo.reset()
+
+
+def test_compiled_raft_compiles_the_update_once(pipe: StreamDiffVSR, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The 12 updates run one compiled graph 12 times (a graph with them unrolled took most of a cold compile's
+    time): four graphs in all (encoder, context, update, upsampling), and one more update per correlation."""
+    from torch._dynamo.utils import counters
+
+    frames, _ = frames_and_noise(3, 32, 40, seed=6)
+    view = pipe.with_options()
+    view.enable_flow_compile(backend="aot_eager", cache_dir=tmp_path / "inductor")
     torch._dynamo.reset()
-    if corr != "half":
-        assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
-        return
-    assert (explained.graph_count, explained.graph_break_count) == (2, 1), explained.break_reasons
-    assert "HalfCorrBlock.build_pyramid" in str(explained.break_reasons[0].reason)
-    assert "torch.compiler.disable" in str(explained.break_reasons[0].reason)
+    counters.clear()
+    try:
+        with torch.inference_mode():
+            x0, x1, x2 = (f * 2 - 1 for f in frames)
+            full = view.compute_flow(x1, x0)
+            assert counters["stats"]["unique_graphs"] == 4
+            assert float((full - pipe.compute_flow(x1, x0)).abs().max()) <= 1e-4
+            view.compute_flow(x2, x1)  # another frame: no new graph
+            assert counters["stats"]["unique_graphs"] == 4
+            view.with_options(raft_corr="half").compute_flow(x2, x1)
+            assert counters["stats"]["unique_graphs"] == 5  # the update with the float16 pyramid's lookup
+    finally:
+        torch._dynamo.reset()
+        monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
 
 
 def test_compile_flow_follows_compile_on_cuda_only(tiny_ckpt: Path, pipe: StreamDiffVSR,

@@ -18,6 +18,7 @@ import collections
 import concurrent.futures
 import contextlib
 import copy
+import functools
 import math
 import os
 import sys
@@ -31,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from .accel import GraphedCall, compile_cache, run_flags
-from .models.flow import CORR_MODES, MIN_FLOW_SIDE, bicubic_x4, corr_pyramid_bytes, warp
+from .models.flow import CORR_MODES, MIN_FLOW_SIDE, RaftParts, bicubic_x4, corr_pyramid_bytes, warp
 from .state import StreamState
 from .tiling import Tile, crop_layout, feather_weight, parse_tile, tile_layout
 
@@ -266,9 +267,10 @@ class StreamDiffVSR:
             compile_cache_dir: on-disk cache of compiled kernels (default ``<user cache>/inductor``).
             compile_flow: also ``torch.compile`` RAFT (mode "default", never CUDA graphs: it runs beside the
                 denoising's graphs on a stream of its own). None = with ``compile`` on CUDA. RAFT is bound by
-                GPU work, much of it elementwise and normalisation kernels a compiler fuses. The lean
-                correlation (``raft_corr``, 4K) always runs eagerly: its chunked lookups make a graph that
-                takes many minutes to compile.
+                GPU work, much of it elementwise and normalisation kernels a compiler fuses. Compiled in
+                parts (:class:`~vsstreamdiffvsr.models.flow.RaftParts`): the refinement update compiles once
+                and runs 12 times. The lean correlation (``raft_corr``, 4K) always runs eagerly: its chunked
+                lookups make a graph that takes minutes to compile.
             tile: LR tile size (int or (h, w), multiples of 8); None = whole frames. The stages at HR size
                 (ARTG's condition embedding, the TPM encoder, the decoder: most of the memory) run per tile
                 with ``TILE_MARGIN`` LR px of context cropped away, which gives the untiled values (tile
@@ -426,9 +428,11 @@ class StreamDiffVSR:
             opts = dict(dynamic=False, backend=backend, fullgraph=False)
             if backend == "inductor":
                 opts["mode"] = "default"
-            eager = self.raft.flow_and_features
+            # each part on its own (RaftParts): the update compiles once and runs 12 times, instead of a graph
+            # with the 12 updates unrolled, which took most of a cold compile's time
             fallback = _CompileFallback("the optical flow", "compile_flow=False")
-            self._compiled_sets[key] = (fallback.wrap(torch.compile(eager, **opts), eager),)
+            parts = RaftParts._make(fallback.wrap(torch.compile(fn, **opts), fn) for fn in self.raft.parts)
+            self._compiled_sets[key] = (functools.partial(self.raft.flow_and_features, parts=parts),)
         (self._raft,) = self._compiled_sets[key]
         self.compile_flow = True
 
@@ -513,10 +517,9 @@ class StreamDiffVSR:
             a, b = _pad8(x), _pad8(x_prev)  # RAFT needs multiples of 8; LR is only a multiple of 4
         else:
             a, b = bicubic_x4(x), bicubic_x4(x_prev)
-        if previous_features is None or tuple(previous_features.shape[-2:]) != (a.shape[-2] // 8, a.shape[-1] // 8):
-            # RAFT always gets the previous frame's features (one code path; one compiled variant with
-            # compile_flow): kept from the previous pair, or made here, the same encoding either way
-            previous_features = self.raft.encode(b)
+        if previous_features is not None and tuple(previous_features.shape[-2:]) != (a.shape[-2] // 8,
+                                                                                     a.shape[-1] // 8):
+            previous_features = None  # another frame size or flow mode: RAFT encodes x_prev itself
         # an explicit corr is the out-of-memory fallback's: eager, rather than compiling RAFT anew at that moment.
         # The lean correlation is eager too: its chunked lookups unroll into a graph that compiles for minutes.
         use = corr or self.corr_for(*a.shape[-2:])

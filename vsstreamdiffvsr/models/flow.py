@@ -10,14 +10,16 @@ borders, zeros outside). Both quirks are reproduced exactly; the model was train
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["RAFT_FILENAME", "RAFT_URL", "MIN_FLOW_SIDE", "bicubic_x4", "warp", "build_raft", "RaftFlow",
-           "HalfCorrBlock", "LeanCorrBlock", "corr_pyramid_bytes", "CORR_MODES"]
+           "RaftParts", "HalfCorrBlock", "LeanCorrBlock", "corr_pyramid_bytes", "CORR_MODES"]
 
 #: RAFT correlation implementations: torchvision's float32 pyramid, the float16-stored pyramid, no pyramid.
 CORR_MODES = ("full", "half", "lean")
@@ -176,9 +178,10 @@ class HalfCorrBlock(nn.Module):
         norm = torch.linalg.vector_norm(fmap.float(), dim=1).amax()
         return torch.exp2(torch.floor(torch.log2(bound / norm))).clamp(max=1.0)  # norm 0: inf -> 1
 
-    # Always eager, also inside a compiled RAFT (compile_flow): its work is a few matmuls written in place,
-    # nothing for a compiler to fuse, and inductor would schedule the float32 route's chunks all at once
-    # (the whole float32 volume this block exists to avoid; measured in its generated code on the CPU).
+    # Eager (compile_flow compiles RAFT's parts around it, RaftParts), and never compiled if a caller compiles
+    # the whole flow: its work is a few matmuls written in place, nothing for a compiler to fuse, and inductor
+    # would schedule the float32 route's chunks all at once (the whole float32 volume this block exists to
+    # avoid; seen in its generated code on the CPU).
     @torch.compiler.disable(recursive=True)
     def build_pyramid(self, fmap1: torch.Tensor, fmap2: torch.Tensor) -> None:
         _check_fmaps(fmap1, fmap2, self.num_levels)
@@ -298,6 +301,24 @@ class LeanCorrBlock(nn.Module):
         self._fmap1, self._pyramid = None, []
 
 
+class RaftParts(NamedTuple):
+    """The pieces of one RAFT flow that ``compile_flow`` compiles, each on its own (:meth:`RaftFlow.parts`).
+
+    The 12 updates run the one compiled ``update`` 12 times, rather than one graph with the updates unrolled:
+    the same kernels, and the update compiles once instead of 12 times. The pyramid build and the loop
+    between the parts run eagerly.
+    """
+
+    #: image -> RAFT's feature map
+    encode: Callable[[torch.Tensor], torch.Tensor]
+    #: image -> (hidden state, context): the context encoder's output split, tanh and relu
+    context: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+    #: (correlation block, hidden, context, coords0, coords1) -> (hidden, coords1): one refinement update
+    update: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    #: (hidden, coords0, coords1) -> the flow at full size (mask head and convex x8 upsampling)
+    upsample: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
 class RaftFlow(nn.Module):
     """RAFT-large flow ``current -> previous`` on [-1, 1] frames, 12 refinement updates.
 
@@ -317,8 +338,32 @@ class RaftFlow(nn.Module):
             "lean": LeanCorrBlock(num_levels=levels, radius=radius)}
         raft.corr_block = self._full_block  # for torchvision's own forward; ours passes the block it uses
 
+    @property
+    def parts(self) -> RaftParts:
+        """The eager parts of :meth:`flow_and_features`, for a compiler to wrap one by one."""
+        return RaftParts(self.encode, self._context, self._update, self._upsample)
+
+    def _context(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        context_out = self.raft.context_encoder(image)
+        hidden_size = self.raft.update_block.hidden_state_size
+        hidden, context = torch.split(context_out, [hidden_size, context_out.shape[1] - hidden_size], dim=1)
+        return torch.tanh(hidden), F.relu(context)
+
+    def _update(self, block: nn.Module, hidden: torch.Tensor, context: torch.Tensor, coords0: torch.Tensor,
+                coords1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        corr_features = block.index_pyramid(centroids_coords=coords1)
+        hidden, delta_flow = self.raft.update_block(hidden, context, corr_features, coords1 - coords0)
+        return hidden, coords1 + delta_flow
+
+    def _upsample(self, hidden: torch.Tensor, coords0: torch.Tensor, coords1: torch.Tensor) -> torch.Tensor:
+        from torchvision.models.optical_flow._utils import upsample_flow
+
+        up_mask = None if self.raft.mask_predictor is None else self.raft.mask_predictor(hidden)
+        return upsample_flow(flow=coords1 - coords0, up_mask=up_mask)
+
     def _final_flow(self, image1: torch.Tensor, image2: torch.Tensor, block: nn.Module,
-                    fmap2: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    fmap2: torch.Tensor | None = None, parts: RaftParts | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
         """torchvision's ``RAFT.forward(...)[-1]``, with its own modules, in its order of operations; returns
         the flow and image1's feature map.
 
@@ -332,34 +377,27 @@ class RaftFlow(nn.Module):
         exactly what encoding the image again would give.
 
         ``fmap2``: image2's feature map from the previous pair (where it was image1): only image1 is encoded.
+        ``parts``: the pieces to run (compiled ones, :class:`RaftParts`); None = :attr:`parts`, eager.
         """
-        from torchvision.models.optical_flow._utils import upsample_flow
-
-        raft = self.raft
+        encode, context_of, update, upsample = parts or self.parts
         b, _, h, w = image1.shape
         if image2.shape != image1.shape or h % 8 or w % 8:
             raise ValueError(f"RAFT needs two frames of one size with sides divisible by 8, got "
                              f"{tuple(image1.shape)} and {tuple(image2.shape)}")
-        fmap1 = self.encode(image1)
+        fmap1 = encode(image1)
         if fmap2 is None:
-            fmap2 = self.encode(image2)
+            fmap2 = encode(image2)
         elif fmap2.shape != fmap1.shape:
             raise ValueError(f"previous features {tuple(fmap2.shape)} do not fit image1's {tuple(fmap1.shape)}")
         block.build_pyramid(fmap1, fmap2)
-        context_out = raft.context_encoder(image1)
-        hidden_size = raft.update_block.hidden_state_size
-        hidden, context = torch.split(context_out, [hidden_size, context_out.shape[1] - hidden_size], dim=1)
-        hidden, context = torch.tanh(hidden), F.relu(context)
+        hidden, context = context_of(image1)
         gy, gx = torch.meshgrid(torch.arange(h // 8, device=image1.device), torch.arange(w // 8, device=image1.device),
                                 indexing="ij")
         coords0 = torch.stack((gx, gy), dim=0).float()[None].repeat(b, 1, 1, 1)
         coords1 = coords0.clone()
         for _ in range(self.num_flow_updates):
-            corr_features = block.index_pyramid(centroids_coords=coords1)
-            hidden, delta_flow = raft.update_block(hidden, context, corr_features, coords1 - coords0)
-            coords1 = coords1 + delta_flow
-        up_mask = None if raft.mask_predictor is None else raft.mask_predictor(hidden)
-        return upsample_flow(flow=coords1 - coords0, up_mask=up_mask), fmap1
+            hidden, coords1 = update(block, hidden, context, coords0, coords1)
+        return upsample(hidden, coords0, coords1), fmap1
 
     @classmethod
     def from_file(cls, path: str | Path) -> "RaftFlow":
@@ -377,13 +415,15 @@ class RaftFlow(nn.Module):
         return self.raft.feature_encoder(image)
 
     def flow_and_features(self, current: torch.Tensor, previous: torch.Tensor, corr: str = "full",
-                          previous_features: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                          previous_features: torch.Tensor | None = None, parts: RaftParts | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`forward`'s flow and ``current``'s feature map, which the next pair can take as
-        ``previous_features`` when its ``previous`` is this ``current`` (one encoder pass saved per frame)."""
+        ``previous_features`` when its ``previous`` is this ``current`` (one encoder pass saved per frame).
+        ``parts``: compiled versions of :attr:`parts` to run instead of the eager ones."""
         if corr not in self._blocks:
             raise ValueError(f"corr must be one of {CORR_MODES}, got {corr!r}")
         block = self._blocks[corr]
         try:
-            return self._final_flow(current, previous, block, previous_features)
+            return self._final_flow(current, previous, block, previous_features, parts)
         finally:
             block.release()  # the blocks keep their pyramid until told: free it now, before denoising
