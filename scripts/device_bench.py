@@ -57,6 +57,7 @@ class Driver:
         self.notes: list[str] = []
         self.raft: dict[str, dict] = {}  # size -> RAFT alone, eager against replayed from a CUDA graph
         self.profiles: dict[str, dict[str, float]] = {}  # "<size>-<mode>" -> ms per frame by kernel category
+        self.pyramids: dict[str, dict] = {}  # "<size> <route>" -> RAFT correlation pyramid build timing
         self.refs: dict[str, list[torch.Tensor]] = {}  # "<section>/<path>" -> outputs kept for comparisons
         self.log(f"setup done: {self.gpu}, {self.weights_desc} weights, torch {torch.__version__}")
 
@@ -128,8 +129,15 @@ class Driver:
     def save(self) -> None:
         (self.out / "results.json").write_text(json.dumps(
             dict(gpu=self.gpu, torch=torch.__version__, weights=self.weights_desc, results=self.results,
-                 raft_alone=self.raft, denoise_profiles=self.profiles, notes=self.notes), indent=2, default=str))
+                 raft_alone=self.raft, denoise_profiles=self.profiles, pyramids=self.pyramids, notes=self.notes),
+            indent=2, default=str))
         parts = []
+        if self.pyramids:
+            rows = [f"| {key} | {r['build_ms']:.2f} | {r['peak_extra_gib']:.2f} | {r['lookup_rel_err_vs_full']:.2g} |"
+                    for key, r in self.pyramids.items()]
+            parts.append("\n".join([f"### RAFT correlation pyramid build alone ({self.gpu})",
+                                    "| size, route | build ms | peak GiB above the pyramid's inputs | lookup vs "
+                                    "float32 pyramid (max error / max value) |", "|---|---|---|---|", *rows]))
         if self.raft:
             nan = float("nan")
             rows = [f"| {size} ({r['lr'][0]}x{r['lr'][1]} in), corr {r['corr']} | {r['eager_ms']:.1f} | "
@@ -288,6 +296,47 @@ class Driver:
                 setattr(cfg, k, v)
             torch._dynamo.reset()
 
+    def pyramid(self, size: str, reps: int = 10) -> None:
+        """RAFT's correlation pyramid built alone at ``size`` (random 256-channel feature maps): torchvision's
+        float32 pyramid (720p's), the float16 pyramid's CUDA route (float16 matmuls into the store, 1080p's
+        default) and its float32-matmul route (row chunks), with the lookup's error against the float32 one."""
+        from vsstreamdiffvsr.accel import run_flags
+        from vsstreamdiffvsr.models.flow import HalfCorrBlock, _full_corr_block
+
+        w, h = self.size(size)
+        g = torch.Generator(device="cpu").manual_seed(0)
+        f1, f2 = (torch.randn(1, 256, h // 2, w // 2, generator=g).to(self.device) for _ in range(2))
+        coords = torch.stack(torch.meshgrid(torch.arange(w // 2.0), torch.arange(h // 2.0), indexing="xy"))[None]
+        coords = (coords + 4 * torch.randn(coords.shape, generator=g)).to(self.device)
+        blocks = {"float32 pyramid (torchvision)": _full_corr_block(4, 4),
+                  "float16 pyramid, float16 matmuls": HalfCorrBlock(matmul_dtype=torch.float16),
+                  "float16 pyramid, float32 matmuls in chunks": HalfCorrBlock(matmul_dtype=torch.float32)}
+        want = None
+        with torch.inference_mode(), run_flags(False, True):
+            for route, block in blocks.items():
+                times = []
+                for _ in range(reps):
+                    block.release()
+                    sync(self.device)
+                    if self.device.type == "cuda":
+                        torch.cuda.reset_peak_memory_stats(self.device)
+                    base = torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0
+                    t = time.perf_counter()
+                    block.build_pyramid(f1, f2)
+                    sync(self.device)
+                    times.append(1000 * (time.perf_counter() - t))
+                peak = (torch.cuda.max_memory_allocated(self.device) - base) / 2**30 if self.device.type == "cuda" \
+                    else float("nan")
+                got = block.index_pyramid(coords)
+                block.release()
+                want = got if want is None else want
+                err = float((got - want).abs().max() / want.abs().max())
+                self.pyramids[f"{size} ({4 * w}x{4 * h} out), {route}"] = dict(
+                    build_ms=statistics.median(times), peak_extra_gib=peak, lookup_rel_err_vs_full=err)
+                self.log(f"pyramid {size}, {route}: {statistics.median(times):.2f} ms, peak +{peak:.2f} GiB, "
+                         f"lookup error {err:.2g}")
+        self.save()
+
     def raft_profile(self, size: str) -> None:
         """Where RAFT's GPU time goes at ``size``: the top CUDA kernels of three eager flows."""
         from torch.profiler import ProfilerActivity, profile
@@ -436,6 +485,7 @@ def plan(d: Driver, c: float) -> dict[str, tuple[float, Callable[[], None]]]:
         "4K-tiled": (100, lambda: d.tiled("4K", frames=6, warmup=2)),
         "720p-levers": (60, lambda: d.levers("720p")),
         "raft-profile": (15, lambda: (d.raft_profile("720p"), d.raft_profile("1080p"))),
+        "pyramid": (15, lambda: (d.pyramid("720p"), d.pyramid("1080p"))),
         "denoise-profile": (20, lambda: d.denoise_profile("720p")),
         "denoise-profile-graphs": (0.3 * c + 25, lambda: d.denoise_profile("720p", "reduce-overhead")),
         "denoise-profile-graphs-1080p": (0.3 * c + 35, lambda: d.denoise_profile("1080p", "reduce-overhead")),
@@ -472,8 +522,9 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=520.0, help="skip steps that would end after this")
     ap.add_argument("--out", default="bench-out")
     # run 6 measured 720p and 1080p with today's defaults (and compile_flow off, RAFT alone compiled): first
-    # what is open, 1080p (210 ms against 200) and what the denoising's time is made of
-    ap.add_argument("--steps", default="1080p-ref,1080p-graphs,denoise-profile-graphs-1080p,1080p-graphs-vae-fp16,"
+    # what is open, 1080p (210 ms against 200; the float16 pyramid's build rewritten since, timed alone by
+    # "pyramid") and what the denoising's time is made of
+    ap.add_argument("--steps", default="pyramid,1080p-ref,1080p-graphs,denoise-profile-graphs-1080p,1080p-graphs-vae-fp16,"
                     "720p-ref,720p-graphs,720p-graphs-bf16,denoise-profile-graphs,720p-graphs-inductor-tuned,"
                     "4K-tiled,720p-cached,1080p-graphs-bf16,720p-graphs-vae-fp16,flow-compiled,"
                     "1080p-graphs-eager-flow,720p-graphs-eager-flow,denoise-profile,720p-eager,flow-graph,"

@@ -55,7 +55,7 @@ def test_device_bench_driver_smoke(tmp_path: Path) -> None:
     """The one-shot GPU driver runs its steps in order, saves after each, and lists what did not fit."""
     res = subprocess.run([sys.executable, str(REPO / "scripts" / "device_bench.py"), "--tiny", "--device", "cpu",
                           "--frames", "3", "--warmup", "1",
-                          "--steps", "720p-ref,720p-eager,denoise-profile,720p-graphs",
+                          "--steps", "pyramid,720p-ref,720p-eager,denoise-profile,720p-graphs",
                           # the budget leaves minutes of slack for the 3 small steps on a loaded machine, and is
                           # below 720p-graphs's own estimate (first compile 110 s + 30), which is always skipped
                           "--budget-s", "135", "--out", str(tmp_path)],
@@ -71,6 +71,10 @@ def test_device_bench_driver_smoke(tmp_path: Path) -> None:
     profile = data["denoise_profiles"]["720p-eager"]  # the warm frame's denoise + decode, by op category
     assert profile["convolution"] > 0 and profile["attention"] > 0
     assert "| convolution |" in (tmp_path / "denoise-profile-720p-eager.txt").read_text()
+    pyramids = data["pyramids"]  # the correlation pyramid's three builds, 720p and 1080p, and their lookups
+    assert len(pyramids) == 6 and all(r["build_ms"] > 0 for r in pyramids.values())
+    assert all(r["lookup_rel_err_vs_full"] <= 2e-3 for r in pyramids.values())
+    assert "float16 pyramid, float16 matmuls |" in (tmp_path / "tables.md").read_text()
 
 
 def test_device_bench_kernel_categories() -> None:
