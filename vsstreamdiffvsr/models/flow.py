@@ -138,8 +138,8 @@ class HalfCorrBlock(nn.Module):
     Level l of the reference's pyramid is the all-pairs volume average-pooled 2^l times over the second
     frame's pixels. Pooling is linear, so level l is also the product of the first frame's features with the
     second frame's pooled features: each level is one matmul written straight into its float16 store, with
-    no float32 volume and no pooling pass over one (on the float32-pooled reference, those passes were most
-    of the build's memory traffic: ~17 GB per 1080p frame).
+    no float32 volume to pool, round and saturate (that came to ~25 GB of memory traffic per 1080p frame;
+    the matmuls write 2.8 GB).
 
     On CUDA the matmuls take float16 inputs and accumulate in float32: the 11 significant bits TF32 keeps of
     the reference's float32 inputs, at twice TF32's rate. Elsewhere (CPU half-precision matmuls are ~30x
