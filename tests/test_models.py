@@ -148,6 +148,10 @@ def test_raft_flow_is_torchvisions_last_estimate_bit_for_bit() -> None:
         _, features_b = RaftFlow(raft).flow_and_features(b, a)
         kept, _ = RaftFlow(raft).flow_and_features(c, b, previous_features=features_b)
         assert torch.equal(kept, RaftFlow(raft).forward(c, b))
+        # with b's feature map kept, b itself is not needed (the pipeline then skips its bicubic x4)
+        assert torch.equal(RaftFlow(raft).flow_and_features(c, None, previous_features=features_b)[0], kept)
+        with pytest.raises(ValueError, match="previous frame or its feature map"):
+            RaftFlow(raft).flow_and_features(c, None)
         with pytest.raises(ValueError, match="do not fit"):
             RaftFlow(raft).flow_and_features(c, b, previous_features=features_b[..., :8])
     with pytest.raises(ValueError, match="divisible by 8"):

@@ -270,7 +270,8 @@ class StreamDiffVSR:
                 GPU work, much of it elementwise and normalisation kernels a compiler fuses. Compiled in
                 parts (:class:`~vsstreamdiffvsr.models.flow.RaftParts`): the refinement update compiles once
                 and runs 12 times. The lean correlation (``raft_corr``, 4K) always runs eagerly: its chunked
-                lookups make a graph that takes minutes to compile.
+                lookups unroll into a large graph (one update took 49 s to compile on the CPU at a 256x320
+                input, and a 4K frame has many more chunks) for a path bound by memory traffic.
             tile: LR tile size (int or (h, w), multiples of 8); None = whole frames. The stages at HR size
                 (ARTG's condition embedding, the TPM encoder, the decoder: most of the memory) run per tile
                 with ``TILE_MARGIN`` LR px of context cropped away, which gives the untiled values (tile
@@ -514,14 +515,16 @@ class StreamDiffVSR:
             if min(x.shape[-2:]) < MIN_FLOW_SIDE:
                 raise ValueError(f'flow="lr" needs LR frames of at least {MIN_FLOW_SIDE} px per side, got '
                                  f'{tuple(x.shape[-2:])}; use flow="hr"')
-            a, b = _pad8(x), _pad8(x_prev)  # RAFT needs multiples of 8; LR is only a multiple of 4
+            prepare = _pad8  # RAFT needs multiples of 8; LR is only a multiple of 4
         else:
-            a, b = bicubic_x4(x), bicubic_x4(x_prev)
+            prepare = bicubic_x4
+        a = prepare(x)
         if previous_features is not None and tuple(previous_features.shape[-2:]) != (a.shape[-2] // 8,
                                                                                      a.shape[-1] // 8):
             previous_features = None  # another frame size or flow mode: RAFT encodes x_prev itself
+        b = prepare(x_prev) if previous_features is None else None  # kept features: RAFT needs no image
         # an explicit corr is the out-of-memory fallback's: eager, rather than compiling RAFT anew at that moment.
-        # The lean correlation is eager too: its chunked lookups unroll into a graph that compiles for minutes.
+        # The lean correlation is eager too: its chunked lookups unroll into a large graph (see compile_flow).
         use = corr or self.corr_for(*a.shape[-2:])
         own = not eager and corr is None and use != "lean"
         raft = self._raft if own else self.raft.flow_and_features

@@ -361,7 +361,7 @@ class RaftFlow(nn.Module):
         up_mask = None if self.raft.mask_predictor is None else self.raft.mask_predictor(hidden)
         return upsample_flow(flow=coords1 - coords0, up_mask=up_mask)
 
-    def _final_flow(self, image1: torch.Tensor, image2: torch.Tensor, block: nn.Module,
+    def _final_flow(self, image1: torch.Tensor, image2: torch.Tensor | None, block: nn.Module,
                     fmap2: torch.Tensor | None = None, parts: RaftParts | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """torchvision's ``RAFT.forward(...)[-1]``, with its own modules, in its order of operations; returns
@@ -376,16 +376,19 @@ class RaftFlow(nn.Module):
         kernels for a batch of one may round differently). Encoding per image makes a kept feature map
         exactly what encoding the image again would give.
 
-        ``fmap2``: image2's feature map from the previous pair (where it was image1): only image1 is encoded.
+        ``fmap2``: image2's feature map from the previous pair (where it was image1): only image1 is encoded,
+        and image2 may be None.
         ``parts``: the pieces to run (compiled ones, :class:`RaftParts`); None = :attr:`parts`, eager.
         """
         encode, context_of, update, upsample = parts or self.parts
         b, _, h, w = image1.shape
-        if image2.shape != image1.shape or h % 8 or w % 8:
+        if (image2 is not None and image2.shape != image1.shape) or h % 8 or w % 8:
             raise ValueError(f"RAFT needs two frames of one size with sides divisible by 8, got "
-                             f"{tuple(image1.shape)} and {tuple(image2.shape)}")
+                             f"{tuple(image1.shape)} and {None if image2 is None else tuple(image2.shape)}")
         fmap1 = encode(image1)
         if fmap2 is None:
+            if image2 is None:
+                raise ValueError("RAFT needs the previous frame or its feature map (previous_features)")
             fmap2 = encode(image2)
         elif fmap2.shape != fmap1.shape:
             raise ValueError(f"previous features {tuple(fmap2.shape)} do not fit image1's {tuple(fmap1.shape)}")
@@ -414,12 +417,12 @@ class RaftFlow(nn.Module):
         """RAFT's feature map of one image, as :meth:`flow_and_features` makes and takes it."""
         return self.raft.feature_encoder(image)
 
-    def flow_and_features(self, current: torch.Tensor, previous: torch.Tensor, corr: str = "full",
+    def flow_and_features(self, current: torch.Tensor, previous: torch.Tensor | None, corr: str = "full",
                           previous_features: torch.Tensor | None = None, parts: RaftParts | None = None
                           ) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`forward`'s flow and ``current``'s feature map, which the next pair can take as
-        ``previous_features`` when its ``previous`` is this ``current`` (one encoder pass saved per frame).
-        ``parts``: compiled versions of :attr:`parts` to run instead of the eager ones."""
+        ``previous_features`` when its ``previous`` is this ``current`` (one encoder pass saved per frame;
+        ``previous`` is then not needed and may be None). ``parts``: compiled versions of :attr:`parts` to run instead of the eager ones."""
         if corr not in self._blocks:
             raise ValueError(f"corr must be one of {CORR_MODES}, got {corr!r}")
         block = self._blocks[corr]
