@@ -1022,8 +1022,9 @@ def test_compile_flow_follows_compile_on_cuda_only(tiny_ckpt: Path, pipe: Stream
 
 
 def test_lean_correlation_flow_stays_eager_under_compile_flow(pipe: StreamDiffVSR) -> None:
-    """The lean correlation's chunked lookups unroll into a graph that compiles for minutes (7 on this CPU at
-    a 256x320 input): with compile_flow it runs eagerly; the other correlations use the compiled RAFT."""
+    """The lean correlation's chunked lookups unroll into a large graph (on this CPU at a 256x320 input: 7 min
+    with the 12 updates unrolled, 49 s for one update, more at 4K): with compile_flow it runs eagerly; the other
+    correlations use the compiled RAFT."""
     frames, _ = frames_and_noise(2, 32, 40, seed=6)
     x, xp = (f * 2 - 1 for f in frames)
     view = pipe.with_options()
