@@ -484,3 +484,51 @@ def test_scheduler_step_matches_v_prediction_formula(tiny_ckpt: Path) -> None:
             # With a_prev = 1 the result would be x0 exactly; it must not be.
             assert float((out.double() - x0).abs().max()) > 1e-3
             assert float(ap) < 1.0
+
+
+def test_half_precision_raft_keeps_correlation_and_coordinates_in_float32() -> None:
+    """raft_dtype follows RAFT's own mixed-precision recipe: the networks in half precision; the correlation
+    pyramid, its lookups, the flow coordinates and the x8 upsampling in float32. The flow stays close to the
+    float32 one (on random weights: no promise for trained ones) and comes back in float32."""
+    from torchvision.models.optical_flow import raft_large
+
+    from vsstreamdiffvsr.models.flow import RaftFlow
+
+    torch.manual_seed(0)
+    raft = raft_large(weights=None).eval()
+    for m in raft.modules():  # as above: make every update move the flow
+        if isinstance(m, torch.nn.Conv2d) and m.bias is not None:
+            torch.nn.init.normal_(m.bias, std=0.05)
+    g = torch.Generator().manual_seed(1)
+    a = torch.rand(1, 3, 128, 136, generator=g) * 2 - 1
+    b = torch.roll(a, (3, -2), (2, 3)) + 0.05 * torch.randn(1, 3, 128, 136, generator=g)
+    ref = RaftFlow(raft)
+    assert ref.with_dtype(torch.float32) is ref
+    with pytest.raises(ValueError, match="float32, float16 or bfloat16"):
+        ref.with_dtype(torch.float64)
+    with torch.inference_mode():
+        want = ref.forward(a, b)
+    errors = {}
+    for dtype in (torch.float16, torch.bfloat16):
+        half = ref.with_dtype(dtype)
+        assert next(half.raft.parameters()).dtype == dtype
+        assert next(raft.parameters()).dtype == torch.float32  # a copy: the float32 RAFT is untouched
+        seen: list[tuple[torch.dtype, ...]] = []
+        for corr in ("full", "half"):
+            block = half._blocks[corr]
+            real_build, real_index = block.build_pyramid, block.index_pyramid
+            block.build_pyramid = lambda f1, f2, real=real_build: (seen.append(("build", f1.dtype)), real(f1, f2))[1]
+            block.index_pyramid = lambda centroids_coords, real=real_index: (
+                seen.append(("index", centroids_coords.dtype)), real(centroids_coords))[1]
+        with torch.inference_mode():
+            got, features = half.flow_and_features(a, b)
+            if dtype == torch.bfloat16:  # (CPU float16 convolutions are slow: one flow in float16)
+                got_half, _ = half.flow_and_features(a, b, corr="half")
+                assert ("build", dtype) in seen  # the float16 pyramid rounds the maps itself
+                assert float((got_half - got).abs().max()) <= 0.05
+        assert got.dtype == torch.float32 and features.dtype == dtype
+        # torchvision's pyramid gets float32 maps, and every lookup is at float32 coordinates
+        assert ("build", torch.float32) in seen
+        assert {d for what, d in seen if what == "index"} == {torch.float32}
+        errors[dtype] = float((got - want).abs().max())
+    assert 0.0 < errors[torch.float16] <= 0.03 and errors[torch.float16] < errors[torch.bfloat16] <= 0.3, errors

@@ -9,6 +9,7 @@ borders, zeros outside). Both quirks are reproduced exactly; the model was train
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -330,6 +331,8 @@ class RaftFlow(nn.Module):
     def __init__(self, raft: nn.Module, num_flow_updates: int = 12) -> None:
         super().__init__()
         self.raft = raft
+        #: the precision of RAFT's networks (its weights'); see :meth:`with_dtype`
+        self.compute_dtype = next(raft.parameters()).dtype
         self.num_flow_updates = num_flow_updates
         levels, radius = raft.corr_block.num_levels, raft.corr_block.radius
         self._full_block = _full_corr_block(levels, radius)
@@ -338,27 +341,43 @@ class RaftFlow(nn.Module):
             "lean": LeanCorrBlock(num_levels=levels, radius=radius)}
         raft.corr_block = self._full_block  # for torchvision's own forward; ours passes the block it uses
 
+    def with_dtype(self, dtype: torch.dtype) -> "RaftFlow":
+        """This RAFT with its networks (encoders, update block, mask head) in ``dtype``: ``self`` if they
+        already are, else a copy.
+
+        RAFT's own mixed-precision recipe (princeton-vl/RAFT, ``--mixed_precision``): the networks in half
+        precision, while the correlation pyramid, its lookups, the flow coordinates and the convex x8
+        upsampling stay in float32.
+        """
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"RAFT runs in float32, float16 or bfloat16, not {dtype}")
+        if dtype == self.compute_dtype:
+            return self
+        return RaftFlow(copy.deepcopy(self.raft).to(dtype), self.num_flow_updates)
+
     @property
     def parts(self) -> RaftParts:
         """The eager parts of :meth:`flow_and_features`, for a compiler to wrap one by one."""
         return RaftParts(self.encode, self._context, self._update, self._upsample)
 
     def _context(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        context_out = self.raft.context_encoder(image)
+        context_out = self.raft.context_encoder(image.to(self.compute_dtype))
         hidden_size = self.raft.update_block.hidden_state_size
         hidden, context = torch.split(context_out, [hidden_size, context_out.shape[1] - hidden_size], dim=1)
         return torch.tanh(hidden), F.relu(context)
 
     def _update(self, block: nn.Module, hidden: torch.Tensor, context: torch.Tensor, coords0: torch.Tensor,
                 coords1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        corr_features = block.index_pyramid(centroids_coords=coords1)
-        hidden, delta_flow = self.raft.update_block(hidden, context, corr_features, coords1 - coords0)
-        return hidden, coords1 + delta_flow
+        # the lookups and the coordinates in float32, the update block in RAFT's precision (no-ops in float32)
+        corr_features = block.index_pyramid(centroids_coords=coords1).to(self.compute_dtype)
+        hidden, delta_flow = self.raft.update_block(hidden, context, corr_features,
+                                                    (coords1 - coords0).to(self.compute_dtype))
+        return hidden, coords1 + delta_flow.float()
 
     def _upsample(self, hidden: torch.Tensor, coords0: torch.Tensor, coords1: torch.Tensor) -> torch.Tensor:
         from torchvision.models.optical_flow._utils import upsample_flow
 
-        up_mask = None if self.raft.mask_predictor is None else self.raft.mask_predictor(hidden)
+        up_mask = None if self.raft.mask_predictor is None else self.raft.mask_predictor(hidden).float()
         return upsample_flow(flow=coords1 - coords0, up_mask=up_mask)
 
     def _final_flow(self, image1: torch.Tensor, image2: torch.Tensor | None, block: nn.Module,
@@ -392,7 +411,10 @@ class RaftFlow(nn.Module):
             fmap2 = encode(image2)
         elif fmap2.shape != fmap1.shape:
             raise ValueError(f"previous features {tuple(fmap2.shape)} do not fit image1's {tuple(fmap1.shape)}")
-        block.build_pyramid(fmap1, fmap2)
+        if isinstance(block, HalfCorrBlock):
+            block.build_pyramid(fmap1, fmap2)  # it rounds the maps itself
+        else:  # torchvision's pyramid and the lean one compute in the maps' precision: float32, as the recipe
+            block.build_pyramid(fmap1.float(), fmap2.float())
         hidden, context = context_of(image1)
         gy, gx = torch.meshgrid(torch.arange(h // 8, device=image1.device), torch.arange(w // 8, device=image1.device),
                                 indexing="ij")
@@ -414,8 +436,9 @@ class RaftFlow(nn.Module):
         return self.flow_and_features(current, previous, corr)[0]
 
     def encode(self, image: torch.Tensor) -> torch.Tensor:
-        """RAFT's feature map of one image, as :meth:`flow_and_features` makes and takes it."""
-        return self.raft.feature_encoder(image)
+        """RAFT's feature map of one image (in :attr:`compute_dtype`), as :meth:`flow_and_features` makes
+        and takes it."""
+        return self.raft.feature_encoder(image.to(self.compute_dtype))
 
     def flow_and_features(self, current: torch.Tensor, previous: torch.Tensor | None, corr: str = "full",
                           previous_features: torch.Tensor | None = None, parts: RaftParts | None = None
