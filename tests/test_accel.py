@@ -920,6 +920,12 @@ def test_compiled_flow_equals_eager_flow(pipe: StreamDiffVSR, tmp_path: Path, mo
         x, xp = frames[1] * 2 - 1, frames[0] * 2 - 1
         assert float((half.compute_flow(x, xp) - pipe.with_options(raft_corr="half").compute_flow(x, xp))
                      .abs().max()) <= 1e-4
+    low = view.with_options(raft_dtype="bfloat16")  # compiled parts of its own, around the bfloat16 networks
+    assert low.compile_flow and low._raft is not view._raft
+    assert view.with_options(raft_dtype="bfloat16")._raft is low._raft
+    with torch.inference_mode():
+        eager_low = pipe.with_options(raft_dtype="bfloat16").compute_flow(x, xp)
+        assert float((low.compute_flow(x, xp) - eager_low).abs().max()) <= 1e-3
     again = view.with_options(tile=64)
     assert again._raft is view._raft  # shared, not compiled anew
     off = view.with_options(compile_flow=False)
@@ -927,15 +933,16 @@ def test_compiled_flow_equals_eager_flow(pipe: StreamDiffVSR, tmp_path: Path, mo
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
 
 
-@pytest.mark.parametrize("corr", ["full", "half", "lean"])
-def test_each_raft_part_traces_whole(pipe: StreamDiffVSR, corr: str) -> None:
+@pytest.mark.parametrize(("corr", "dtype"), [("full", "float32"), ("half", "float32"), ("lean", "float32"),
+                                             ("half", "bfloat16")])
+def test_each_raft_part_traces_whole(pipe: StreamDiffVSR, corr: str, dtype: str) -> None:
     """compile_flow compiles RAFT's parts (encoder, context, one update, upsampling): an unintended graph break
     (HalfCorrBlock's `assert tensor_list` once broke the 1080p flow into eager pieces) would leave part of
-    RAFT uncompiled, silently."""
+    RAFT uncompiled, silently. Also with RAFT's networks in half precision (raft_dtype)."""
     frames, _ = frames_and_noise(2, 32, 40, seed=6)
     x, xp = (f * 2 - 1 for f in frames)
     a, b = F.interpolate(x, scale_factor=4, mode="bicubic"), F.interpolate(xp, scale_factor=4, mode="bicubic")
-    raft = pipe.raft
+    raft = pipe.with_options(raft_dtype=dtype)._raft_net()
     parts, block = raft.parts, raft._blocks[corr]
     torch._dynamo.reset()
     try:
@@ -1225,3 +1232,64 @@ def test_a_graphed_call_under_the_models_lock_is_an_error_not_a_deadlock(pipe: S
     assert outcome and "holds the model's lock" in outcome[0], outcome or "deadlocked"
     hq, _ = graphed.process_frame(frames[0], noise=noises[0])  # without the lock held: runs on the worker
     assert hq.shape == (1, 3, 128, 128)
+
+
+def test_half_precision_raft_is_a_view_option_close_to_float32(tiny_ckpt: Path, pipe: StreamDiffVSR) -> None:
+    """raft_dtype: RAFT's networks in half precision, one copy shared by every view, the flow and the picture
+    close to float32 RAFT's; from_pretrained takes it too, and a bad value is refused naming the option."""
+    frames, noises = frames_and_noise(3, 32, 40, seed=3)
+    ref = run(pipe, frames, noises)
+    view = pipe.with_options(raft_dtype="bfloat16")  # (CPU float16 convolutions are slow; same code path)
+    assert view.raft_dtype == torch.bfloat16 and pipe.raft_dtype == torch.float32
+    net = view._raft_net()
+    assert next(net.raft.parameters()).dtype == torch.bfloat16
+    assert next(pipe.raft.raft.parameters()).dtype == torch.float32 and pipe._raft_net() is pipe.raft
+    assert pipe.with_options(raft_dtype=torch.bfloat16)._raft_net() is net  # made once, shared
+    assert view.with_options(tile=64).raft_dtype == torch.bfloat16  # kept by views of the view
+    out = run(view, frames, noises)
+    with torch.inference_mode():
+        x, xp = frames[1] * 2 - 1, frames[0] * 2 - 1
+        moved = float((view.compute_flow(x, xp) - pipe.compute_flow(x, xp)).abs().max())
+    assert 0.0 < moved <= 0.5
+    assert torch.equal(out[0], ref[0])  # a cold frame has no flow
+    for a, b in zip(out[1:], ref[1:]):
+        assert a.dtype == torch.float32 and 30.0 <= psnr(a, b) < 200.0
+    loaded = StreamDiffVSR.from_pretrained(tiny_ckpt, device="cpu", dtype="float32", raft_dtype="bfloat16")
+    assert loaded.raft_dtype == torch.bfloat16 and next(loaded._raft_net().raft.parameters()).dtype == torch.bfloat16
+    for bad in ("float64", "half-ish", 16):
+        with pytest.raises(ValueError, match="raft_dtype must be None, float32, float16 or bfloat16"):
+            pipe.with_options(raft_dtype=bad)
+
+
+@pytest.mark.parametrize("poison", [float("inf"), float("nan")])
+def test_a_non_finite_half_precision_flow_recomputes_the_frame_in_float32(pipe: StreamDiffVSR, poison: float,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A NaN/Inf flow (a float16 overflow) makes the warped frame NaN: the flow itself is checked, with the
+    output's one host sync, and the frame recomputed with a flow from float32 RAFT (one warning), also where
+    RAFT is the only half-precision part; nan_fallback=False leaves the frame as it comes."""
+    frames, noises = frames_and_noise(3, 32, 40, seed=4)
+    ref = run(pipe, frames, noises)
+    view = pipe.with_options(raft_dtype="bfloat16")
+    net = view._raft_net()
+    real = net.flow_and_features
+
+    def overflowing(*args, **kwargs):
+        flow, features = real(*args, **kwargs)
+        return torch.full_like(flow, poison), features
+
+    monkeypatch.setattr(net, "flow_and_features", overflowing)
+    view = view.with_options()  # takes the patched entry point
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", PrecisionFallbackWarning)
+        out = run(view, frames, noises)
+    said = {str(w.message) for w in caught if issubclass(w.category, PrecisionFallbackWarning)}
+    assert said == {"vsstreamdiffvsr: RAFT bfloat16 produced a NaN/Inf flow; frame recomputed in float32"}
+    assert view.stats["nan_fallbacks"] == 2
+    for a, b in zip(out, ref):
+        assert float((a - b).abs().max()) <= 1e-5  # float32 RAFT's flow, float32 denoising: the reference frame
+    unchecked = view.with_options(nan_fallback=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", PrecisionFallbackWarning)
+        out = run(unchecked, frames[:2], noises[:2])
+    assert not caught and unchecked.stats["nan_fallbacks"] == 0
+    assert torch.isfinite(out[0]).all() and not torch.isfinite(out[1]).all()  # what the check is there for

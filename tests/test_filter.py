@@ -165,6 +165,8 @@ def test_nothing_reaches_stdout(tiny_ckpt: Path, capfd: pytest.CaptureFixture[st
          ["dtype"]),
         (lambda: core.std.BlankClip(format=vs.RGBS, width=64, height=64), {"raft_corr": "huge"},
          ["raft_corr", "'huge'", "'half'"]),
+        (lambda: core.std.BlankClip(format=vs.RGBS, width=64, height=64), {"raft_dtype": "float64"},
+         ["raft_dtype must be None, float32, float16 or bfloat16", "'float64'"]),
         (lambda: core.std.BlankClip(format=vs.RGBS, width=64, height=64), {"compile_mode": "fast"},
          ["compile_mode", "'fast'", "'reduce-overhead'"]),
         (lambda: core.std.BlankClip(format=vs.RGBS, width=64, height=64), {"graph_flow": True},
@@ -202,6 +204,21 @@ def test_missing_weights_error_names_the_file_and_fix(tmp_path: Path, monkeypatc
         vsstreamdiffvsr.upscale(clip, model_dir=tmp_path / "nowhere", device="cpu")
     assert "nowhere" in str(info.value) and "python -m vsstreamdiffvsr download" in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_raft_dtype_reaches_the_flow_ahead_and_in_line(tiny_ckpt: Path, pipe) -> None:
+    """upscale(raft_dtype=) runs RAFT's networks in that precision, for the flow computed ahead as for the one
+    computed in line: the frames of the pipeline's view with that option, with or without prefetch."""
+    src = make_source(32, 32, 4)
+    view = pipe.with_options(raft_dtype="bfloat16")
+    want = expected_run(view, src, range(4))
+    for prefetch in (True, False):
+        clip = vsstreamdiffvsr.upscale(src, model_dir=tiny_ckpt, device="cpu", raft_dtype="bfloat16",
+                                       prefetch_flow=prefetch)
+        for n in range(4):
+            assert float((out_tensor(clip, n) - want[n]).abs().max()) <= 1e-6
+    f32 = expected_run(pipe, src, range(4))
+    assert float((want[3] - f32[3]).abs().max()) > 1e-5  # the option changes the flow, hence the frames
 
 
 def test_flow_prefetch_is_used_and_changes_nothing(tiny_ckpt: Path, pipe, monkeypatch: pytest.MonkeyPatch) -> None:

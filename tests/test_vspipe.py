@@ -109,7 +109,7 @@ def test_main_job_vspipe_to_ffmpeg(tiny_ckpt: Path, tmp_path: Path) -> None:
     out = tmp_path / "out.mkv"
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "PWD": str(tmp_path)}
     cmd = (f"'{vspipe()}' -c y4m -a input=in.mkv -a model_dir='{tiny_ckpt}' -a device=cpu -a compile=0 "
-           f"-a raft_corr=half -a tile=32 "
+           f"-a raft_corr=half -a tile=32 -a raft_dtype=bfloat16 "
            f"'{REPO / 'scripts' / 'upscale.vpy'}' - | ffmpeg -v error -y -i - -c:v libx265 -crf 18 '{out}'")
     res = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], cwd=tmp_path, env=env, capture_output=True,
                          timeout=600)
@@ -137,7 +137,8 @@ def test_main_job_takes_an_rgb_source(tiny_ckpt: Path, tmp_path: Path) -> None:
 @pytest.mark.parametrize(("arg", "needle"), [("compile=maybe", "compile must be 0 or 1"),
                                              ("tile=big", "tile must be an integer"),
                                              ("raft_corr=huge", "raft_corr must be one of"),
-                                             ("compile_flow=maybe", "compile_flow must be 0 or 1")])
+                                             ("compile_flow=maybe", "compile_flow must be 0 or 1"),
+                                             ("raft_dtype=fp8", "raft_dtype must be None, float32")])
 def test_main_job_rejects_bad_arguments(tiny_ckpt: Path, tmp_path: Path, arg: str, needle: str) -> None:
     src = tmp_path / "in.mkv"
     subprocess.run(["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i", "testsrc=size=64x48:rate=24", "-frames:v",

@@ -150,7 +150,8 @@ def upscale(clip: vs.VideoNode, *, model_dir: str | os.PathLike[str] | None = No
             reset_on_scene_change: bool = True, flow: str = "hr", tile: int | tuple[int, int] | None = None,
             tile_overlap: int = 16, compile: bool = False, compile_mode: str = DEFAULT_COMPILE_MODE,
             prefetch_flow: bool = True, raft_corr: str = "auto", graph_flow: bool | None = None,
-            compile_flow: bool | None = None, tile_denoise: bool = False) -> vs.VideoNode:
+            compile_flow: bool | None = None, tile_denoise: bool = False,
+            raft_dtype: str | None = None) -> vs.VideoNode:
     """Stream-DiffVSR x4 super-resolution of an RGBS/RGBH clip.
 
     Args:
@@ -186,6 +187,9 @@ def upscale(clip: vs.VideoNode, *, model_dir: str | os.PathLike[str] | None = No
             numbers; the host no longer launches RAFT's kernels). None = off: no gain measured on an H100.
         compile_flow: also ``torch.compile`` RAFT; None = with ``compile`` on CUDA (see
             :meth:`StreamDiffVSR.from_pretrained`).
+        raft_dtype: precision of RAFT's networks: None or ``"float32"`` (the reference), ``"float16"`` (RAFT's
+            own mixed precision: correlation and flow coordinates stay float32; a faster deviation) or
+            ``"bfloat16"``.
 
     Returns:
         The same format at exactly 4x width and height; each frame carries its own source frame's props.
@@ -224,7 +228,7 @@ def upscale(clip: vs.VideoNode, *, model_dir: str | os.PathLike[str] | None = No
     try:
         pipe = base.with_options(flow=flow, tile=tile, tile_overlap=tile_overlap, compile=compile,
                                  compile_mode=compile_mode, raft_corr=raft_corr, graph_flow=graph_flow,
-                                 compile_flow=compile_flow, tile_denoise=tile_denoise)
+                                 compile_flow=compile_flow, tile_denoise=tile_denoise, raft_dtype=raft_dtype)
     except ValueError as exc:
         raise vs.Error(f"upscale: {exc}") from None
     if flow == "lr" and min(clip.width, clip.height) < 128:

@@ -109,6 +109,16 @@ def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
     raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
 
 
+def parse_raft_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
+    """The ``raft_dtype`` option: None = float32 (the reference), else as :func:`parse_dtype`."""
+    if dtype is None:
+        return torch.float32
+    try:
+        return parse_dtype(dtype)
+    except ValueError:
+        raise ValueError(f"raft_dtype must be None, float32, float16 or bfloat16, got {dtype!r}") from None
+
+
 def default_dtype(device: torch.device) -> torch.dtype:
     """The U-Net/ControlNet precision when none is asked for: float16 on CUDA, float32 elsewhere (CPU
     half-precision kernels are slower than float32 ones).
@@ -172,7 +182,8 @@ class StreamDiffVSR:
                  channels_last: bool | None = None, tile: int | tuple[int, int] | None = None,
                  tile_overlap: int = 16, oom_fallback: bool = True, nan_fallback: bool = True,
                  raft_corr: str = "auto", cudnn_benchmark: bool | None = None,
-                 graph_flow: bool | None = None, tile_denoise: bool = False) -> None:
+                 graph_flow: bool | None = None, tile_denoise: bool = False,
+                 raft_dtype: torch.dtype | str | None = None) -> None:
         self.device = device
         self.dtype = dtype
         self.flow_mode = _choice("flow", flow, FLOW_MODES)
@@ -195,6 +206,10 @@ class StreamDiffVSR:
         self.vae = vae.to(device, memory_format=self._fmt)
         self.vae_dtype = next(vae.parameters()).dtype
         self.raft = raft.to(device)
+        #: the precision of RAFT's networks (``raft_dtype``; float32 is the reference)
+        self.raft_dtype = parse_raft_dtype(raft_dtype)
+        #: RAFT by the precision of its networks, shared with every with_options view (see _raft_net)
+        self._raft_nets: dict[torch.dtype, Any] = {self.raft.compute_dtype: self.raft}
         self.scheduler = scheduler
         self.scheduler.set_timesteps(num_inference_steps)
         self.timesteps: list[int] = [int(t) for t in self.scheduler.timesteps]
@@ -217,20 +232,22 @@ class StreamDiffVSR:
         self.compiled = False
         self.compile_mode: str | None = None
         self.compile_flow = False
+        self._flow_backend = "inductor"  # enable_flow_compile's backend
         #: the compile_flow option as given (None: follow compile), so that a view compiling later can honour it
         self._compile_flow_opt: bool | None = None
-        # RAFT's flow_and_features as compute_flow calls it: eager, or compiled (enable_flow_compile)
-        self._raft: Callable[..., tuple[torch.Tensor, torch.Tensor]] = self.raft.flow_and_features
+        # RAFT's flow_and_features as compute_flow calls it: eager, or compiled (enable_flow_compile), in
+        # raft_dtype (_raft_entry)
+        self._raft: Callable[..., tuple[torch.Tensor, torch.Tensor]] = self._raft_entry()
         self._worker: _Worker | None = None
-        # compiled functions by (mode, backend), shared with every with_options view of this pipeline (a
-        # shallow copy shares the dict): upscale() called again, or a script reloaded in vspreview, reuses
-        # them and their CUDA graphs instead of compiling and recording anew
-        self._compiled_sets: dict[tuple[str, str], tuple[Any, ...]] = {}
+        # compiled functions by (mode, backend), RAFT's by ("raft", backend, raft_dtype), shared with every
+        # with_options view of this pipeline (a shallow copy shares the dict): upscale() called again, or a script
+        # reloaded in vspreview, reuses them and their CUDA graphs instead of compiling and recording anew
+        self._compiled_sets: dict[tuple[Any, ...], tuple[Any, ...]] = {}
         self._compiled_shapes: set[tuple[Any, ...]] = set()  # (mode, LR size, tile): announced on stderr
-        # prefetched flow recorded as CUDA graphs, by (LR shape, flow mode, raft_corr); None: recording failed.
-        # Shared with with_options views like the compiled functions.
+        # prefetched flow recorded as CUDA graphs, by (LR shape, flow mode, raft_corr, raft_dtype); None: recording
+        # failed. Shared with with_options views like the compiled functions.
         self._flow_graphs: dict[tuple[Any, ...], GraphedCall | None] = {}
-        #: (LR size, flow mode, raft_corr) -> "lean" or "lr": the RAFT out-of-memory fallback that fitted
+        #: (LR size, flow mode, raft_corr, raft_dtype) -> "lean" or "lr": the RAFT out-of-memory fallback that fitted
         self._flow_fallbacks: dict[tuple[Any, ...], str] = {}
         self._graph_factory: Callable[..., GraphedCall] = GraphedCall
         #: counters for diagnostics and tests
@@ -248,7 +265,8 @@ class StreamDiffVSR:
                         oom_fallback: bool = True, nan_fallback: bool = True,
                         raft_corr: str = "auto", vae_dtype: torch.dtype | str | None = None,
                         cudnn_benchmark: bool | None = None, graph_flow: bool | None = None,
-                        compile_flow: bool | None = None, tile_denoise: bool = False) -> "StreamDiffVSR":
+                        compile_flow: bool | None = None, tile_denoise: bool = False,
+                        raft_dtype: torch.dtype | str | None = None) -> "StreamDiffVSR":
         """Load from a model folder in the Hugging Face layout (see :mod:`vsstreamdiffvsr.weights`).
 
         Args:
@@ -293,6 +311,11 @@ class StreamDiffVSR:
                 half up to 4 GiB stored (1080p), lean above (4K).
             vae_dtype: precision of the tiny VAE (TPM features and decoder); None = float32. Half precision
                 is faster at HR but is not the reference numerics: measure it with scripts/bench.py.
+            raft_dtype: precision of RAFT's networks (feature and context encoders, update block, mask head);
+                None = float32, the reference. ``"float16"`` is RAFT's own mixed-precision recipe: the
+                correlation, its lookups, the flow coordinates and the x8 upsampling stay in float32. Not the
+                reference numerics (the flow moves by ~1e-3 px on random weights); a frame whose half-precision
+                flow has NaN/Inf is recomputed in float32 (``nan_fallback``). bfloat16 moves it ~10x more.
             cudnn_benchmark: let cuDNN time its convolution algorithms for each new shape and keep the
                 fastest (default: on for CUDA, off with compile's CUDA graphs: there, autotuning while the
                 graphs warm up peaked at 27 GiB allocated at 720p on an H100, for 3% speed). It is set only
@@ -323,7 +346,7 @@ class StreamDiffVSR:
                    device=dev, dtype=dt, flow=flow, channels_last=channels_last, tile=tile,
                    tile_overlap=tile_overlap, oom_fallback=oom_fallback, nan_fallback=nan_fallback,
                    raft_corr=raft_corr, cudnn_benchmark=cudnn_benchmark, graph_flow=graph_flow,
-                   tile_denoise=tile_denoise)
+                   tile_denoise=tile_denoise, raft_dtype=raft_dtype)
         pipe.model_dir = str(root)
         if compile:
             pipe.enable_compile(mode=compile_mode, cache_dir=compile_cache_dir)
@@ -338,7 +361,8 @@ class StreamDiffVSR:
                      compile_mode: str = DEFAULT_COMPILE_MODE,
                      compile_cache_dir: str | os.PathLike[str] | None = None,
                      raft_corr: str | None = None, graph_flow: bool | None = None,
-                     compile_flow: bool | None = None, tile_denoise: bool | None = None) -> "StreamDiffVSR":
+                     compile_flow: bool | None = None, tile_denoise: bool | None = None,
+                     raft_dtype: torch.dtype | str | None = None) -> "StreamDiffVSR":
         """A pipeline sharing this one's weights and lock (no reload) with other run-time settings.
 
         Arguments left at None (``tile`` at ``"keep"``) keep this pipeline's value; see :meth:`from_pretrained`.
@@ -364,6 +388,8 @@ class StreamDiffVSR:
             view.tile_denoise = _check_tiling(view.tile, view.tile_overlap, view.tile_denoise)
         if raft_corr is not None:
             view.raft_corr = _choice("raft_corr", raft_corr, RAFT_CORR_MODES)
+        if raft_dtype is not None:
+            view.raft_dtype = parse_raft_dtype(raft_dtype)
         if graph_flow is not None:
             view.graph_flow = _graph_flow(graph_flow, self.device)
         if oom_fallback is not None:
@@ -379,7 +405,8 @@ class StreamDiffVSR:
         if compile_flow and not self.compile_flow:
             view.enable_flow_compile(cache_dir=compile_cache_dir)
         elif compile_flow is False:
-            view._raft, view.compile_flow = view.raft.flow_and_features, False
+            view.compile_flow = False
+        view._raft = view._raft_entry()  # RAFT in the view's precision, compiled or not
         return view
 
     def enable_compile(self, mode: str = DEFAULT_COMPILE_MODE, cache_dir: str | os.PathLike[str] | None = None,
@@ -424,18 +451,35 @@ class StreamDiffVSR:
         """
         _check_compiler(self.device, backend)
         compile_cache(cache_dir)
-        key = ("raft", backend)
+        self._flow_backend = backend
+        self.compile_flow = True
+        self._raft = self._raft_entry()
+
+    def _raft_net(self) -> Any:
+        """RAFT (:class:`~vsstreamdiffvsr.models.flow.RaftFlow`) in :attr:`raft_dtype`: a half-precision copy is
+        made on first use (10 MB) and shared by every view of this pipeline."""
+        net = self._raft_nets.get(self.raft_dtype)
+        if net is None:
+            net = self._raft_nets[self.raft_dtype] = self.raft.with_dtype(self.raft_dtype)
+        return net
+
+    def _raft_entry(self) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+        """RAFT's flow_and_features in :attr:`raft_dtype`: eager, or (:attr:`compile_flow`) with compiled parts,
+        made once per (backend, precision) and shared by every view."""
+        net = self._raft_net()
+        if not self.compile_flow:
+            return net.flow_and_features
+        key = ("raft", self._flow_backend, self.raft_dtype)
         if key not in self._compiled_sets:
-            opts = dict(dynamic=False, backend=backend, fullgraph=False)
-            if backend == "inductor":
+            opts = dict(dynamic=False, backend=self._flow_backend, fullgraph=False)
+            if self._flow_backend == "inductor":
                 opts["mode"] = "default"
             # each part on its own (RaftParts): the update compiles once and runs 12 times, instead of a graph
             # with the 12 updates unrolled, which took most of a cold compile's time
             fallback = _CompileFallback("the optical flow", "compile_flow=False")
-            parts = RaftParts._make(fallback.wrap(torch.compile(fn, **opts), fn) for fn in self.raft.parts)
-            self._compiled_sets[key] = (functools.partial(self.raft.flow_and_features, parts=parts),)
-        (self._raft,) = self._compiled_sets[key]
-        self.compile_flow = True
+            parts = RaftParts._make(fallback.wrap(torch.compile(fn, **opts), fn) for fn in net.parts)
+            self._compiled_sets[key] = (functools.partial(net.flow_and_features, parts=parts),)
+        return self._compiled_sets[key][0]
 
     @property
     def cudnn_benchmark(self) -> bool:
@@ -527,9 +571,11 @@ class StreamDiffVSR:
         # The lean correlation is eager too: its chunked lookups unroll into a large graph (see compile_flow).
         use = corr or self.corr_for(*a.shape[-2:])
         own = not eager and corr is None and use != "lean"
-        raft = self._raft if own else self.raft.flow_and_features
+        raft = self._raft if own else self._raft_net().flow_and_features
         if own and self.compile_flow:
-            self._announce_compile(tuple(x.shape[-2:]), what=f"{use} correlation, RAFT at {mode.upper()}")
+            precision = "" if self.raft_dtype == torch.float32 else f", {str(self.raft_dtype).removeprefix('torch.')}"
+            self._announce_compile(tuple(x.shape[-2:]),
+                                   what=f"{use} correlation, RAFT at {mode.upper()}{precision}")
         flow, features = raft(a, b, corr=use, previous_features=previous_features)
         if mode == "lr":
             flow = flow[..., : x.shape[-2], : x.shape[-1]]
@@ -661,7 +707,7 @@ class StreamDiffVSR:
 
         The fallback that fitted is kept for later frames of this size (as the tiling fallback is): running
         out of memory again on every frame would cost each frame that attempt and fragment the allocator."""
-        key = (tuple(x.shape[-2:]), self.flow_mode, self.raft_corr)
+        key = (tuple(x.shape[-2:]), self.flow_mode, self.raft_corr, self.raft_dtype)
         fallback = self._flow_fallbacks.get(key)
         if fallback is None:
             try:
@@ -735,8 +781,8 @@ class StreamDiffVSR:
                 return tile, tile_denoise
 
     def _fp32(self) -> "StreamDiffVSR":
-        """A float32 twin sharing flow, prompt and (unless half precision) VAE, for the NaN fallback; built on
-        first use, its float32 weights shared by every view of the model."""
+        """A float32 twin sharing prompt, float32 RAFT and (unless half precision) VAE, for the NaN fallback;
+        built on first use, its float32 weights shared by every view of the model."""
         if self._fp32_twin is None:
             shared = self._fp32_weights  # one float32 copy per model, whatever the number of views
             if not shared:
@@ -766,6 +812,8 @@ class StreamDiffVSR:
             twin._step_cold, twin._step_warm = twin._eager_step_cold, twin._eager_step_warm
             twin.vae, twin.vae_dtype = shared["vae"], torch.float32
             twin._decode, twin._features = twin.vae.decode, twin.vae.temporal_features
+            twin.raft_dtype, twin.compile_flow, twin.graph_flow = torch.float32, False, False
+            twin._raft = twin._raft_entry()
             twin.nan_fallback = False
             twin._fp32_twin = None
             self._fp32_twin = twin
@@ -839,7 +887,7 @@ class StreamDiffVSR:
         (:attr:`graph_flow`, recorded on first use; no feature reuse there), or computed."""
         if not self.graph_flow:
             return self._flow_features_with_fallbacks(x, x_prev, previous_features)
-        key = (tuple(x.shape), self.flow_mode, self.raft_corr)
+        key = (tuple(x.shape), self.flow_mode, self.raft_corr, self.raft_dtype)
         graphs = self._flow_graphs
         if key not in graphs:
             while len(graphs) >= 2:  # one graph per frame size in use; each pool holds RAFT's memory
@@ -919,6 +967,7 @@ class StreamDiffVSR:
                on_enqueued: Callable[[], Any] | None = None) -> torch.Tensor:
         x = lq32 * 2.0 - 1.0
         warped = None
+        flow_ok: torch.Tensor | None = None  # a half-precision RAFT's flow is finite (read with the output's check)
         if not state.is_cold:
             assert state.prev_lq is not None and state.prev_hq is not None
             if ticket is not None:
@@ -926,6 +975,10 @@ class StreamDiffVSR:
             else:
                 x_prev = state.prev_lq.to(self.device, torch.float32) * 2.0 - 1.0
                 flow = self._flow_with_fallbacks(x, x_prev)
+            if self.nan_fallback and self.raft_dtype != torch.float32:
+                # checked apart from the output (which such a flow makes NaN): the fallback must recompute the
+                # flow, not reuse it, and a float32 U-Net beside a half RAFT must fall back too
+                flow_ok = torch.isfinite(flow).all()
             warped = warp(state.prev_hq.to(self.device, torch.float32), flow)
             del flow
             if self.compiled:
@@ -935,19 +988,34 @@ class StreamDiffVSR:
             on_enqueued()  # before the NaN check below makes the host wait for the GPU
         half = [f"{what} {str(dt).removeprefix('torch.')}" for what, dt in
                 (("U-Net/ControlNet", self.dtype), ("tiny VAE", self.vae_dtype)) if dt != torch.float32]
-        if self.nan_fallback and half and not bool(torch.isfinite(y).all()):
+        if self.nan_fallback and (half or flow_ok is not None) and not self._finite(y, flow_ok):
+            bad_flow = flow_ok is not None and not bool(flow_ok)
+            if bad_flow:
+                what = f"RAFT {str(self.raft_dtype).removeprefix('torch.')} produced a NaN/Inf flow"
+            else:
+                what = f"{' and '.join(half) or 'the model'} produced NaN/Inf"
             self.stats["nan_fallbacks"] += 1
-            warnings.warn(f"vsstreamdiffvsr: {' and '.join(half)} produced NaN/Inf; frame recomputed in float32",
-                          PrecisionFallbackWarning, stacklevel=4)
+            warnings.warn(f"vsstreamdiffvsr: {what}; frame recomputed in float32", PrecisionFallbackWarning,
+                          stacklevel=4)
             del y
             twin = self._fp32()
             twin.tile, twin.tile_denoise = self.tile, self.tile_denoise
+            if bad_flow:  # the flow again, with float32 RAFT (eager: no compile on a rare frame)
+                assert state.prev_lq is not None and state.prev_hq is not None
+                x_prev = state.prev_lq.to(self.device, torch.float32) * 2.0 - 1.0
+                warped = warp(state.prev_hq.to(self.device, torch.float32), twin._flow_with_fallbacks(x, x_prev))
             y = twin._run_or_tile(z, x, warped)
             self.tile, self.tile_denoise = twin.tile, twin.tile_denoise
             if not bool(torch.isfinite(y).all()):  # never carried into the next frame
                 raise NonFiniteOutputError("the frame is NaN/Inf even in float32: the model weights are broken "
                                            "(check the model folder)")
         return y
+
+    @staticmethod
+    def _finite(y: torch.Tensor, flow_ok: torch.Tensor | None) -> bool:
+        """Whether ``y`` has no NaN/Inf and ``flow_ok`` (if given) holds: one host sync for both."""
+        finite = torch.isfinite(y).all()
+        return bool(finite if flow_ok is None else finite & flow_ok)
 
     def _on_worker(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run ``fn`` on the graphed pipelines' worker thread, which takes this model's lock: a caller that
