@@ -334,7 +334,7 @@ def raft_label(args: argparse.Namespace, device: torch.device, w: int, h: int) -
 
 def check_args(args: argparse.Namespace) -> tuple[int, int]:
     """Every option checked before weights load (minutes on a GPU): ValueError naming the option. (w, h)."""
-    from vsstreamdiffvsr.pipeline import MIN_LR_SIDE, parse_device
+    from vsstreamdiffvsr.pipeline import MIN_LR_SIDE, parse_device, parse_raft_dtype
     from vsstreamdiffvsr.tiling import parse_tile
 
     w, h = parse_lr(args.lr)
@@ -347,6 +347,7 @@ def check_args(args: argparse.Namespace) -> tuple[int, int]:
     parse_dtypes(args.dtype)
     if args.vae_dtype:
         parse_dtype(args.vae_dtype)
+    parse_raft_dtype(args.raft_dtype)
     tile = parse_tile(args.tile)
     if args.tile_denoise and tile is None:
         raise ValueError("--tile-denoise needs --tile")
@@ -378,6 +379,8 @@ def main() -> None:
     ap.add_argument("--tile", type=int, default=None, help="LR tile size for the optimized path")
     ap.add_argument("--tile-denoise", action="store_true", help="with --tile: denoise in tiles too")
     ap.add_argument("--vae-dtype", default=None, help="tiny VAE precision of the optimized path (default float32)")
+    ap.add_argument("--raft-dtype", default=None,
+                    help="precision of RAFT's networks in the optimized path (default float32, the reference)")
     ap.add_argument("--raft-corr", default="auto", choices=("auto", "full", "half", "lean"),
                     help="RAFT correlation of the optimized path (half: float16 pyramid; lean: none)")
     ap.add_argument("--no-prefetch", action="store_true", help="optimized path: compute each flow in line")
@@ -404,10 +407,11 @@ def main() -> None:
     opt = dict(channels_last=None, flow=args.flow, tile=args.tile, tile_denoise=args.tile_denoise,
                compile=args.compile, compile_mode=args.compile_mode, raft_corr=args.raft_corr,
                graph_flow=args.graph_flow, compile_flow=args.compile_flow,
-               vae_dtype=parse_dtype(args.vae_dtype) if args.vae_dtype else None)
+               vae_dtype=parse_dtype(args.vae_dtype) if args.vae_dtype else None, raft_dtype=args.raft_dtype)
     label = [f"compiled ({args.compile_mode})" if args.compile else "",
              "flow=lr" if args.flow == "lr" else "", f"tile={args.tile}" if args.tile else "",
              "tile_denoise" if args.tile_denoise else "", f"vae {args.vae_dtype}" if args.vae_dtype else "",
+             f"RAFT {args.raft_dtype}" if args.raft_dtype else "",
              f"raft_corr={args.raft_corr}" if args.raft_corr != "auto" else "",
              "flow in line" if args.no_prefetch else "", "flow graph" if args.graph_flow else "",
              raft_label(args, device, w, h)]

@@ -58,6 +58,7 @@ class Driver:
         self.raft: dict[str, dict] = {}  # size -> RAFT alone, eager against replayed from a CUDA graph
         self.profiles: dict[str, dict[str, float]] = {}  # "<size>-<mode>" -> ms per frame by kernel category
         self.pyramids: dict[str, dict] = {}  # "<size> <route>" -> RAFT correlation pyramid build timing
+        self.raft_precisions: dict[str, dict] = {}  # size -> RAFT alone compiled, networks float32 vs float16
         self.refs: dict[str, list[torch.Tensor]] = {}  # "<section>/<path>" -> outputs kept for comparisons
         self.log(f"setup done: {self.gpu}, {self.weights_desc} weights, torch {torch.__version__}")
 
@@ -129,7 +130,8 @@ class Driver:
     def save(self) -> None:
         (self.out / "results.json").write_text(json.dumps(
             dict(gpu=self.gpu, torch=torch.__version__, weights=self.weights_desc, results=self.results,
-                 raft_alone=self.raft, denoise_profiles=self.profiles, pyramids=self.pyramids, notes=self.notes),
+                 raft_alone=self.raft, raft_precision=self.raft_precisions, denoise_profiles=self.profiles,
+                 pyramids=self.pyramids, notes=self.notes),
             indent=2, default=str))
         parts = []
         if self.pyramids:
@@ -149,6 +151,14 @@ class Driver:
                                     "| size | eager ms | CUDA graph ms | recording s | graph vs eager max px | "
                                     "compiled ms | compile s | compiled vs eager max px |",
                                     "|---|---|---|---|---|---|---|---|", *rows]))
+        if self.raft_precisions:
+            rows = [f"| {size} ({r['lr'][0]}x{r['lr'][1]} in), corr {r['corr']} | {r['float32_ms']:.1f} | "
+                    f"{r['float32_compile_s']:.1f} | {r['float16_ms']:.1f} | {r['float16_compile_s']:.1f} | "
+                    f"{r['max_abs_diff_px']:.2g} | {r['mean_abs_diff_px']:.2g} |"
+                    for size, r in self.raft_precisions.items()]
+            parts.append("\n".join([f"### RAFT alone, compiled: networks in float32 and float16 ({self.gpu})",
+                                    "| size | float32 ms | its compile s | float16 ms | its compile s | flow moved, "
+                                    "max px | mean px |", "|---|---|---|---|---|---|---|", *rows]))
         for section, res in self.results.items():
             w, h = next(iter(res.values()))["lr"]
             parts.append(table(res, f"### {section}: {w}x{h} -> {4 * w}x{4 * h} ({self.gpu}, {self.weights_desc} "
@@ -236,6 +246,40 @@ class Driver:
             gc.collect()
         self.raft[f"{size}, compiled too" if compiled else size] = out
         self.log(f"flow graph {size}: {out}")
+        self.save()
+
+    def raft_precision(self, size: str, reps: int = 10) -> None:
+        """RAFT alone at ``size``, compiled as ``compile_flow`` compiles it, with its networks in float32 (the
+        reference) and in float16 (``raft_dtype``): compile time, ms per flow, and how far float16 moves the
+        flow (random weights: a trained RAFT's flow may move differently)."""
+        pipe, x, xp = self.raft_inputs(size)
+        w, h = self.size(size)
+        out: dict = dict(lr=[w, h], corr=pipe.corr_for(4 * h, 4 * w))
+        flows = {}
+        try:
+            with torch.inference_mode(), pipe_flags(pipe):
+                pipe.enable_flow_compile()
+                for dtype in (torch.float32, torch.float16):
+                    view, name = pipe.with_options(raft_dtype=dtype), str(dtype).removeprefix("torch.")
+                    t = time.perf_counter()
+                    view.compute_flow(x, xp)  # the compile
+                    sync(self.device)
+                    out[f"{name}_compile_s"] = round(time.perf_counter() - t, 1)
+                    times = []
+                    for _ in range(reps):
+                        sync(self.device)
+                        t = time.perf_counter()
+                        flows[name] = view.compute_flow(x, xp)
+                        sync(self.device)
+                        times.append(1000 * (time.perf_counter() - t))
+                    out[f"{name}_ms"] = statistics.median(times)
+                moved = (flows["float16"] - flows["float32"]).abs()
+                out["max_abs_diff_px"], out["mean_abs_diff_px"] = float(moved.max()), float(moved.mean())
+        finally:
+            pipe = view = None
+            gc.collect()
+        self.raft_precisions[size] = out
+        self.log(f"RAFT precision {size}: {out}")
         self.save()
 
     def ref(self, size: str) -> None:
@@ -493,6 +537,11 @@ def plan(d: Driver, c: float) -> dict[str, tuple[float, Callable[[], None]]]:
                                                                              cudnn_benchmark=False)),
         "720p-graphs-vae-fp16": (0.4 * c + 25, lambda: d.variant("720p", "VAE fp16", vae_dtype=HALF)),
         "1080p-graphs-vae-fp16": (0.4 * c + 35, lambda: d.variant("1080p", "VAE fp16", vae_dtype=HALF)),
+        "raft-fp16": (0.6 * c + 30, lambda: (d.raft_precision("1080p"), d.raft_precision("720p"))),
+        "1080p-graphs-raft-fp16": (0.4 * c + 35, lambda: d.variant("1080p", "RAFT fp16", raft_dtype=HALF)),
+        "720p-graphs-raft-fp16": (0.4 * c + 25, lambda: d.variant("720p", "RAFT fp16", raft_dtype=HALF)),
+        "1080p-graphs-raft-vae-fp16": (0.4 * c + 35, lambda: d.variant("1080p", "RAFT and VAE fp16",
+                                                                        raft_dtype=HALF, vae_dtype=HALF)),
         "720p-graphs-bf16": (0.9 * c + 30, lambda: d.variant("720p", "bf16", dtype=torch.bfloat16)),
         "1080p-graphs-bf16": (0.9 * c + 40, lambda: d.variant("1080p", "bf16", dtype=torch.bfloat16)),
         "720p-graphs-inductor-tuned": (1.5 * c + 30, lambda: d.inductor_tuned("720p")),
@@ -523,9 +572,12 @@ def main() -> None:
     ap.add_argument("--out", default="bench-out")
     # run 6 measured 720p and 1080p with today's defaults (and compile_flow off, RAFT alone compiled): first
     # what is open, 1080p (210 ms against 200; the float16 pyramid's build rewritten since, timed alone by
-    # "pyramid") and what the denoising's time is made of
-    ap.add_argument("--steps", default="pyramid,1080p-ref,1080p-graphs,denoise-profile-graphs-1080p,1080p-graphs-vae-fp16,"
-                    "720p-ref,720p-graphs,720p-graphs-bf16,denoise-profile-graphs,720p-graphs-inductor-tuned,"
+    # "pyramid"), the two opt-in half-precision levers aimed at it (RAFT's networks, the tiny VAE), and what
+    # the denoising's time is made of
+    ap.add_argument("--steps", default="pyramid,1080p-ref,1080p-graphs,1080p-graphs-raft-fp16,1080p-graphs-vae-fp16,"
+                    "1080p-graphs-raft-vae-fp16,raft-fp16,denoise-profile-graphs-1080p,"
+                    "720p-ref,720p-graphs,720p-graphs-raft-fp16,720p-graphs-bf16,denoise-profile-graphs,"
+                    "720p-graphs-inductor-tuned,"
                     "4K-tiled,720p-cached,1080p-graphs-bf16,720p-graphs-vae-fp16,flow-compiled,"
                     "1080p-graphs-eager-flow,720p-graphs-eager-flow,denoise-profile,720p-eager,flow-graph,"
                     "720p-levers,1080p-tiled",
