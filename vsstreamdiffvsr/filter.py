@@ -188,8 +188,8 @@ def upscale(clip: vs.VideoNode, *, model_dir: str | os.PathLike[str] | None = No
         compile_flow: also ``torch.compile`` RAFT; None = with ``compile`` on CUDA (see
             :meth:`StreamDiffVSR.from_pretrained`).
         raft_dtype: precision of RAFT's networks: None or ``"float32"`` (the reference), ``"float16"`` (RAFT's
-            own mixed precision: correlation and flow coordinates stay float32; a faster deviation) or
-            ``"bfloat16"``.
+            own mixed precision: correlation and flow coordinates stay float32; an opt-in deviation for CUDA,
+            not timed on a GPU yet; on the CPU half-precision convolutions are far slower) or ``"bfloat16"``.
 
     Returns:
         The same format at exactly 4x width and height; each frame carries its own source frame's props.
