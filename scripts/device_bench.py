@@ -574,8 +574,8 @@ def main() -> None:
     # what is open, 1080p (210 ms against 200; the float16 pyramid's build rewritten since, timed alone by
     # "pyramid"), the two opt-in half-precision levers aimed at it (RAFT's networks, the tiny VAE), and what
     # the denoising's time is made of
-    ap.add_argument("--steps", default="pyramid,1080p-ref,1080p-graphs,1080p-graphs-raft-fp16,1080p-graphs-vae-fp16,"
-                    "1080p-graphs-raft-vae-fp16,raft-fp16,denoise-profile-graphs-1080p,"
+    ap.add_argument("--steps", default="pyramid,1080p-ref,1080p-graphs,1080p-graphs-raft-fp16,1080p-graphs-raft-vae-fp16,"
+                    "1080p-graphs-vae-fp16,raft-fp16,denoise-profile-graphs-1080p,"
                     "720p-ref,720p-graphs,720p-graphs-raft-fp16,720p-graphs-bf16,denoise-profile-graphs,"
                     "720p-graphs-inductor-tuned,"
                     "4K-tiled,720p-cached,1080p-graphs-bf16,720p-graphs-vae-fp16,flow-compiled,"
