@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from .accel import GraphedCall, compile_cache, run_flags
-from .models.flow import CORR_MODES, MIN_FLOW_SIDE, RaftParts, bicubic_x4, corr_pyramid_bytes, warp
+from .models.flow import CORR_MODES, MIN_FLOW_SIDE, RaftFlow, RaftParts, bicubic_x4, corr_pyramid_bytes, warp
 from .state import StreamState
 from .tiling import Tile, crop_layout, feather_weight, parse_tile, tile_layout
 
@@ -117,6 +117,11 @@ def parse_raft_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
         return parse_dtype(dtype)
     except ValueError:
         raise ValueError(f"raft_dtype must be None, float32, float16 or bfloat16, got {dtype!r}") from None
+
+
+def _name(dtype: torch.dtype) -> str:
+    """``torch.float16`` -> ``"float16"``, for messages."""
+    return str(dtype).removeprefix("torch.")
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -209,7 +214,7 @@ class StreamDiffVSR:
         #: the precision of RAFT's networks (``raft_dtype``; float32 is the reference)
         self.raft_dtype = parse_raft_dtype(raft_dtype)
         #: RAFT by the precision of its networks, shared with every with_options view (see _raft_net)
-        self._raft_nets: dict[torch.dtype, Any] = {self.raft.compute_dtype: self.raft}
+        self._raft_nets: dict[torch.dtype, RaftFlow] = {self.raft.compute_dtype: self.raft}
         self.scheduler = scheduler
         self.scheduler.set_timesteps(num_inference_steps)
         self.timesteps: list[int] = [int(t) for t in self.scheduler.timesteps]
@@ -455,7 +460,7 @@ class StreamDiffVSR:
         self.compile_flow = True
         self._raft = self._raft_entry()
 
-    def _raft_net(self) -> Any:
+    def _raft_net(self) -> RaftFlow:
         """RAFT (:class:`~vsstreamdiffvsr.models.flow.RaftFlow`) in :attr:`raft_dtype`: a half-precision copy is
         made on first use (10 MB) and shared by every view of this pipeline."""
         net = self._raft_nets.get(self.raft_dtype)
@@ -573,7 +578,7 @@ class StreamDiffVSR:
         own = not eager and corr is None and use != "lean"
         raft = self._raft if own else self._raft_net().flow_and_features
         if own and self.compile_flow:
-            precision = "" if self.raft_dtype == torch.float32 else f", {str(self.raft_dtype).removeprefix('torch.')}"
+            precision = "" if self.raft_dtype == torch.float32 else f", {_name(self.raft_dtype)}"
             self._announce_compile(tuple(x.shape[-2:]),
                                    what=f"{use} correlation, RAFT at {mode.upper()}{precision}")
         flow, features = raft(a, b, corr=use, previous_features=previous_features)
@@ -969,29 +974,18 @@ class StreamDiffVSR:
         warped = None
         flow_ok: torch.Tensor | None = None  # a half-precision RAFT's flow is finite (read with the output's check)
         if not state.is_cold:
-            assert state.prev_lq is not None and state.prev_hq is not None
-            if ticket is not None:
-                flow = ticket.result().to(self.device)
-            else:
-                x_prev = state.prev_lq.to(self.device, torch.float32) * 2.0 - 1.0
-                flow = self._flow_with_fallbacks(x, x_prev)
-            if self.nan_fallback and self.raft_dtype != torch.float32:
-                # checked apart from the output (which such a flow makes NaN): the fallback must recompute the
-                # flow, not reuse it, and a float32 U-Net beside a half RAFT must fall back too
-                flow_ok = torch.isfinite(flow).all()
-            warped = warp(state.prev_hq.to(self.device, torch.float32), flow)
-            del flow
+            warped, flow_ok = self._warped_previous(x, state, ticket)
             if self.compiled:
                 self._announce_compile(tuple(x.shape[-2:]))
         y = self._run_or_tile(z, x, warped)
         if on_enqueued is not None:
             on_enqueued()  # before the NaN check below makes the host wait for the GPU
-        half = [f"{what} {str(dt).removeprefix('torch.')}" for what, dt in
+        half = [f"{what} {_name(dt)}" for what, dt in
                 (("U-Net/ControlNet", self.dtype), ("tiny VAE", self.vae_dtype)) if dt != torch.float32]
         if self.nan_fallback and (half or flow_ok is not None) and not self._finite(y, flow_ok):
             bad_flow = flow_ok is not None and not bool(flow_ok)
             if bad_flow:
-                what = f"RAFT {str(self.raft_dtype).removeprefix('torch.')} produced a NaN/Inf flow"
+                what = f"RAFT {_name(self.raft_dtype)} produced a NaN/Inf flow"
             else:
                 what = f"{' and '.join(half) or 'the model'} produced NaN/Inf"
             self.stats["nan_fallbacks"] += 1
@@ -1001,15 +995,29 @@ class StreamDiffVSR:
             twin = self._fp32()
             twin.tile, twin.tile_denoise = self.tile, self.tile_denoise
             if bad_flow:  # the flow again, with float32 RAFT (eager: no compile on a rare frame)
-                assert state.prev_lq is not None and state.prev_hq is not None
-                x_prev = state.prev_lq.to(self.device, torch.float32) * 2.0 - 1.0
-                warped = warp(state.prev_hq.to(self.device, torch.float32), twin._flow_with_fallbacks(x, x_prev))
+                warped, _ = twin._warped_previous(x, state)
             y = twin._run_or_tile(z, x, warped)
             self.tile, self.tile_denoise = twin.tile, twin.tile_denoise
             if not bool(torch.isfinite(y).all()):  # never carried into the next frame
                 raise NonFiniteOutputError("the frame is NaN/Inf even in float32: the model weights are broken "
                                            "(check the model folder)")
         return y
+
+    def _warped_previous(self, x: torch.Tensor, state: StreamState, ticket: FlowTicket | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The previous raw output warped onto frame ``x`` ([-1, 1]) by the flow of ``ticket`` or, without one,
+        this pipeline's RAFT; and, for a half-precision RAFT under ``nan_fallback``, whether that flow is finite
+        (a 0-dim tensor, read with the output's check: no host sync here). Checked apart from the output, which
+        such a flow makes NaN: the fallback must recompute the flow, not reuse it, and a float32 U-Net beside a
+        half-precision RAFT must fall back too."""
+        assert state.prev_lq is not None and state.prev_hq is not None
+        if ticket is not None:
+            flow = ticket.result().to(self.device)
+        else:
+            x_prev = state.prev_lq.to(self.device, torch.float32) * 2.0 - 1.0
+            flow = self._flow_with_fallbacks(x, x_prev)
+        flow_ok = torch.isfinite(flow).all() if self.nan_fallback and self.raft_dtype != torch.float32 else None
+        return warp(state.prev_hq.to(self.device, torch.float32), flow), flow_ok
 
     @staticmethod
     def _finite(y: torch.Tensor, flow_ok: torch.Tensor | None) -> bool:

@@ -445,7 +445,8 @@ class RaftFlow(nn.Module):
                           ) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`forward`'s flow and ``current``'s feature map, which the next pair can take as
         ``previous_features`` when its ``previous`` is this ``current`` (one encoder pass saved per frame;
-        ``previous`` is then not needed and may be None). ``parts``: compiled versions of :attr:`parts` to run instead of the eager ones."""
+        ``previous`` is then not needed and may be None). ``parts``: compiled versions of :attr:`parts` to run
+        instead of the eager ones."""
         if corr not in self._blocks:
             raise ValueError(f"corr must be one of {CORR_MODES}, got {corr!r}")
         block = self._blocks[corr]
