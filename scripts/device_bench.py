@@ -211,26 +211,16 @@ class Driver:
         stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         out: dict = dict(lr=[w, h], corr=pipe.corr_for(4 * h, 4 * w))
 
-        def timed(fn) -> tuple[float, torch.Tensor]:
-            times = []
-            for _ in range(reps):
-                sync(self.device)
-                t = time.perf_counter()
-                y = fn()
-                sync(self.device)
-                times.append(1000 * (time.perf_counter() - t))
-            return statistics.median(times), y
-
         try:
             with (torch.inference_mode(), torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext(),
                   pipe_flags(pipe)):
-                out["eager_ms"], eager = timed(lambda: pipe.compute_flow(x, xp))
+                out["eager_ms"], eager = self.timed(lambda: pipe.compute_flow(x, xp), reps)
                 if stream is not None:
                     t = time.perf_counter()
                     graphed = GraphedCall(pipe.compute_flow, x, xp)
                     sync(self.device)
                     out["record_s"] = round(time.perf_counter() - t, 2)
-                    out["graph_ms"], g = timed(lambda: graphed(x, xp))
+                    out["graph_ms"], g = self.timed(lambda: graphed(x, xp), reps)
                     out["graph_max_abs_diff_px"] = float((g - eager).abs().max())
                     del graphed, g
                 if compiled:
@@ -239,7 +229,7 @@ class Driver:
                     pipe.compute_flow(x, xp)  # the compile
                     sync(self.device)
                     out["compile_s"] = round(time.perf_counter() - t, 1)
-                    out["compiled_ms"], c = timed(lambda: pipe.compute_flow(x, xp))
+                    out["compiled_ms"], c = self.timed(lambda: pipe.compute_flow(x, xp), reps)
                     out["compiled_max_abs_diff_px"] = float((c - eager).abs().max())
         finally:
             pipe = None  # drop the weights before the next step
@@ -247,6 +237,17 @@ class Driver:
         self.raft[f"{size}, compiled too" if compiled else size] = out
         self.log(f"flow graph {size}: {out}")
         self.save()
+
+    def timed(self, fn: Callable[[], torch.Tensor], reps: int) -> tuple[float, torch.Tensor]:
+        """Median ms of ``reps`` synchronised calls of ``fn``, and its last result."""
+        times = []
+        for _ in range(reps):
+            sync(self.device)
+            t = time.perf_counter()
+            y = fn()
+            sync(self.device)
+            times.append(1000 * (time.perf_counter() - t))
+        return statistics.median(times), y
 
     def raft_precision(self, size: str, reps: int = 10) -> None:
         """RAFT alone at ``size``, compiled as ``compile_flow`` compiles it, with its networks in float32 (the
@@ -265,14 +266,7 @@ class Driver:
                     view.compute_flow(x, xp)  # the compile
                     sync(self.device)
                     out[f"{name}_compile_s"] = round(time.perf_counter() - t, 1)
-                    times = []
-                    for _ in range(reps):
-                        sync(self.device)
-                        t = time.perf_counter()
-                        flows[name] = view.compute_flow(x, xp)
-                        sync(self.device)
-                        times.append(1000 * (time.perf_counter() - t))
-                    out[f"{name}_ms"] = statistics.median(times)
+                    out[f"{name}_ms"], flows[name] = self.timed(lambda v=view: v.compute_flow(x, xp), reps)
                 moved = (flows["float16"] - flows["float32"]).abs()
                 out["max_abs_diff_px"], out["mean_abs_diff_px"] = float(moved.max()), float(moved.mean())
         finally:
