@@ -42,8 +42,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vsstreamdiffvsr import StreamDiffVSR, StreamState  # noqa: E402
-from vsstreamdiffvsr.pipeline import (COMPILE_MODES, DEFAULT_COMPILE_MODE, _compile_flow, default_dtype,  # noqa: E402
-                                      parse_dtype, resolve_corr)
+from vsstreamdiffvsr.options import (COMPILE_MODES, DEFAULT_COMPILE_MODE, default_dtype, parse_dtype,  # noqa: E402
+                                     resolve_compile_flow, resolve_corr)
 
 FULL_UNET = dict(
     in_channels=7, out_channels=4, block_out_channels=(256, 512, 512, 1024), layers_per_block=2,
@@ -89,7 +89,7 @@ def build(components: dict, device: torch.device, dtype: torch.dtype, **options)
     compile_ = options.pop("compile", False)
     vae_dtype = options.pop("vae_dtype", None) or torch.float32
     compile_mode = options.pop("compile_mode", DEFAULT_COMPILE_MODE)
-    compile_flow = _compile_flow(options.pop("compile_flow", None), compile_, device)
+    compile_flow = resolve_compile_flow(options.pop("compile_flow", None), compile_, device)
     upstream_execution = options.pop("upstream_execution", False)
     to = torch.nn.Module.to  # not diffusers' override, which logs a warning for every dtype cast
     pipe = StreamDiffVSR(unet=to(copy.deepcopy(components["unet"]), dtype).eval(),
@@ -326,7 +326,7 @@ def parse_dtypes(text: str) -> list[torch.dtype]:
 
 def raft_label(args: argparse.Namespace, device: torch.device, w: int, h: int) -> str:
     """"RAFT compiled" where the optimized path compiles it (the lean correlation always runs eagerly)."""
-    if not _compile_flow(args.compile_flow, args.compile, device):
+    if not resolve_compile_flow(args.compile_flow, args.compile, device):
         return ""
     rh, rw = (4 * h, 4 * w) if args.flow == "hr" else (h + -h % 8, w + -w % 8)
     return "RAFT compiled" if resolve_corr(args.raft_corr, rh, rw) != "lean" else "RAFT eager (lean correlation)"
@@ -334,7 +334,8 @@ def raft_label(args: argparse.Namespace, device: torch.device, w: int, h: int) -
 
 def check_args(args: argparse.Namespace) -> tuple[int, int]:
     """Every option checked before weights load (minutes on a GPU): ValueError naming the option. (w, h)."""
-    from vsstreamdiffvsr.pipeline import MIN_LR_SIDE, parse_device, parse_raft_dtype
+    from vsstreamdiffvsr.options import parse_device, parse_raft_dtype
+    from vsstreamdiffvsr.pipeline import MIN_LR_SIDE
     from vsstreamdiffvsr.tiling import parse_tile
 
     w, h = parse_lr(args.lr)

@@ -32,7 +32,7 @@ from bench import (  # noqa: E402
     sync, table,
 )
 
-from vsstreamdiffvsr.pipeline import default_dtype  # noqa: E402
+from vsstreamdiffvsr.options import default_dtype  # noqa: E402
 
 OPT = dict(channels_last=None, raft_corr="auto")  # the optimised path's defaults (cuDNN autotune on CUDA)
 HALF = default_dtype(torch.device("cuda"))  # the pipeline's CUDA default (float16); bf16 is measured as a variant

@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from vsstreamdiffvsr import StreamDiffVSR, StreamState
-from vsstreamdiffvsr.accel import GraphedCall
-from vsstreamdiffvsr.pipeline import (CompileFallbackWarning, FlowGraphWarning, PrecisionFallbackWarning,
-                                      TilingFallbackWarning, _own_outputs)
+from vsstreamdiffvsr.accel import GraphedCall, own_outputs
+from vsstreamdiffvsr.errors import (CompileFallbackWarning, FlowGraphWarning, PrecisionFallbackWarning,
+                                    TilingFallbackWarning)
 from vsstreamdiffvsr.tiling import feather_weight, parse_tile, tile_layout
 
 
@@ -133,7 +133,7 @@ def test_a_failing_compiler_leaves_the_pipeline_eager_with_one_warning(pipe: Str
 def test_compile_fallback_passes_on_what_is_not_a_compile_failure() -> None:
     """The model's own errors, and running out of memory while compiling (which the out-of-memory fallback
     handles by tiling), propagate: only a compiler's failure turns the functions eager."""
-    from vsstreamdiffvsr.pipeline import _CompileFallback
+    from vsstreamdiffvsr.accel import CompileFallback
 
     def oom_compiler(gm: torch.fx.GraphModule, example_inputs: list) -> None:
         raise torch.OutOfMemoryError("CUDA out of memory while autotuning")
@@ -149,7 +149,7 @@ def test_compile_fallback_passes_on_what_is_not_a_compile_failure() -> None:
     x = torch.ones(3)
     for backend, error in ((oom_compiler, torch.OutOfMemoryError), (runtime_failure, ValueError)):
         torch._dynamo.reset()
-        fallback = _CompileFallback("a test", "compile=False")
+        fallback = CompileFallback("a test", "compile=False")
         call = fallback.wrap(torch.compile(eager, backend=backend), eager)
         with warnings.catch_warnings():
             warnings.simplefilter("error", CompileFallbackWarning)
@@ -157,7 +157,7 @@ def test_compile_fallback_passes_on_what_is_not_a_compile_failure() -> None:
                 call(x)
         assert not fallback.failed
     torch._dynamo.reset()
-    fallback = _CompileFallback("a test", "compile=False")
+    fallback = CompileFallback("a test", "compile=False")
     call = fallback.wrap(torch.compile(eager, backend=_broken_compiler), eager)
     with pytest.warns(CompileFallbackWarning, match="for a test"):
         assert torch.equal(call(x), eager(x))
@@ -172,15 +172,15 @@ def test_compile_on_cuda_without_triton_is_refused_up_front(monkeypatch: pytest.
     """PyPI's torch for Windows has no Triton: compile=True says so at upscale() time, with the fix."""
     import torch.utils._triton as triton_util
 
-    from vsstreamdiffvsr.pipeline import _check_compiler
+    from vsstreamdiffvsr.accel import check_compiler
 
     monkeypatch.setattr(triton_util, "has_triton", lambda: False)
     with pytest.raises(ValueError, match=r"needs Triton.*triton-windows.*compile=False"):
-        _check_compiler(torch.device("cuda"), "inductor")
-    _check_compiler(torch.device("cpu"), "inductor")  # inductor's CPU code needs no Triton
-    _check_compiler(torch.device("cuda"), "aot_eager")
+        check_compiler(torch.device("cuda"), "inductor")
+    check_compiler(torch.device("cpu"), "inductor")  # inductor's CPU code needs no Triton
+    check_compiler(torch.device("cuda"), "aot_eager")
     monkeypatch.setattr(triton_util, "has_triton", lambda: True)
-    _check_compiler(torch.device("cuda"), "inductor")
+    check_compiler(torch.device("cuda"), "inductor")
 
 
 def test_cuda_graph_modes_mark_steps_and_copy_outputs(pipe: StreamDiffVSR, tmp_path: Path,
@@ -239,13 +239,13 @@ def test_worker_threads_get_cudagraph_tree_state() -> None:
     """torch < 2.13 set the graph trees' thread-local state only on the importing thread (pytorch#123177)."""
     from torch._inductor import cudagraph_trees as trees
 
-    from vsstreamdiffvsr.pipeline import _cudagraph_tree_tls
+    from vsstreamdiffvsr.accel import cudagraph_tree_tls
 
     seen: dict[str, bool] = {}
 
     def probe(key: str, prepare: bool) -> None:
         if prepare:
-            _cudagraph_tree_tls()
+            cudagraph_tree_tls()
         seen[key] = (hasattr(trees.local, "tree_manager_containers")
                      or torch._C._is_key_in_tls("tree_manager_containers"))
         if prepare:
@@ -788,7 +788,7 @@ def test_compiled_decoder_output_is_not_carried_by_reference(pipe: StreamDiffVSR
         shared.copy_(torch.rand(1, 3, 128, 128))
         return shared
 
-    monkeypatch.setattr(view, "_decode", _own_outputs(graph_like_decode))  # as enable_compile wraps it
+    monkeypatch.setattr(view, "_decode", own_outputs(graph_like_decode))  # as enable_compile wraps it
     frames, noises = frames_and_noise(2, 32, 32)
     _, state = view.process_frame(frames[0], StreamState(), noise=noises[0])  # cold: eager decoder
     _, state = view.process_frame(frames[1], state, noise=noises[1])          # warm: the compiled one
@@ -994,11 +994,12 @@ def test_compile_flow_follows_compile_on_cuda_only(tiny_ckpt: Path, pipe: Stream
     """compile_flow=None: RAFT is compiled with the denoising on CUDA; on the CPU only when asked for; an
     explicit False holds for views that compile later."""
     import vsstreamdiffvsr.pipeline as pl
+    from vsstreamdiffvsr.options import resolve_compile_flow
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert pl._compile_flow(None, True, cuda) and not pl._compile_flow(None, False, cuda)
-    assert not pl._compile_flow(None, True, cpu) and pl._compile_flow(True, False, cpu)
-    assert not pl._compile_flow(False, True, cuda)
+    assert resolve_compile_flow(None, True, cuda) and not resolve_compile_flow(None, False, cuda)
+    assert not resolve_compile_flow(None, True, cpu) and resolve_compile_flow(True, False, cpu)
+    assert not resolve_compile_flow(False, True, cuda)
 
     flow_compiles: list[StreamDiffVSR] = []
     monkeypatch.setattr(StreamDiffVSR, "enable_flow_compile", lambda self, **kw: flow_compiles.append(self))
@@ -1009,7 +1010,7 @@ def test_compile_flow_follows_compile_on_cuda_only(tiny_ckpt: Path, pipe: Stream
     monkeypatch.setattr(StreamDiffVSR, "enable_compile", fake_compile)
     # from_pretrained resolves the option it was given, with compile and the device (CUDA faked by the resolver)
     asked: list[tuple] = []
-    monkeypatch.setattr(pl, "_compile_flow", lambda v, c, d: asked.append((v, c, d.type)) or (v is None and c))
+    monkeypatch.setattr(pl, "resolve_compile_flow", lambda v, c, d: asked.append((v, c, d.type)) or (v is None and c))
     loaded = StreamDiffVSR.from_pretrained(tiny_ckpt, device="cpu", compile=True)
     assert asked == [(None, True, "cpu")] and flow_compiles == [loaded] and loaded._compile_flow_opt is None
     monkeypatch.undo()
@@ -1142,7 +1143,7 @@ def test_compile_cache_tells_the_users_setting_from_torchs_default(tmp_path: Pat
 
 
 def test_nan_noise_is_refused_before_it_poisons_the_stream(pipe: StreamDiffVSR) -> None:
-    from vsstreamdiffvsr.pipeline import NonFiniteInputError
+    from vsstreamdiffvsr.errors import NonFiniteInputError
 
     frames, noises = frames_and_noise(1, 32, 32)
     bad = noises[0].clone()
@@ -1179,7 +1180,7 @@ def test_half_precision_vae_frames_fall_back_too(tiny_ckpt: Path, pipe: StreamDi
 
 def test_a_frame_nan_even_in_float32_is_an_error_not_a_state(tiny_ckpt: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    from vsstreamdiffvsr.pipeline import NonFiniteOutputError
+    from vsstreamdiffvsr.errors import NonFiniteOutputError
 
     half = StreamDiffVSR.from_pretrained(tiny_ckpt, device="cpu", dtype="bfloat16")
     monkeypatch.setattr(StreamDiffVSR, "_run_or_tile",
@@ -1211,10 +1212,10 @@ def test_bad_calls_are_plain_value_errors(pipe: StreamDiffVSR, call, needle: str
 
 def test_a_graphed_call_under_the_models_lock_is_an_error_not_a_deadlock(pipe: StreamDiffVSR) -> None:
     """The worker thread takes the model's lock; a caller already holding it would wait forever."""
-    from vsstreamdiffvsr.pipeline import _Worker
+    from vsstreamdiffvsr.accel import Worker
 
     graphed = pipe.with_options()
-    graphed._worker = _Worker(torch.device("cpu"))  # as compile_mode="reduce-overhead" sets it
+    graphed._worker = Worker(torch.device("cpu"))  # as compile_mode="reduce-overhead" sets it
     frames, noises = frames_and_noise(1, 32, 32)
     outcome = []
 

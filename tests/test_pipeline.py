@@ -317,7 +317,7 @@ def test_from_pretrained_bad_dtype(tiny_ckpt: Path, dtype: object) -> None:
 
 def test_from_pretrained_default_dtype_follows_the_device(tiny_ckpt: Path) -> None:
     """No dtype: float32 on the CPU (as upscale() does), where half-precision kernels are the slow ones."""
-    from vsstreamdiffvsr.pipeline import default_dtype
+    from vsstreamdiffvsr.options import default_dtype
 
     pipe = StreamDiffVSR.from_pretrained(tiny_ckpt, device="cpu")
     assert pipe.dtype == torch.float32 and next(pipe.unet.parameters()).dtype == torch.float32

@@ -1,17 +1,24 @@
-"""Speed tools that live outside the model code: the on-disk compile cache, cuDNN/TF32 flags, graphed calls."""
+"""Speed tools that live outside the model code: the on-disk compile cache, cuDNN/TF32 flags, graphed calls,
+the eager fallback of compiled functions and the one thread per GPU that replays torch.compile's CUDA graphs."""
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import contextlib
 import os
 import threading
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["compile_cache", "run_flags", "GraphedCall"]
+from .errors import CompileFallbackWarning
+
+__all__ = ["compile_cache", "run_flags", "GraphedCall", "Worker", "CompileFallback", "check_compiler", "own_outputs",
+           "cudagraph_tree_tls", "is_compile_failure"]
 
 
 #: the user's own TORCHINDUCTOR_CACHE_DIR, read at import: torch writes its /tmp default into the environment
@@ -140,3 +147,135 @@ class GraphedCall:
 
     def _replay(self) -> None:
         self.graph.replay()
+
+
+class Worker:
+    """One thread that runs graphed pipelines' frames (calls from that thread itself run in place).
+
+    One per device for the whole process (:meth:`for_device`): every pipeline compiled with CUDA graphs on
+    a device shares one tree of graphs and one memory pool instead of recording its own on a thread of
+    its own.
+    """
+
+    _by_device: dict[torch.device, "Worker"] = {}
+    _lock = threading.Lock()
+
+    @classmethod
+    def for_device(cls, device: torch.device) -> "Worker":
+        if device.type == "cuda" and device.index is None:  # "cuda" and "cuda:0": one device, one worker
+            device = torch.device("cuda", torch.cuda.current_device())
+        with cls._lock:
+            if device not in cls._by_device:
+                cls._by_device[device] = cls(device)
+            return cls._by_device[device]
+
+    def __init__(self, device: torch.device) -> None:
+        self._ident: int | None = None
+        self._device = device
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="vsstreamdiffvsr",
+                                                           initializer=self._started)
+
+    def _started(self) -> None:
+        self._ident = threading.get_ident()
+        if self._device.type == "cuda" and self._device.index is not None:
+            torch.cuda.set_device(self._device)  # graph capture and syncs without a device use the current one
+        cudagraph_tree_tls()
+
+    @property
+    def thread_name(self) -> str | None:
+        return next((t.name for t in threading.enumerate() if t.ident == self._ident), None)
+
+    def on_it(self) -> bool:
+        return threading.get_ident() == self._ident
+
+    def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return self._pool.submit(fn, *args).result()
+
+
+def cudagraph_tree_tls() -> None:
+    """Give this thread the thread-local state torch.compile's CUDA-graph trees look up.
+
+    torch before 2.13 sets it up only on the thread that first imports the module (and on autograd's
+    threads): on any other Python thread a graphed call fails on an assertion (pytorch#123177; seen on
+    torch 2.11 as soon as a second pipeline's worker compiled). Later torch does this lazily itself.
+    """
+    try:
+        from torch._inductor import cudagraph_trees as trees
+    except Exception:  # an inductor without the module: nothing to prepare
+        return
+    if hasattr(trees.local, "tree_manager_containers") or torch._C._is_key_in_tls("tree_manager_containers"):
+        return
+    trees.local.tree_manager_containers = {}
+    trees.local.tree_manager_locks = collections.defaultdict(threading.Lock)
+
+
+def check_compiler(device: torch.device, backend: Any) -> None:
+    """Up front, rather than as a compiler traceback at the second frame: inductor on CUDA needs Triton, which
+    PyPI's torch for Windows does not bring, and which needs a GPU of compute capability 7.0 or newer."""
+    if device.type != "cuda" or backend != "inductor":
+        return
+    try:
+        from torch.utils._triton import has_triton
+    except ImportError:  # a torch without the helper: the compile's own error, if any, is left to speak
+        return
+    if not has_triton():
+        raise ValueError("torch.compile on CUDA (compile=True, compile_flow=True) needs Triton, which this torch "
+                         "installation lacks or cannot use with this GPU (compute capability 7.0 or newer is "
+                         "needed); install it (pip install triton, on Windows triton-windows) or leave compiling "
+                         "off (compile=False, compile_flow=False)")
+
+
+class CompileFallback:
+    """The functions of one compile set, each with its eager original: the first compile failure among them
+    (a compiler or Triton problem on this machine) warns once and turns them all eager for good.
+
+    Out-of-memory errors are not compile failures: they propagate, for the out-of-memory fallback to tile.
+    """
+
+    def __init__(self, what: str, off: str) -> None:
+        self.what, self.off = what, off  # what is compiled; the option that turns its compile off
+        self.failed = False
+
+    def wrap(self, compiled: Callable[..., Any], eager: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if not self.failed:
+                try:
+                    return compiled(*args, **kwargs)
+                except torch.OutOfMemoryError:
+                    raise
+                except Exception as exc:
+                    if not is_compile_failure(exc):
+                        raise
+                    inner = getattr(exc, "inner_exception", None)
+                    if isinstance(inner, torch.OutOfMemoryError):
+                        raise inner from exc
+                    self.failed = True
+                    reason = (str(inner or exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+                    warnings.warn(f"vsstreamdiffvsr: torch.compile failed for {self.what} ({reason}); running it "
+                                  f"eagerly from now on (same result, slower; {self.off} skips the attempt)",
+                                  CompileFallbackWarning, stacklevel=2)
+            return eager(*args, **kwargs)
+
+        return call
+
+
+def is_compile_failure(exc: BaseException) -> bool:
+    """A compiler's failure (inductor, Triton, a C++ compiler; dynamo's own bugs), not the model's."""
+    from torch._dynamo import exc as dynamo_exc
+
+    return isinstance(exc, (dynamo_exc.BackendCompilerFailed, dynamo_exc.InternalTorchDynamoError))
+
+
+def own_outputs(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """For CUDA-graph compile modes: each call starts a new graph generation and returns copies.
+
+    A replayed graph writes its outputs into memory that the next replay (of any graph in the tree) may
+    reuse; our outputs are small next to the work (a latent, TPM features, one HR frame), so copying them
+    makes every result safe to keep, in any order of calls.
+    """
+    def call(*args: Any) -> Any:
+        torch.compiler.cudagraph_mark_step_begin()
+        out = fn(*args)
+        return [t.clone() for t in out] if isinstance(out, (list, tuple)) else out.clone()
+
+    return call

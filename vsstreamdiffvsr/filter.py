@@ -20,8 +20,9 @@ import torch
 import torch.nn.functional as F
 import vapoursynth as vs
 
-from .pipeline import (DEFAULT_COMPILE_MODE, MIN_LR_SIDE, FlowTicket, NonFiniteInputError, StreamDiffVSR,
-                       default_dtype, parse_device, parse_dtype)
+from .errors import NonFiniteInputError
+from .options import DEFAULT_COMPILE_MODE, default_dtype, parse_device, parse_dtype
+from .pipeline import MIN_LR_SIDE, FlowTicket, StreamDiffVSR
 from .producer import OrderedProducer, SourceFrame, frame_noise
 from .state import StreamState
 

@@ -14,8 +14,6 @@ One call of :meth:`StreamDiffVSR.process_frame` is one frame of the reference pi
 
 from __future__ import annotations
 
-import collections
-import concurrent.futures
 import contextlib
 import copy
 import functools
@@ -31,11 +29,17 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .accel import GraphedCall, compile_cache, run_flags
-from .models.flow import CORR_MODES, MIN_FLOW_SIDE, RaftFlow, RaftParts, bicubic_x4, corr_pyramid_bytes, warp
+from .accel import CompileFallback, GraphedCall, Worker, check_compiler, compile_cache, own_outputs, run_flags
+from .errors import (CompileFallbackWarning, FlowGraphWarning, NonFiniteInputError, NonFiniteOutputError,
+                     PrecisionFallbackWarning, TilingFallbackWarning)
+from .models.flow import MIN_FLOW_SIDE, RaftFlow, RaftParts, bicubic_x4, warp
+from .options import (COMPILE_MODES, CUDA_GRAPH_MODES, DEFAULT_COMPILE_MODE, FLOW_MODES, RAFT_CORR_MODES,
+                      check_graph_flow, check_overlap, check_tiling, choice, default_dtype, dtype_name, parse_device,
+                      parse_dtype, parse_raft_dtype, resolve_compile_flow, resolve_corr)
 from .state import StreamState
-from .tiling import Tile, crop_layout, feather_weight, parse_tile, tile_layout
+from .tiling import Tile, crop_layout, feather_weight, halve, parse_tile, tile_layout, within
 
+# the exceptions and warnings are part of this module's face (they were defined here first)
 __all__ = ["StreamDiffVSR", "FlowTicket", "MIN_LR_SIDE", "NUM_INFERENCE_STEPS", "NonFiniteInputError",
            "NonFiniteOutputError", "PrecisionFallbackWarning", "TilingFallbackWarning", "FlowGraphWarning",
            "CompileFallbackWarning"]
@@ -44,20 +48,6 @@ __all__ = ["StreamDiffVSR", "FlowTicket", "MIN_LR_SIDE", "NUM_INFERENCE_STEPS", 
 MIN_LR_SIDE = MIN_FLOW_SIDE // 4
 NUM_INFERENCE_STEPS = 4
 
-FLOW_MODES = ("hr", "lr")
-#: torch.compile modes we accept
-COMPILE_MODES = ("reduce-overhead", "default", "max-autotune", "max-autotune-no-cudagraphs")
-#: torch.compile modes that replay CUDA graphs
-CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
-#: compile=True's mode: CUDA graphs (on an H100 at 720p, 81 ms per frame's denoise+decode vs 128 ms for
-#: "default"; scripts/bench.py)
-DEFAULT_COMPILE_MODE = "reduce-overhead"
-RAFT_CORR_MODES = ("auto", *CORR_MODES)
-#: raft_corr="auto" keeps the reference's float32 pyramid up to this size (1.1 GB at 720p output, 5.6 GB at
-#: 1080p, 88 GB at 4K), stores it in float16 up to HALF_CORR_MAX (2.8 GB at 1080p), and above that uses
-#: the lean correlation (no pyramid).
-FULL_CORR_MAX = 2 * 2**30
-HALF_CORR_MAX = 4 * 2**30
 #: LR tile used when a frame does not fit in GPU memory and no tile size was given (720p output per tile).
 AUTO_TILE = (192, 320)
 #: LR pixels of context around each tile of the HR stages, computed and cropped away (at most a quarter of
@@ -67,90 +57,8 @@ AUTO_TILE = (192, 320)
 TILE_MARGIN = 32
 
 
-class NonFiniteInputError(ValueError):
-    """The input frame holds NaN or infinite values."""
-
-
-class NonFiniteOutputError(RuntimeError):
-    """A frame came out NaN/Inf even when recomputed in float32: the weights (or the noise) are broken."""
-
-
-class PrecisionFallbackWarning(RuntimeWarning):
-    """A half-precision frame produced NaN/Inf and was recomputed in float32."""
-
-
 class _DenoiseOutOfMemory(torch.OutOfMemoryError):
     """The whole-latent denoising of a frame with tiled HR stages ran out of memory (not a tile)."""
-
-
-class TilingFallbackWarning(RuntimeWarning):
-    """A frame ran out of GPU memory and was recomputed in tiles."""
-
-
-class FlowGraphWarning(RuntimeWarning):
-    """RAFT could not be recorded as a CUDA graph; its flow is computed eagerly (same numbers, slower)."""
-
-
-class CompileFallbackWarning(RuntimeWarning):
-    """``torch.compile`` failed for a part of the pipeline, which runs eagerly from then on (same numbers)."""
-
-
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
-
-
-def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    """torch dtype from a dtype or a name (``"float32"``, ``"bfloat16"``, ``"float16"`` and short forms)."""
-    if isinstance(dtype, torch.dtype):
-        if dtype in (torch.float32, torch.bfloat16, torch.float16):
-            return dtype
-    elif isinstance(dtype, str) and dtype.lower() in _DTYPES:
-        return _DTYPES[dtype.lower()]
-    raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
-
-
-def parse_raft_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
-    """The ``raft_dtype`` option: None = float32 (the reference), else as :func:`parse_dtype`."""
-    if dtype is None:
-        return torch.float32
-    try:
-        return parse_dtype(dtype)
-    except ValueError:
-        raise ValueError(f"raft_dtype must be None, float32, float16 or bfloat16, got {dtype!r}") from None
-
-
-def _name(dtype: torch.dtype) -> str:
-    """``torch.float16`` -> ``"float16"``, for messages."""
-    return str(dtype).removeprefix("torch.")
-
-
-def default_dtype(device: torch.device) -> torch.dtype:
-    """The U-Net/ControlNet precision when none is asked for: float16 on CUDA, float32 elsewhere (CPU
-    half-precision kernels are slower than float32 ones).
-
-    float16 rather than bfloat16: the same tensor-core rate on the GPUs this targets, three more mantissa
-    bits (69 against 51 dB PSNR to float32 on calibrated random weights), and the precision of the fp16
-    engines the reference's TensorRT acceleration path builds. A frame that overflows float16's range comes back
-    NaN/Inf and is recomputed in float32 (``nan_fallback``); ``dtype="bfloat16"`` cannot overflow.
-    """
-    return torch.float16 if device.type == "cuda" else torch.float32
-
-
-def parse_device(device: torch.device | str) -> torch.device:
-    """torch device, checked to exist (a clear error instead of a CUDA init traceback)."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"device must be like 'cuda', 'cuda:1' or 'cpu', got {device!r}") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("CUDA is not available (no GPU, or a CPU-only torch build); pass device='cpu' "
-                             "or install torch with CUDA")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"device {dev} does not exist: this machine has {torch.cuda.device_count()} GPU(s)")
-    elif dev.type not in ("cpu", "mps", "xpu"):
-        raise ValueError(f"unsupported device {dev}")
-    return dev
 
 
 @dataclass
@@ -191,19 +99,19 @@ class StreamDiffVSR:
                  raft_dtype: torch.dtype | str | None = None) -> None:
         self.device = device
         self.dtype = dtype
-        self.flow_mode = _choice("flow", flow, FLOW_MODES)
-        self.raft_corr = _choice("raft_corr", raft_corr, RAFT_CORR_MODES)
+        self.flow_mode = choice("flow", flow, FLOW_MODES)
+        self.raft_corr = choice("raft_corr", raft_corr, RAFT_CORR_MODES)
         self.tile = parse_tile(tile)
-        self.tile_overlap = _overlap(tile_overlap)
+        self.tile_overlap = check_overlap(tile_overlap)
         #: with tiles: also run the 4 denoising steps per tile (feathered), not on the whole LR latent
-        self.tile_denoise = _check_tiling(self.tile, self.tile_overlap, tile_denoise)
+        self.tile_denoise = check_tiling(self.tile, self.tile_overlap, tile_denoise)
         self.oom_fallback = oom_fallback
         self.nan_fallback = nan_fallback
         self.channels_last = (device.type == "cuda") if channels_last is None else bool(channels_last)
         self._fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         self.cudnn_benchmark = cudnn_benchmark  # None: see the property
         self.tf32 = device.type == "cuda"  # float32 matmuls as the reference runs them (TF32)
-        self.graph_flow = _graph_flow(graph_flow, device)
+        self.graph_flow = check_graph_flow(graph_flow, device)
         self.unet = unet.to(device, memory_format=self._fmt)
         self.controlnet = controlnet.to(device, memory_format=self._fmt)
         #: the ControlNet's conditioning embedding, run once per frame (see _split_cond_embedding)
@@ -243,7 +151,7 @@ class StreamDiffVSR:
         # RAFT's flow_and_features as compute_flow calls it: eager, or compiled (enable_flow_compile), in
         # raft_dtype (_raft_entry)
         self._raft: Callable[..., tuple[torch.Tensor, torch.Tensor]] = self._raft_entry()
-        self._worker: _Worker | None = None
+        self._worker: Worker | None = None
         # compiled functions by (mode, backend), RAFT's by ("raft", backend, raft_dtype), shared with every
         # with_options view of this pipeline (a shallow copy shares the dict): upscale() called again, or a script
         # reloaded in vspreview, reuses them and their CUDA graphs instead of compiling and recording anew
@@ -340,7 +248,7 @@ class StreamDiffVSR:
 
         dev = parse_device(device)
         dt = parse_dtype(dtype if dtype is not None else default_dtype(dev))
-        _choice("compile_mode", compile_mode, COMPILE_MODES)
+        choice("compile_mode", compile_mode, COMPILE_MODES)
         # RAFT is checked by loading it, first: its ~20 MB are read once, and still before the large files
         root = weights.validate_model_dir(model_dir, need_raft=False)
         raft = weights.load_raft(root)
@@ -356,7 +264,7 @@ class StreamDiffVSR:
         if compile:
             pipe.enable_compile(mode=compile_mode, cache_dir=compile_cache_dir)
         pipe._compile_flow_opt = compile_flow
-        if _compile_flow(compile_flow, compile, dev):
+        if resolve_compile_flow(compile_flow, compile, dev):
             pipe.enable_flow_compile(cache_dir=compile_cache_dir)
         return pipe
 
@@ -374,29 +282,29 @@ class StreamDiffVSR:
         ``compile_flow=None`` on a view that compiles a pipeline not compiled before follows ``compile``, as in
         :meth:`from_pretrained`, unless the pipeline was given ``compile_flow=False``.
         """
-        _choice("compile_mode", compile_mode, COMPILE_MODES)
+        choice("compile_mode", compile_mode, COMPILE_MODES)
         view = copy.copy(self)
         view.stats = dict.fromkeys(self.stats, 0)
         view._fp32_twin = None
         if flow is not None:
-            view.flow_mode = _choice("flow", flow, FLOW_MODES)
+            view.flow_mode = choice("flow", flow, FLOW_MODES)
         if tile != "keep":
             view.tile = parse_tile(tile)  # type: ignore[arg-type]
             view.tile_denoise = False  # a new tile size starts from the whole-latent denoising
         if tile_denoise is not None:
             view.tile_denoise = tile_denoise
         if tile_overlap is not None:
-            view.tile_overlap = _overlap(tile_overlap)
+            view.tile_overlap = check_overlap(tile_overlap)
         if tile != "keep" or tile_overlap is not None or tile_denoise is not None:
             # only what is asked for here: a tile the out-of-memory fallback shrank may sit under the overlap
             # (tile_layout caps it), and a view of that pipeline must not fail for it
-            view.tile_denoise = _check_tiling(view.tile, view.tile_overlap, view.tile_denoise)
+            view.tile_denoise = check_tiling(view.tile, view.tile_overlap, view.tile_denoise)
         if raft_corr is not None:
-            view.raft_corr = _choice("raft_corr", raft_corr, RAFT_CORR_MODES)
+            view.raft_corr = choice("raft_corr", raft_corr, RAFT_CORR_MODES)
         if raft_dtype is not None:
             view.raft_dtype = parse_raft_dtype(raft_dtype)
         if graph_flow is not None:
-            view.graph_flow = _graph_flow(graph_flow, self.device)
+            view.graph_flow = check_graph_flow(graph_flow, self.device)
         if oom_fallback is not None:
             view.oom_fallback = oom_fallback
         if nan_fallback is not None:
@@ -406,7 +314,7 @@ class StreamDiffVSR:
         if compile_flow is not None:
             view._compile_flow_opt = compile_flow
         elif compile and not self.compiled and self._compile_flow_opt is None:
-            compile_flow = _compile_flow(None, True, self.device)  # compiling now: RAFT too, unless told not to
+            compile_flow = resolve_compile_flow(None, True, self.device)  # compiling now: RAFT too, unless told not to
         if compile_flow and not self.compile_flow:
             view.enable_flow_compile(cache_dir=compile_cache_dir)
         elif compile_flow is False:
@@ -423,27 +331,27 @@ class StreamDiffVSR:
         Kernels are cached on disk (``cache_dir``, default ``<user cache>/inductor``), so only the first
         run on a machine pays the full compile time.
         """
-        _choice("compile_mode", mode, COMPILE_MODES)
-        _check_compiler(self.device, backend)
+        choice("compile_mode", mode, COMPILE_MODES)
+        check_compiler(self.device, backend)
         compile_cache(cache_dir)
         opts = dict(mode=mode, dynamic=False, backend=backend, fullgraph=False)
         if backend != "inductor":
             opts.pop("mode")
         key = (mode, backend)
         if key not in self._compiled_sets:
-            graphs = _own_outputs if mode in CUDA_GRAPH_MODES else (lambda fn: fn)
-            fallback = _CompileFallback("the denoising", "compile=False")
+            graphs = own_outputs if mode in CUDA_GRAPH_MODES else (lambda fn: fn)
+            fallback = CompileFallback("the denoising", "compile=False")
 
             def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
                 return fallback.wrap(graphs(torch.compile(fn, **opts)), fn)
 
             # torch's CUDA-graph trees are per thread: graphs recorded on one VapourSynth worker thread would
             # be recorded again, each with its own memory pool, on every other one. All frames of graphed
-            # pipelines therefore run on one thread per device (_Worker.for_device).
+            # pipelines therefore run on one thread per device (Worker.for_device).
             self._compiled_sets[key] = (wrap(self._eager_step_warm), wrap(self.vae.decode),
                                         wrap(self.vae.temporal_features),
                                         wrap(self.cond_embedding) if self.cond_embedding else _unchanged,
-                                        _Worker.for_device(self.device) if mode in CUDA_GRAPH_MODES else None)
+                                        Worker.for_device(self.device) if mode in CUDA_GRAPH_MODES else None)
         self._step_warm, self._decode, self._features, self._embed, self._worker = self._compiled_sets[key]
         self.compiled = True
         self.compile_mode = mode
@@ -454,7 +362,7 @@ class StreamDiffVSR:
         Never CUDA graphs: the flow runs on a side stream while the denoising's graphs replay, and graph trees
         share one memory pool per thread, which two streams must not use at once.
         """
-        _check_compiler(self.device, backend)
+        check_compiler(self.device, backend)
         compile_cache(cache_dir)
         self._flow_backend = backend
         self.compile_flow = True
@@ -481,7 +389,7 @@ class StreamDiffVSR:
                 opts["mode"] = "default"
             # each part on its own (RaftParts): the update compiles once and runs 12 times, instead of a graph
             # with the 12 updates unrolled, which took most of a cold compile's time
-            fallback = _CompileFallback("the optical flow", "compile_flow=False")
+            fallback = CompileFallback("the optical flow", "compile_flow=False")
             parts = RaftParts._make(fallback.wrap(torch.compile(fn, **opts), fn) for fn in net.parts)
             self._compiled_sets[key] = (functools.partial(net.flow_and_features, parts=parts),)
         return self._compiled_sets[key][0]
@@ -578,7 +486,7 @@ class StreamDiffVSR:
         own = not eager and corr is None and use != "lean"
         raft = self._raft if own else self._raft_net().flow_and_features
         if own and self.compile_flow:
-            precision = "" if self.raft_dtype == torch.float32 else f", {_name(self.raft_dtype)}"
+            precision = "" if self.raft_dtype == torch.float32 else f", {dtype_name(self.raft_dtype)}"
             self._announce_compile(tuple(x.shape[-2:]),
                                    what=f"{use} correlation, RAFT at {mode.upper()}{precision}")
         flow, features = raft(a, b, corr=use, previous_features=previous_features)
@@ -619,7 +527,7 @@ class StreamDiffVSR:
 
     def _denoise_decode(self, z: torch.Tensor, x: torch.Tensor, warped: torch.Tensor | None) -> torch.Tensor:
         """TPM features of ``warped``, 4 DDIM steps, decode: raw y as float32 (CUDA-graph outputs come back as
-        copies, :func:`_own_outputs`, so y is safe to carry)."""
+        copies, :func:`own_outputs`, so y is safe to carry)."""
         if warped is None:
             return self.vae.decode(self.denoise(z, x, None).to(self.vae_dtype), None).float()
         feats = self._features(warped.to(self.vae_dtype))
@@ -683,7 +591,7 @@ class StreamDiffVSR:
             feats = None if warped is None else self._features(warped[(..., *t.hr())].to(self.vae_dtype))
             decode = self._decode if feats is not None else self.vae.decode  # cold frames stay eager
             out = decode(latent[(..., *t.lr())], feats)
-            y[(..., *core.hr())] = out[(..., *_within(core, t, 4))].float()
+            y[(..., *core.hr())] = out[(..., *within(core, t, 4))].float()
             del feats, out  # before the next tile's are made: one tile's features at a time
         return y
 
@@ -696,7 +604,7 @@ class StreamDiffVSR:
                 h, w = warped.shape[-2] // 4, warped.shape[-1] // 4
                 out = torch.empty(1, e.shape[1], h, w, device=e.device, dtype=e.dtype).contiguous(
                     memory_format=self._fmt)
-            out[(..., *core.lr())] = e[(..., *_within(core, t, 1))]
+            out[(..., *core.lr())] = e[(..., *within(core, t, 1))]
             del e
         assert out is not None
         return out
@@ -778,10 +686,10 @@ class StreamDiffVSR:
                 tile = AUTO_TILE
             elif in_denoise and not tile_denoise:
                 tile_denoise = True
-            elif _halve(tile) == tile:
+            elif halve(tile) == tile:
                 return None
             else:
-                tile = _halve(tile)
+                tile = halve(tile)
             if len(self._tiles(h, w, tile, tile_denoise)) > 1:
                 return tile, tile_denoise
 
@@ -980,12 +888,12 @@ class StreamDiffVSR:
         y = self._run_or_tile(z, x, warped)
         if on_enqueued is not None:
             on_enqueued()  # before the NaN check below makes the host wait for the GPU
-        half = [f"{what} {_name(dt)}" for what, dt in
+        half = [f"{what} {dtype_name(dt)}" for what, dt in
                 (("U-Net/ControlNet", self.dtype), ("tiny VAE", self.vae_dtype)) if dt != torch.float32]
         if self.nan_fallback and (half or flow_ok is not None) and not self._finite(y, flow_ok):
             bad_flow = flow_ok is not None and not bool(flow_ok)
             if bad_flow:
-                what = f"RAFT {_name(self.raft_dtype)} produced a NaN/Inf flow"
+                what = f"RAFT {dtype_name(self.raft_dtype)} produced a NaN/Inf flow"
             else:
                 what = f"{' and '.join(half) or 'the model'} produced NaN/Inf"
             self.stats["nan_fallbacks"] += 1
@@ -1061,49 +969,6 @@ class StreamDiffVSR:
         return self._run_shrinking_tiles(z, x, warped, in_denoise, error)
 
 
-class _Worker:
-    """One thread that runs graphed pipelines' frames (calls from that thread itself run in place).
-
-    One per device for the whole process (:meth:`for_device`): every pipeline compiled with CUDA graphs on
-    a device shares one tree of graphs and one memory pool instead of recording its own on a thread of
-    its own.
-    """
-
-    _by_device: dict[torch.device, "_Worker"] = {}
-    _lock = threading.Lock()
-
-    @classmethod
-    def for_device(cls, device: torch.device) -> "_Worker":
-        if device.type == "cuda" and device.index is None:  # "cuda" and "cuda:0": one device, one worker
-            device = torch.device("cuda", torch.cuda.current_device())
-        with cls._lock:
-            if device not in cls._by_device:
-                cls._by_device[device] = cls(device)
-            return cls._by_device[device]
-
-    def __init__(self, device: torch.device) -> None:
-        self._ident: int | None = None
-        self._device = device
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="vsstreamdiffvsr",
-                                                           initializer=self._started)
-
-    def _started(self) -> None:
-        self._ident = threading.get_ident()
-        if self._device.type == "cuda" and self._device.index is not None:
-            torch.cuda.set_device(self._device)  # graph capture and syncs without a device use the current one
-        _cudagraph_tree_tls()
-
-    @property
-    def thread_name(self) -> str | None:
-        return next((t.name for t in threading.enumerate() if t.ident == self._ident), None)
-
-    def on_it(self) -> bool:
-        return threading.get_ident() == self._ident
-
-    def run(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return self._pool.submit(fn, *args).result()
-
-
 def _split_cond_embedding(controlnet: torch.nn.Module) -> torch.nn.Module | None:
     """Take the conditioning embedding out of a diffusers ControlNet, to run it once per frame; returns it.
 
@@ -1126,157 +991,9 @@ def _unchanged(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _cudagraph_tree_tls() -> None:
-    """Give this thread the thread-local state torch.compile's CUDA-graph trees look up.
-
-    torch before 2.13 sets it up only on the thread that first imports the module (and on autograd's
-    threads): on any other Python thread a graphed call fails on an assertion (pytorch#123177; seen on
-    torch 2.11 as soon as a second pipeline's worker compiled). Later torch does this lazily itself.
-    """
-    try:
-        from torch._inductor import cudagraph_trees as trees
-    except Exception:  # an inductor without the module: nothing to prepare
-        return
-    if hasattr(trees.local, "tree_manager_containers") or torch._C._is_key_in_tls("tree_manager_containers"):
-        return
-    trees.local.tree_manager_containers = {}
-    trees.local.tree_manager_locks = collections.defaultdict(threading.Lock)
-
-
-def _check_compiler(device: torch.device, backend: Any) -> None:
-    """Up front, rather than as a compiler traceback at the second frame: inductor on CUDA needs Triton, which
-    PyPI's torch for Windows does not bring, and which needs a GPU of compute capability 7.0 or newer."""
-    if device.type != "cuda" or backend != "inductor":
-        return
-    try:
-        from torch.utils._triton import has_triton
-    except ImportError:  # a torch without the helper: the compile's own error, if any, is left to speak
-        return
-    if not has_triton():
-        raise ValueError("torch.compile on CUDA (compile=True, compile_flow=True) needs Triton, which this torch "
-                         "installation lacks or cannot use with this GPU (compute capability 7.0 or newer is "
-                         "needed); install it (pip install triton, on Windows triton-windows) or leave compiling "
-                         "off (compile=False, compile_flow=False)")
-
-
-class _CompileFallback:
-    """The functions of one compile set, each with its eager original: the first compile failure among them
-    (a compiler or Triton problem on this machine) warns once and turns them all eager for good.
-
-    Out-of-memory errors are not compile failures: they propagate, for the out-of-memory fallback to tile.
-    """
-
-    def __init__(self, what: str, off: str) -> None:
-        self.what, self.off = what, off  # what is compiled; the option that turns its compile off
-        self.failed = False
-
-    def wrap(self, compiled: Callable[..., Any], eager: Callable[..., Any]) -> Callable[..., Any]:
-        def call(*args: Any, **kwargs: Any) -> Any:
-            if not self.failed:
-                try:
-                    return compiled(*args, **kwargs)
-                except torch.OutOfMemoryError:
-                    raise
-                except Exception as exc:
-                    if not _is_compile_failure(exc):
-                        raise
-                    inner = getattr(exc, "inner_exception", None)
-                    if isinstance(inner, torch.OutOfMemoryError):
-                        raise inner from exc
-                    self.failed = True
-                    reason = (str(inner or exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-                    warnings.warn(f"vsstreamdiffvsr: torch.compile failed for {self.what} ({reason}); running it "
-                                  f"eagerly from now on (same result, slower; {self.off} skips the attempt)",
-                                  CompileFallbackWarning, stacklevel=2)
-            return eager(*args, **kwargs)
-
-        return call
-
-
-def _is_compile_failure(exc: BaseException) -> bool:
-    """A compiler's failure (inductor, Triton, a C++ compiler; dynamo's own bugs), not the model's."""
-    from torch._dynamo import exc as dynamo_exc
-
-    return isinstance(exc, (dynamo_exc.BackendCompilerFailed, dynamo_exc.InternalTorchDynamoError))
-
-
-def _own_outputs(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """For CUDA-graph compile modes: each call starts a new graph generation and returns copies.
-
-    A replayed graph writes its outputs into memory that the next replay (of any graph in the tree) may
-    reuse; our outputs are small next to the work (a latent, TPM features, one HR frame), so copying them
-    makes every result safe to keep, in any order of calls.
-    """
-    def call(*args: Any) -> Any:
-        torch.compiler.cudagraph_mark_step_begin()
-        out = fn(*args)
-        return [t.clone() for t in out] if isinstance(out, (list, tuple)) else out.clone()
-
-    return call
-
-
 def _pad8(x: torch.Tensor) -> torch.Tensor:
     ph, pw = -x.shape[-2] % 8, -x.shape[-1] % 8
     return F.pad(x, (0, pw, 0, ph), mode="replicate") if (ph or pw) else x
-
-
-def resolve_corr(raft_corr: str, height: int, width: int) -> str:
-    """``raft_corr`` for RAFT input of height x width: ``"auto"`` resolved by the pyramid's size."""
-    if raft_corr != "auto":
-        return raft_corr
-    full = corr_pyramid_bytes(height, width)
-    return "full" if full <= FULL_CORR_MAX else "half" if full // 2 <= HALF_CORR_MAX else "lean"
-
-
-def _compile_flow(value: bool | None, compile: bool, device: torch.device) -> bool:
-    """``compile_flow``: None means RAFT is compiled whenever the denoising is, on CUDA (where RAFT's unfused
-    elementwise and normalisation kernels take ~40% of its time); elsewhere only when asked for."""
-    if value is None:
-        return bool(compile) and device.type == "cuda"
-    return bool(value)
-
-
-def _graph_flow(value: bool | None, device: torch.device) -> bool:
-    if value is None:
-        return False
-    if value and device.type != "cuda":
-        raise ValueError(f"graph_flow=True needs a CUDA device, not {device}; leave it at None")
-    return bool(value)
-
-
-def _choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
-    return value
-
-
-def _overlap(value: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0 or value % 4:
-        raise ValueError(f"tile_overlap must be a non-negative multiple of 4 (LR pixels), got {value!r}")
-    return value
-
-
-def _check_tiling(tile: tuple[int, int] | None, overlap: int, tile_denoise: Any) -> bool:
-    """Validate the tiling options together; returns ``tile_denoise``."""
-    if not isinstance(tile_denoise, bool):
-        raise ValueError(f"tile_denoise must be True or False, got {tile_denoise!r}")
-    if tile_denoise and tile is None:
-        raise ValueError("tile_denoise=True needs a tile size (tile=...); without one, frames run whole and the "
-                         "out-of-memory fallback picks the tiling")
-    if tile is not None and 2 * overlap > min(tile):
-        raise ValueError(f"tile_overlap ({overlap}) must be at most half the smaller tile side ({min(tile)} LR px); "
-                         "lower tile_overlap or use larger tiles")
-    return tile_denoise
-
-
-def _within(core: Tile, tile: Tile, scale: int) -> tuple[slice, slice]:
-    """``core``'s place inside ``tile``'s output, at ``scale`` times the LR grid."""
-    return (slice(scale * (core.y0 - tile.y0), scale * (core.y0 - tile.y0 + core.h)),
-            slice(scale * (core.x0 - tile.x0), scale * (core.x0 - tile.x0 + core.w)))
-
-
-def _halve(tile: tuple[int, int]) -> tuple[int, int]:
-    return max(32, tile[0] // 2 // 8 * 8), max(32, tile[1] // 2 // 8 * 8)
 
 
 def _empty_cache(device: torch.device) -> None:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Tile", "crop_layout", "tile_layout", "feather_weight", "parse_tile"]
+__all__ = ["Tile", "crop_layout", "tile_layout", "feather_weight", "parse_tile", "within", "halve"]
 
 
 @dataclass(frozen=True)
@@ -113,3 +113,14 @@ def feather_weight(t: Tile, tiles: list[Tile], frame_h: int, frame_w: int, scale
     wy = _ramp(scale * t.h, scale * top, scale * bottom, device)
     wx = _ramp(scale * t.w, scale * left, scale * right, device)
     return (wy[:, None] * wx[None, :])[None, None]
+
+
+def within(core: Tile, tile: Tile, scale: int) -> tuple[slice, slice]:
+    """``core``'s place inside ``tile``'s output, at ``scale`` times the LR grid."""
+    return (slice(scale * (core.y0 - tile.y0), scale * (core.y0 - tile.y0 + core.h)),
+            slice(scale * (core.x0 - tile.x0), scale * (core.x0 - tile.x0 + core.w)))
+
+
+def halve(tile: tuple[int, int]) -> tuple[int, int]:
+    """The next smaller tile the out-of-memory fallback tries: each side halved to a multiple of 8, at least 32."""
+    return max(32, tile[0] // 2 // 8 * 8), max(32, tile[1] // 2 // 8 * 8)

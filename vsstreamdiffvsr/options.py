@@ -1,0 +1,141 @@
+"""The pipeline's options: names, accepted values and their checks, each failing with one plain line.
+
+Shared by :class:`~vsstreamdiffvsr.pipeline.StreamDiffVSR`, :func:`~vsstreamdiffvsr.filter.upscale` and the
+scripts, so a bad value reads the same from every entry point.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .models.flow import CORR_MODES, corr_pyramid_bytes
+
+__all__ = ["parse_dtype", "parse_raft_dtype", "default_dtype", "parse_device", "resolve_corr", "FLOW_MODES",
+           "COMPILE_MODES", "DEFAULT_COMPILE_MODE", "RAFT_CORR_MODES"]
+
+FLOW_MODES = ("hr", "lr")
+#: torch.compile modes we accept
+COMPILE_MODES = ("reduce-overhead", "default", "max-autotune", "max-autotune-no-cudagraphs")
+#: torch.compile modes that replay CUDA graphs
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+#: compile=True's mode: CUDA graphs (on an H100 at 720p, 81 ms per frame's denoise+decode vs 128 ms for
+#: "default"; scripts/bench.py)
+DEFAULT_COMPILE_MODE = "reduce-overhead"
+RAFT_CORR_MODES = ("auto", *CORR_MODES)
+#: raft_corr="auto" keeps the reference's float32 pyramid up to this size (1.1 GB at 720p output, 5.6 GB at
+#: 1080p, 88 GB at 4K), stores it in float16 up to HALF_CORR_MAX (2.8 GB at 1080p), and above that uses
+#: the lean correlation (no pyramid).
+FULL_CORR_MAX = 2 * 2**30
+HALF_CORR_MAX = 4 * 2**30
+
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+
+
+def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """torch dtype from a dtype or a name (``"float32"``, ``"bfloat16"``, ``"float16"`` and short forms)."""
+    if isinstance(dtype, torch.dtype):
+        if dtype in (torch.float32, torch.bfloat16, torch.float16):
+            return dtype
+    elif isinstance(dtype, str) and dtype.lower() in _DTYPES:
+        return _DTYPES[dtype.lower()]
+    raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
+
+
+def parse_raft_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
+    """The ``raft_dtype`` option: None = float32 (the reference), else as :func:`parse_dtype`."""
+    if dtype is None:
+        return torch.float32
+    try:
+        return parse_dtype(dtype)
+    except ValueError:
+        raise ValueError(f"raft_dtype must be None, float32, float16 or bfloat16, got {dtype!r}") from None
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.float16`` -> ``"float16"``, for messages."""
+    return str(dtype).removeprefix("torch.")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """The U-Net/ControlNet precision when none is asked for: float16 on CUDA, float32 elsewhere (CPU
+    half-precision kernels are slower than float32 ones).
+
+    float16 rather than bfloat16: the same tensor-core rate on the GPUs this targets, three more mantissa
+    bits (69 against 51 dB PSNR to float32 on calibrated random weights), and the precision of the fp16
+    engines the reference's TensorRT acceleration path builds. A frame that overflows float16's range comes back
+    NaN/Inf and is recomputed in float32 (``nan_fallback``); ``dtype="bfloat16"`` cannot overflow.
+    """
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
+def parse_device(device: torch.device | str) -> torch.device:
+    """torch device, checked to exist (a clear error instead of a CUDA init traceback)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be like 'cuda', 'cuda:1' or 'cpu', got {device!r}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("CUDA is not available (no GPU, or a CPU-only torch build); pass device='cpu' "
+                             "or install torch with CUDA")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {dev} does not exist: this machine has {torch.cuda.device_count()} GPU(s)")
+    elif dev.type not in ("cpu", "mps", "xpu"):
+        raise ValueError(f"unsupported device {dev}")
+    return dev
+
+
+def resolve_corr(raft_corr: str, height: int, width: int) -> str:
+    """``raft_corr`` for RAFT input of height x width: ``"auto"`` resolved by the pyramid's size."""
+    if raft_corr != "auto":
+        return raft_corr
+    full = corr_pyramid_bytes(height, width)
+    return "full" if full <= FULL_CORR_MAX else "half" if full // 2 <= HALF_CORR_MAX else "lean"
+
+
+def resolve_compile_flow(value: bool | None, compile: bool, device: torch.device) -> bool:
+    """``compile_flow``: None means RAFT is compiled whenever the denoising is, on CUDA (where RAFT's unfused
+    elementwise and normalisation kernels take ~40% of its time); elsewhere only when asked for."""
+    if value is None:
+        return bool(compile) and device.type == "cuda"
+    return bool(value)
+
+
+def check_graph_flow(value: bool | None, device: torch.device) -> bool:
+    """``graph_flow``: None means off; on needs CUDA (graphs are a CUDA feature)."""
+    if value is None:
+        return False
+    if value and device.type != "cuda":
+        raise ValueError(f"graph_flow=True needs a CUDA device, not {device}; leave it at None")
+    return bool(value)
+
+
+def choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
+    """``value`` of option ``name`` if it is one of ``allowed``."""
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+    return value
+
+
+def check_overlap(value: int) -> int:
+    """``tile_overlap``: LR pixels, a non-negative multiple of 4 (the latent's and RAFT's grids)."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0 or value % 4:
+        raise ValueError(f"tile_overlap must be a non-negative multiple of 4 (LR pixels), got {value!r}")
+    return value
+
+
+def check_tiling(tile: tuple[int, int] | None, overlap: int, tile_denoise: Any) -> bool:
+    """Validate the tiling options together; returns ``tile_denoise``."""
+    if not isinstance(tile_denoise, bool):
+        raise ValueError(f"tile_denoise must be True or False, got {tile_denoise!r}")
+    if tile_denoise and tile is None:
+        raise ValueError("tile_denoise=True needs a tile size (tile=...); without one, frames run whole and the "
+                         "out-of-memory fallback picks the tiling")
+    if tile is not None and 2 * overlap > min(tile):
+        raise ValueError(f"tile_overlap ({overlap}) must be at most half the smaller tile side ({min(tile)} LR px); "
+                         "lower tile_overlap or use larger tiles")
+    return tile_denoise
