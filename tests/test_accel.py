@@ -963,6 +963,31 @@ def test_each_raft_part_traces_whole(pipe: StreamDiffVSR, corr: str, dtype: str)
         torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_each_compiled_denoising_function_traces_whole(tiny_ckpt: Path, dtype: str) -> None:
+    """compile=True compiles the warm step (ControlNet + U-Net), ARTG's embedding, the TPM encoder and the
+    decoder, with fullgraph=False: a graph break (a diffusers update, a data-dependent branch of ours) would
+    leave part of the denoising eager between CUDA graphs, silently and at a large cost. Each traces whole,
+    in float32 and in the half precision CUDA defaults to."""
+    pipe = StreamDiffVSR.from_pretrained(tiny_ckpt, device="cpu", dtype=dtype)
+    frames, noise = frames_and_noise(1, 32, 40, seed=7)
+    x = (frames[0] * 2 - 1).to(pipe.dtype)
+    warped = torch.rand(1, 3, 128, 160) * 2 - 1
+    torch._dynamo.reset()
+    try:
+        with torch.inference_mode():
+            cond = pipe.cond_embedding(warped.to(pipe.dtype))
+            feats = pipe.vae.temporal_features(warped)
+            for fn, args in ((pipe._eager_step_warm, (noise[0], x, pipe._t_tensors[0], cond)),
+                             (pipe.cond_embedding, (warped.to(pipe.dtype),)),
+                             (pipe.vae.temporal_features, (warped,)),
+                             (pipe.vae.decode, (noise[0], feats))):
+                explained = torch._dynamo.explain(fn)(*args)
+                assert (explained.graph_count, explained.graph_break_count) == (1, 0), (fn, explained.break_reasons)
+    finally:
+        torch._dynamo.reset()
+
+
 def test_compiled_raft_compiles_the_update_once(pipe: StreamDiffVSR, tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """The 12 updates run one compiled graph 12 times (a graph with them unrolled took most of a cold compile's
