@@ -324,6 +324,29 @@ def test_from_pretrained_default_dtype_follows_the_device(tiny_ckpt: Path) -> No
     assert default_dtype(torch.device("cuda")) == torch.float16  # the closer half precision (see default_dtype)
 
 
+def test_float16_on_the_cpu_warns_once_per_load_and_names_the_option(tiny_ckpt: Path) -> None:
+    """CPU float16 convolutions are hundreds of times slower than float32 ones (see warn_cpu_float16): asking
+    for them there gets one warning naming the option, and is still honoured. bfloat16 and float32 do not warn."""
+    import warnings
+
+    from vsstreamdiffvsr.errors import SlowPrecisionWarning
+
+    with pytest.warns(SlowPrecisionWarning) as caught:
+        half = StreamDiffVSR.from_pretrained(tiny_ckpt, device="cpu", dtype="float16", raft_dtype="fp16")
+    assert len(caught) == 1 and "dtype, raft_dtype=float16 on the CPU" in str(caught[0].message)
+    assert caught[0].filename == __file__  # pointed at the caller's line
+    assert half.dtype == torch.float16 and half.raft_dtype == torch.float16
+    with pytest.warns(SlowPrecisionWarning, match="vae_dtype=float16"):
+        StreamDiffVSR.from_pretrained(tiny_ckpt, device="cpu", vae_dtype=torch.float16)
+    with warnings.catch_warnings(record=True) as quiet:
+        warnings.simplefilter("always")
+        pipe = StreamDiffVSR.from_pretrained(tiny_ckpt, device="cpu", dtype="bfloat16", raft_dtype="bfloat16")
+        pipe.with_options(raft_dtype="float32")
+    assert not [w for w in quiet if issubclass(w.category, SlowPrecisionWarning)]
+    with pytest.warns(SlowPrecisionWarning, match="raft_dtype=float16"):
+        pipe.with_options(raft_dtype="float16")
+
+
 def test_controlnet_with_its_embedding_split_off_is_the_same_function(tiny_ckpt) -> None:
     """The pipeline embeds ARTG's condition once per frame; ControlNet(embedding(c)) must equal the original."""
     import copy

@@ -7,7 +7,7 @@ Warnings are :class:`RuntimeWarning` subclasses, so ``warnings.filterwarnings`` 
 from __future__ import annotations
 
 __all__ = ["NonFiniteInputError", "NonFiniteOutputError", "PrecisionFallbackWarning", "TilingFallbackWarning",
-           "FlowGraphWarning", "CompileFallbackWarning"]
+           "FlowGraphWarning", "CompileFallbackWarning", "SlowPrecisionWarning"]
 
 
 class NonFiniteInputError(ValueError):
@@ -32,3 +32,7 @@ class FlowGraphWarning(RuntimeWarning):
 
 class CompileFallbackWarning(RuntimeWarning):
     """``torch.compile`` failed for a part of the pipeline, which runs eagerly from then on (same numbers)."""
+
+
+class SlowPrecisionWarning(RuntimeWarning):
+    """float16 was asked for on the CPU, where torch's float16 convolutions are far slower than float32's."""

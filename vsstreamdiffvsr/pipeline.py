@@ -35,7 +35,7 @@ from .errors import (CompileFallbackWarning, FlowGraphWarning, NonFiniteInputErr
 from .models.flow import MIN_FLOW_SIDE, RaftFlow, RaftParts, bicubic_x4, warp
 from .options import (COMPILE_MODES, CUDA_GRAPH_MODES, DEFAULT_COMPILE_MODE, FLOW_MODES, RAFT_CORR_MODES,
                       check_graph_flow, check_overlap, check_tiling, choice, default_dtype, dtype_name, parse_device,
-                      parse_dtype, parse_raft_dtype, resolve_compile_flow, resolve_corr)
+                      parse_dtype, parse_raft_dtype, resolve_compile_flow, resolve_corr, warn_cpu_float16)
 from .state import StreamState
 from .tiling import Tile, crop_layout, feather_weight, halve, parse_tile, tile_layout, within
 
@@ -248,12 +248,14 @@ class StreamDiffVSR:
 
         dev = parse_device(device)
         dt = parse_dtype(dtype if dtype is not None else default_dtype(dev))
+        vae_dt = parse_dtype(vae_dtype) if vae_dtype is not None else torch.float32
+        warn_cpu_float16(dev, dtype=dt, vae_dtype=vae_dt, raft_dtype=parse_raft_dtype(raft_dtype))
         choice("compile_mode", compile_mode, COMPILE_MODES)
         # RAFT is checked by loading it, first: its ~20 MB are read once, and still before the large files
         root = weights.validate_model_dir(model_dir, need_raft=False)
         raft = weights.load_raft(root)
         pipe = cls(unet=weights.load_unet(root, dt), controlnet=weights.load_controlnet(root, dt),
-                   vae=weights.load_vae(root, parse_dtype(vae_dtype) if vae_dtype is not None else torch.float32),
+                   vae=weights.load_vae(root, vae_dt),
                    scheduler=weights.load_scheduler(root),
                    raft=raft, prompt_embeds=weights.empty_prompt_embedding(root),
                    device=dev, dtype=dt, flow=flow, channels_last=channels_last, tile=tile,
@@ -303,6 +305,7 @@ class StreamDiffVSR:
             view.raft_corr = choice("raft_corr", raft_corr, RAFT_CORR_MODES)
         if raft_dtype is not None:
             view.raft_dtype = parse_raft_dtype(raft_dtype)
+            warn_cpu_float16(self.device, raft_dtype=view.raft_dtype)
         if graph_flow is not None:
             view.graph_flow = check_graph_flow(graph_flow, self.device)
         if oom_fallback is not None:
