@@ -1,0 +1,255 @@
+"""Optical flow in the pipeline: RAFT's correlation blocks (float32, float16, lean) against torchvision,
+flow at LR, the flow prefetched on a side stream and its kept features, RAFT's networks in half precision.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vsstreamdiffvsr import StreamDiffVSR, StreamState
+
+from .streams import frames_and_noise, psnr, run
+
+
+def test_flow_lr_is_upsampled_raft_at_lr(pipe: StreamDiffVSR) -> None:
+    g = torch.Generator().manual_seed(3)
+    x, xp = torch.rand(1, 3, 128, 128, generator=g) * 2 - 1, torch.rand(1, 3, 128, 128, generator=g) * 2 - 1
+    with torch.inference_mode():
+        got = pipe.compute_flow(x, xp, mode="lr")
+        want = F.interpolate(pipe.raft.raft(x, xp, num_flow_updates=12)[-1], scale_factor=4, mode="bilinear",
+                             align_corners=False) * 4
+    assert got.shape == (1, 2, 512, 512)
+    assert float((got - want).abs().max()) <= 1e-5
+    with pytest.raises(ValueError, match='flow="lr"'):
+        pipe.compute_flow(x[..., :64, :64], xp[..., :64, :64], mode="lr")
+    with pytest.raises(ValueError, match="flow"):
+        pipe.with_options(flow="quarter")
+
+
+def test_lean_correlation_matches_torchvision() -> None:
+    from torchvision.models.optical_flow.raft import CorrBlock
+
+    from vsstreamdiffvsr.models.flow import LeanCorrBlock
+
+    g = torch.Generator().manual_seed(0)
+    f1, f2 = torch.randn(1, 64, 16, 20, generator=g), torch.randn(1, 64, 16, 20, generator=g)
+    ref, lean = CorrBlock(num_levels=4, radius=4), LeanCorrBlock(num_levels=4, radius=4, chunk_bytes=64 * 1024)
+    ref.build_pyramid(f1, f2)
+    lean.build_pyramid(f1, f2)
+    grid = torch.stack(torch.meshgrid(torch.arange(16.0), torch.arange(20.0), indexing="ij")[::-1])[None]
+    coords = grid + 4 * torch.randn(1, 2, 16, 20, generator=g)  # some lookups fall outside the frame
+    want, got = ref.index_pyramid(coords), lean.index_pyramid(coords)
+    assert got.shape == want.shape == (1, 324, 16, 20)
+    assert float((got - want).abs().max()) <= 1e-5 * float(want.abs().max())
+
+
+def test_half_correlation_matches_torchvision() -> None:
+    """float16 storage (float32 matmuls as on the CPU, float16 ones as on CUDA): rounding-level differences;
+    float32 storage: the gather lookup equals grid_sample. Features whose products leave float16's range are
+    scaled by a power of two and scaled back in the lookup: the same numbers, never inf."""
+    from torchvision.models.optical_flow.raft import CorrBlock
+
+    from vsstreamdiffvsr.models.flow import HalfCorrBlock
+
+    g = torch.Generator().manual_seed(0)
+    f1, f2 = torch.randn(1, 64, 16, 20, generator=g), torch.randn(1, 64, 16, 20, generator=g)
+    grid = torch.stack(torch.meshgrid(torch.arange(16.0), torch.arange(20.0), indexing="ij")[::-1])[None]
+    coords = grid + 4 * torch.randn(1, 2, 16, 20, generator=g)  # some lookups fall outside the frame
+    coords[0, :, 0, 0] = torch.tensor([3.0, 5.0])  # an exact integer position
+    for scale in (1.0, 300.0):  # x300: products up to ~1e6, far beyond float16's 65504
+        ref = CorrBlock(num_levels=4, radius=4)
+        ref.build_pyramid(f1 * scale, f2 * scale)
+        want = ref.index_pyramid(coords)
+        for dtype, mm, tol in ((torch.float32, None, 1e-5), (torch.float16, None, 1e-3),
+                               (torch.float16, torch.float16, 1e-3)):
+            block = HalfCorrBlock(num_levels=4, radius=4, storage_dtype=dtype, matmul_dtype=mm,
+                                  chunk_bytes=4 * 320 * 7)  # 7 rows per float32 chunk at level 0
+            block.build_pyramid(f1 * scale, f2 * scale)
+            assert [v.dtype for v in block.corr_pyramid] == [dtype] * 4
+            assert all(bool(torch.isfinite(v).all()) for v in block.corr_pyramid)
+            unscale = float(block._unscale)
+            assert unscale == 1.0 if scale == 1.0 or dtype == torch.float32 else unscale in (2.0**k for k in range(1, 20))
+            got = block.index_pyramid(coords)
+            assert got.shape == want.shape == (1, 324, 16, 20) and got.dtype == torch.float32
+            assert float((got - want).abs().max()) <= tol * float(want.abs().max()), (scale, dtype, mm)
+
+
+def test_half_correlation_levels_are_products_with_the_pooled_second_features() -> None:
+    """Level l is f1/sqrt(C) times the 2^l-pooled f2 (pooling is linear): the reference's pooled volume up to
+    float32 rounding, rounded once to float16. On CUDA's route (float16 matmul inputs) each stored value is the
+    float32 product of the inputs rounded to float16's 11 significant bits (TF32's), rounded once more."""
+    from vsstreamdiffvsr.models.flow import HalfCorrBlock
+
+    g = torch.Generator().manual_seed(3)
+    f1, f2 = (7 * torch.randn(1, 256, 24, 32, generator=g) for _ in range(2))
+    n = 24 * 32
+    a = f1.reshape(256, n).T / 16
+    vol = (a @ f2.reshape(256, n)).view(n, 1, 24, 32)  # the reference's order: the products, then pooling
+    pooled_f2, ref = [f2], [vol.flatten(1)]
+    for _ in range(3):
+        vol, f = F.avg_pool2d(vol, 2, 2), F.avg_pool2d(pooled_f2[-1], 2, 2)
+        ref.append(vol.flatten(1))
+        pooled_f2.append(f)
+    chunked = HalfCorrBlock(num_levels=4, radius=4, chunk_bytes=4 * n * 37)  # CPU: float32 matmuls, 37-row chunks
+    direct = HalfCorrBlock(num_levels=4, radius=4, matmul_dtype=torch.float16)
+    for block in (chunked, direct):
+        block.build_pyramid(f1, f2)
+    for level in range(4):
+        want = ref[level]
+        slack = 1e-5 * float(want.abs().max())  # float32 sums in another order
+        got = chunked.corr_pyramid[level]
+        assert got.dtype == torch.float16 and got.shape == want.shape
+        assert bool(((got.float() - want).abs() <= 2**-11 * want.abs() + slack).all()), level
+        rounded = a.half().float() @ pooled_f2[level].reshape(256, -1).half().float()
+        got = direct.corr_pyramid[level].float()
+        assert bool(((got - rounded).abs() <= 2**-11 * rounded.abs() + slack).all()), level
+        # and the rounding of the inputs shows: float32 inputs would not meet that bound everywhere
+        assert not bool(((want.half().float() - rounded).abs() <= 2**-11 * rounded.abs() + slack).all()), level
+
+
+def test_lean_and_half_flow_equal_full_flow_and_auto_picks_by_size(pipe: StreamDiffVSR) -> None:
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(1, 3, 32, 40, generator=g) * 2 - 1
+    xp = torch.roll(x, (1, 2), (2, 3))
+    with torch.inference_mode():
+        full = pipe.compute_flow(x, xp, corr="full")
+        lean = pipe.compute_flow(x, xp, corr="lean")
+        half = pipe.compute_flow(x, xp, corr="half")
+    assert float((full - lean).abs().max()) <= 1e-4
+    assert 0 < float((full - half).abs().max()) <= 2e-2  # float16 storage: close, not identical
+    assert pipe.raft.raft.corr_block is pipe.raft._full_block  # restored after the call
+    assert not pipe.raft._blocks["half"].corr_pyramid        # and the pyramid freed
+    assert [pipe.corr_for(h, w) for h, w in ((720, 1280), (1088, 1920), (2160, 3840))] == ["full", "half", "lean"]
+    assert pipe.with_options(raft_corr="half").corr_for(720, 1280) == "half"
+    with pytest.raises(ValueError, match="raft_corr"):
+        pipe.with_options(raft_corr="huge")
+
+
+def _queue_next(pipe: StreamDiffVSR, frames: list[torch.Tensor], i: int, into: list, **kwargs: object):
+    """A process_frame ``on_enqueued`` callback, as the filter's: prefetch the flow of frame i+1 against frame i
+    (with ``kwargs``: ready=, after=) into ``into``; nothing after the last frame."""
+    def queue() -> None:
+        if i + 1 < len(frames):
+            into.append(pipe.prefetch_flow(frames[i + 1], frames[i], **kwargs))
+
+    return queue
+
+
+def test_prefetched_flow_equals_inline_flow(pipe: StreamDiffVSR) -> None:
+    frames, noises = frames_and_noise(3, 32, 32)
+    inline = run(pipe, frames, noises)
+    state, outs = StreamState(), []
+    ticket = None
+    for i, (f, z) in enumerate(zip(frames, noises)):
+        if i % 2:  # before the frame, as a caller may; or from on_enqueued, as the filter does
+            nxt = [pipe.prefetch_flow(frames[i + 1], f)] if i + 1 < len(frames) else []
+            hq, state = pipe.process_frame(f, state, noise=z, flow=ticket)
+        else:
+            nxt = []
+            queue = _queue_next(pipe, frames, i, nxt, ready=pipe.inputs_ready())
+            hq, state = pipe.process_frame(f, state, noise=z, flow=ticket, on_enqueued=queue)
+        outs.append(hq)
+        ticket = nxt[0] if nxt else None
+    for a, b in zip(outs, inline):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="flow must have shape"):
+        pipe.process_frame(frames[1], state, noise=noises[1], flow=torch.zeros(1, 2, 64, 64))
+
+
+def test_device_corr_block_equals_torchvision() -> None:
+    from torchvision.models.optical_flow.raft import CorrBlock
+
+    from vsstreamdiffvsr.models.flow import _full_corr_block
+
+    g = torch.Generator().manual_seed(2)
+    f1, f2 = torch.randn(1, 32, 16, 24, generator=g), torch.randn(1, 32, 16, 24, generator=g)
+    ref, ours = CorrBlock(num_levels=4, radius=4), _full_corr_block(4, 4)
+    ref.build_pyramid(f1, f2)
+    ours.build_pyramid(f1, f2)
+    grid = torch.stack(torch.meshgrid(torch.arange(16.0), torch.arange(24.0), indexing="ij")[::-1])[None]
+    coords = grid + 3 * torch.randn(1, 2, 16, 24, generator=g)
+    assert torch.equal(ours.index_pyramid(coords), ref.index_pyramid(coords))
+
+
+def test_flow_lr_pads_to_multiples_of_8(pipe: StreamDiffVSR) -> None:
+    """LR sizes are multiples of 4 (320x180 for 720p output); RAFT needs multiples of 8."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.rand(1, 3, 132, 140, generator=g) * 2 - 1
+    xp = torch.roll(x, (1, -2), (2, 3))
+    with torch.inference_mode():
+        flow = pipe.compute_flow(x, xp, mode="lr")
+    assert flow.shape == (1, 2, 528, 560)
+    assert torch.isfinite(flow).all()
+
+
+def test_prefetch_reuses_the_previous_frames_raft_features(pipe: StreamDiffVSR) -> None:
+    """after=: frame i's RAFT feature map, made for flow(i, i-1), serves flow(i+1, i); same output."""
+    frames, noises = frames_and_noise(4, 32, 32, seed=8)
+    inline = run(pipe, frames, noises)
+    encoded: list[int] = []
+    hook = pipe.raft.raft.feature_encoder.register_forward_hook(lambda m, a, o: encoded.append(a[0].shape[0]))
+    try:
+        state, outs, ticket = StreamState(), [], None
+        for i, (f, z) in enumerate(zip(frames, noises)):
+            nxt: list = []
+            queue = _queue_next(pipe, frames, i, nxt, after=ticket)
+            hq, state = pipe.process_frame(f, state, noise=z, flow=ticket, on_enqueued=queue)
+            outs.append(hq)
+            ticket = nxt[0] if nxt else None
+        assert encoded == [1, 1, 1, 1]  # flow(1, 0) encodes both frames, flow(2, 1) and flow(3, 2) one each
+        for a, b in zip(outs, inline):
+            assert torch.equal(a, b)
+        encoded.clear()  # a ticket made for another tensor (even an equal one) is not trusted
+        pipe.prefetch_flow(frames[3], frames[2].clone(), after=ticket)
+        assert encoded == [1, 1]
+    finally:
+        hook.remove()
+
+
+@pytest.mark.parametrize(("call", "needle"), [
+    (lambda p, f: p.prefetch_flow(f.permute(0, 2, 3, 1), f), "lq must have shape (1,3,h,w)"),
+    (lambda p, f: p.prefetch_flow(f, [f]), "lq_prev must be a torch.Tensor"),
+    (lambda p, f: p.prefetch_flow(f, f[..., :32, :32]), "differ in size"),
+    (lambda p, f: p.prefetch_flow((f * 255).to(torch.uint8), f), "divide 8-bit data by 255"),
+    (lambda p, f: p.prefetch_flow(f, f, after="ticket"), "after must be the FlowTicket"),
+    (lambda p, f: p.process_frame(f, flow=f.numpy()), "flow must be a FlowTicket"),
+    (lambda p, f: p.process_frame(f, generator="x"), "generator must be a torch.Generator"),
+    (lambda p, f: p.process_frame(f, on_enqueued=1), "on_enqueued must be callable"),
+])
+def test_bad_calls_are_plain_value_errors(pipe: StreamDiffVSR, call, needle: str) -> None:
+    frame = torch.rand(1, 3, 32, 48)
+    frames_before = pipe.stats["frames"]
+    with pytest.raises(ValueError) as info:
+        call(pipe, frame)
+    assert needle in str(info.value) and pipe.stats["frames"] == frames_before  # refused before any work
+
+
+def test_half_precision_raft_is_a_view_option_close_to_float32(tiny_ckpt: Path, pipe: StreamDiffVSR) -> None:
+    """raft_dtype: RAFT's networks in half precision, one copy shared by every view, the flow and the picture
+    close to float32 RAFT's; from_pretrained takes it too, and a bad value is refused naming the option."""
+    frames, noises = frames_and_noise(3, 32, 40, seed=3)
+    ref = run(pipe, frames, noises)
+    view = pipe.with_options(raft_dtype="bfloat16")  # (CPU float16 convolutions are slow; same code path)
+    assert view.raft_dtype == torch.bfloat16 and pipe.raft_dtype == torch.float32
+    net = view._raft_net()
+    assert next(net.raft.parameters()).dtype == torch.bfloat16
+    assert next(pipe.raft.raft.parameters()).dtype == torch.float32 and pipe._raft_net() is pipe.raft
+    assert pipe.with_options(raft_dtype=torch.bfloat16)._raft_net() is net  # made once, shared
+    assert view.with_options(tile=64).raft_dtype == torch.bfloat16  # kept by views of the view
+    out = run(view, frames, noises)
+    with torch.inference_mode():
+        x, xp = frames[1] * 2 - 1, frames[0] * 2 - 1
+        moved = float((view.compute_flow(x, xp) - pipe.compute_flow(x, xp)).abs().max())
+    assert 0.0 < moved <= 0.5
+    assert torch.equal(out[0], ref[0])  # a cold frame has no flow
+    for a, b in zip(out[1:], ref[1:]):
+        assert a.dtype == torch.float32 and 30.0 <= psnr(a, b) < 200.0
+    loaded = StreamDiffVSR.from_pretrained(tiny_ckpt, device="cpu", dtype="float32", raft_dtype="bfloat16")
+    assert loaded.raft_dtype == torch.bfloat16 and next(loaded._raft_net().raft.parameters()).dtype == torch.bfloat16
+    for bad in ("float64", "half-ish", 16):
+        with pytest.raises(ValueError, match="raft_dtype must be None, float32, float16 or bfloat16"):
+            pipe.with_options(raft_dtype=bad)
