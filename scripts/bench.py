@@ -334,7 +334,7 @@ def raft_label(args: argparse.Namespace, device: torch.device, w: int, h: int) -
 
 def check_args(args: argparse.Namespace) -> tuple[int, int]:
     """Every option checked before weights load (minutes on a GPU): ValueError naming the option. (w, h)."""
-    from vsstreamdiffvsr.options import parse_device, parse_raft_dtype
+    from vsstreamdiffvsr.options import parse_component_dtype, parse_device
     from vsstreamdiffvsr.pipeline import MIN_LR_SIDE
     from vsstreamdiffvsr.tiling import parse_tile
 
@@ -346,9 +346,8 @@ def check_args(args: argparse.Namespace) -> tuple[int, int]:
         raise ValueError(f"--frames ({args.frames}) must be larger than --warmup ({args.warmup}, >= 0): the median "
                          "is over the frames after the warm-up (20 or more for a figure to report)")
     parse_dtypes(args.dtype)
-    if args.vae_dtype:
-        parse_dtype(args.vae_dtype)
-    parse_raft_dtype(args.raft_dtype)
+    parse_component_dtype("vae_dtype", args.vae_dtype)
+    parse_component_dtype("raft_dtype", args.raft_dtype)
     tile = parse_tile(args.tile)
     if args.tile_denoise and tile is None:
         raise ValueError("--tile-denoise needs --tile")

@@ -44,6 +44,7 @@ def test_bench_smoke(tmp_path: Path) -> None:
     (["--dtype", "int8"], "dtype must be"),
     (["--dtype", "float16,fp16"], "lists a precision twice"),
     (["--raft-dtype", "fp8"], "raft_dtype must be None, float32, float16 or bfloat16"),
+    (["--vae-dtype", "fp8"], "vae_dtype must be None, float32, float16 or bfloat16"),
 ])
 def test_bench_rejects_bad_options_before_loading(args: list[str], needle: str) -> None:
     """One line naming the option, at once: not a traceback after minutes of loading and a reference run."""

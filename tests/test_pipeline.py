@@ -315,6 +315,15 @@ def test_from_pretrained_bad_dtype(tiny_ckpt: Path, dtype: object) -> None:
     assert "dtype" in str(info.value)
 
 
+def test_from_pretrained_bad_component_dtype_names_its_option(tiny_ckpt: Path) -> None:
+    """vae_dtype said "dtype must be ..." before, which sent the user to an option they had not set."""
+    for option in ("vae_dtype", "raft_dtype"):
+        with pytest.raises(ValueError) as info:
+            StreamDiffVSR.from_pretrained(tiny_ckpt, device="cpu", **{option: "fp8"})
+        _assert_plain(info.value)
+        assert str(info.value).startswith(f"{option} must be None, float32, float16 or bfloat16, got 'fp8'")
+
+
 def test_from_pretrained_default_dtype_follows_the_device(tiny_ckpt: Path) -> None:
     """No dtype: float32 on the CPU (as upscale() does), where half-precision kernels are the slow ones."""
     from vsstreamdiffvsr.options import default_dtype

@@ -14,7 +14,7 @@ import torch
 from .errors import SlowPrecisionWarning
 from .models.flow import CORR_MODES, corr_pyramid_bytes
 
-__all__ = ["parse_dtype", "parse_raft_dtype", "default_dtype", "parse_device", "resolve_corr", "FLOW_MODES",
+__all__ = ["parse_dtype", "parse_component_dtype", "default_dtype", "parse_device", "resolve_corr", "FLOW_MODES",
            "COMPILE_MODES", "DEFAULT_COMPILE_MODE", "RAFT_CORR_MODES"]
 
 FLOW_MODES = ("hr", "lr")
@@ -47,14 +47,15 @@ def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
     raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
 
 
-def parse_raft_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
-    """The ``raft_dtype`` option: None = float32 (the reference), else as :func:`parse_dtype`."""
+def parse_component_dtype(name: str, dtype: torch.dtype | str | None) -> torch.dtype:
+    """A component's precision option ``name`` (``vae_dtype``, ``raft_dtype``): None = float32, the reference;
+    else as :func:`parse_dtype`, with an error that names the option."""
     if dtype is None:
         return torch.float32
     try:
         return parse_dtype(dtype)
     except ValueError:
-        raise ValueError(f"raft_dtype must be None, float32, float16 or bfloat16, got {dtype!r}") from None
+        raise ValueError(f"{name} must be None, float32, float16 or bfloat16, got {dtype!r}") from None
 
 
 def dtype_name(dtype: torch.dtype) -> str:

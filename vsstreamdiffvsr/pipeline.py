@@ -35,7 +35,7 @@ from .errors import (CompileFallbackWarning, FlowGraphWarning, NonFiniteInputErr
 from .models.flow import MIN_FLOW_SIDE, RaftFlow, RaftParts, bicubic_x4, warp
 from .options import (COMPILE_MODES, CUDA_GRAPH_MODES, DEFAULT_COMPILE_MODE, FLOW_MODES, RAFT_CORR_MODES,
                       check_graph_flow, check_overlap, check_tiling, choice, default_dtype, dtype_name, parse_device,
-                      parse_dtype, parse_raft_dtype, resolve_compile_flow, resolve_corr, warn_cpu_float16)
+                      parse_component_dtype, parse_dtype, resolve_compile_flow, resolve_corr, warn_cpu_float16)
 from .state import StreamState
 from .tiling import Tile, crop_layout, feather_weight, halve, parse_tile, tile_layout, within
 
@@ -120,7 +120,7 @@ class StreamDiffVSR:
         self.vae_dtype = next(vae.parameters()).dtype
         self.raft = raft.to(device)
         #: the precision of RAFT's networks (``raft_dtype``; float32 is the reference)
-        self.raft_dtype = parse_raft_dtype(raft_dtype)
+        self.raft_dtype = parse_component_dtype("raft_dtype", raft_dtype)
         #: RAFT by the precision of its networks, shared with every with_options view (see _raft_net)
         self._raft_nets: dict[torch.dtype, RaftFlow] = {self.raft.compute_dtype: self.raft}
         self.scheduler = scheduler
@@ -248,8 +248,8 @@ class StreamDiffVSR:
 
         dev = parse_device(device)
         dt = parse_dtype(dtype if dtype is not None else default_dtype(dev))
-        vae_dt = parse_dtype(vae_dtype) if vae_dtype is not None else torch.float32
-        warn_cpu_float16(dev, dtype=dt, vae_dtype=vae_dt, raft_dtype=parse_raft_dtype(raft_dtype))
+        vae_dt = parse_component_dtype("vae_dtype", vae_dtype)
+        warn_cpu_float16(dev, dtype=dt, vae_dtype=vae_dt, raft_dtype=parse_component_dtype("raft_dtype", raft_dtype))
         choice("compile_mode", compile_mode, COMPILE_MODES)
         # RAFT is checked by loading it, first: its ~20 MB are read once, and still before the large files
         root = weights.validate_model_dir(model_dir, need_raft=False)
@@ -304,7 +304,7 @@ class StreamDiffVSR:
         if raft_corr is not None:
             view.raft_corr = choice("raft_corr", raft_corr, RAFT_CORR_MODES)
         if raft_dtype is not None:
-            view.raft_dtype = parse_raft_dtype(raft_dtype)
+            view.raft_dtype = parse_component_dtype("raft_dtype", raft_dtype)
             warn_cpu_float16(self.device, raft_dtype=view.raft_dtype)
         if graph_flow is not None:
             view.graph_flow = check_graph_flow(graph_flow, self.device)
