@@ -79,7 +79,7 @@ def warn_cpu_float16(device: torch.device, stacklevel: int = 3, **dtypes: torch.
     """One warning when any of ``dtypes`` (option name -> dtype) is float16 on the CPU.
 
     torch's CPU float16 convolutions have no fast kernels on most CPUs: a 3x3 convolution of 128 channels took
-    7.9 s in float16 against 24 ms in float32 on this project's test machine (a Xeon with AVX512-BF16 but not
+    7.9 s in float16 against 24 ms in float32 on this project's test machine (an AMD EPYC with AVX512-BF16 but not
     AVX512-FP16), where bfloat16 took 8 ms. Nothing is changed: the option is the user's.
     """
     names = [name for name, dt in dtypes.items() if dt == torch.float16]
