@@ -249,7 +249,8 @@ class StreamDiffVSR:
         dev = parse_device(device)
         dt = parse_dtype(dtype if dtype is not None else default_dtype(dev))
         vae_dt = parse_component_dtype("vae_dtype", vae_dtype)
-        warn_cpu_float16(dev, dtype=dt, vae_dtype=vae_dt, raft_dtype=parse_component_dtype("raft_dtype", raft_dtype))
+        raft_dt = parse_component_dtype("raft_dtype", raft_dtype)
+        warn_cpu_float16(dev, dtype=dt, vae_dtype=vae_dt, raft_dtype=raft_dt)
         choice("compile_mode", compile_mode, COMPILE_MODES)
         # RAFT is checked by loading it, first: its ~20 MB are read once, and still before the large files
         root = weights.validate_model_dir(model_dir, need_raft=False)
@@ -261,7 +262,7 @@ class StreamDiffVSR:
                    device=dev, dtype=dt, flow=flow, channels_last=channels_last, tile=tile,
                    tile_overlap=tile_overlap, oom_fallback=oom_fallback, nan_fallback=nan_fallback,
                    raft_corr=raft_corr, cudnn_benchmark=cudnn_benchmark, graph_flow=graph_flow,
-                   tile_denoise=tile_denoise, raft_dtype=raft_dtype)
+                   tile_denoise=tile_denoise, raft_dtype=raft_dt)
         pipe.model_dir = str(root)
         if compile:
             pipe.enable_compile(mode=compile_mode, cache_dir=compile_cache_dir)
