@@ -244,7 +244,7 @@ def picture_stats(outs: list[torch.Tensor]) -> dict:
 
 
 REFERENCE_OPTIONS = dict(channels_last=False, raft_corr="full", oom_fallback=False, cudnn_benchmark=False,
-                         graph_flow=False, upstream_execution=True)
+                         graph_flow=False, upstream_execution=True, raft_dtype="float32")
 
 
 def run_path(load: dict, device: torch.device, dtype: torch.dtype, options: dict, frames, noises, warmup: int,
@@ -332,9 +332,19 @@ def raft_label(args: argparse.Namespace, device: torch.device, w: int, h: int) -
     return "RAFT compiled" if resolve_corr(args.raft_corr, rh, rw) != "lean" else "RAFT eager (lean correlation)"
 
 
+def raft_dtype_label(args: argparse.Namespace, dtype: torch.dtype, device: torch.device, w: int, h: int) -> str:
+    """"RAFT float16" where the optimized path at ``dtype`` runs RAFT's networks in half precision (``--raft-dtype``,
+    or the pipeline's choice by frame size), "" for float32 RAFT."""
+    from vsstreamdiffvsr.options import dtype_name, parse_raft_dtype, resolve_raft_dtype
+
+    rh, rw = (4 * h, 4 * w) if args.flow == "hr" else (h + -h % 8, w + -w % 8)
+    raft = resolve_raft_dtype(parse_raft_dtype(args.raft_dtype), dtype, device, rh, rw)
+    return "" if raft == torch.float32 else f"RAFT {dtype_name(raft)}" + ("" if args.raft_dtype else " (auto)")
+
+
 def check_args(args: argparse.Namespace) -> tuple[int, int]:
     """Every option checked before weights load (minutes on a GPU): ValueError naming the option. (w, h)."""
-    from vsstreamdiffvsr.options import parse_component_dtype, parse_device
+    from vsstreamdiffvsr.options import parse_component_dtype, parse_device, parse_raft_dtype
     from vsstreamdiffvsr.pipeline import MIN_LR_SIDE
     from vsstreamdiffvsr.tiling import parse_tile
 
@@ -347,7 +357,7 @@ def check_args(args: argparse.Namespace) -> tuple[int, int]:
                          "is over the frames after the warm-up (20 or more for a figure to report)")
     parse_dtypes(args.dtype)
     parse_component_dtype("vae_dtype", args.vae_dtype)
-    parse_component_dtype("raft_dtype", args.raft_dtype)
+    parse_raft_dtype(args.raft_dtype)
     tile = parse_tile(args.tile)
     if args.tile_denoise and tile is None:
         raise ValueError("--tile-denoise needs --tile")
@@ -380,7 +390,8 @@ def main() -> None:
     ap.add_argument("--tile-denoise", action="store_true", help="with --tile: denoise in tiles too")
     ap.add_argument("--vae-dtype", default=None, help="tiny VAE precision of the optimized path (default float32)")
     ap.add_argument("--raft-dtype", default=None,
-                    help="precision of RAFT's networks in the optimized path (default float32, the reference)")
+                    help="precision of RAFT's networks in the optimized path (default auto, as the pipeline: float16 "
+                         "from 1080p out on CUDA with --dtype float16, else float32, the reference)")
     ap.add_argument("--raft-corr", default="auto", choices=("auto", "full", "half", "lean"),
                     help="RAFT correlation of the optimized path (half: float16 pyramid; lean: none)")
     ap.add_argument("--no-prefetch", action="store_true", help="optimized path: compute each flow in line")
@@ -411,12 +422,12 @@ def main() -> None:
     label = [f"compiled ({args.compile_mode})" if args.compile else "",
              "flow=lr" if args.flow == "lr" else "", f"tile={args.tile}" if args.tile else "",
              "tile_denoise" if args.tile_denoise else "", f"vae {args.vae_dtype}" if args.vae_dtype else "",
-             f"RAFT {args.raft_dtype}" if args.raft_dtype else "",
              f"raft_corr={args.raft_corr}" if args.raft_corr != "auto" else "",
              "flow in line" if args.no_prefetch else "", "flow graph" if args.graph_flow else "",
              raft_label(args, device, w, h)]
     for opt_dtype in parse_dtypes(args.dtype):
-        name = ", ".join([str(opt_dtype).removeprefix("torch.")] + [p for p in label if p])
+        parts = [str(opt_dtype).removeprefix("torch."), *label, raft_dtype_label(args, opt_dtype, device, w, h)]
+        name = ", ".join(p for p in parts if p)
         paths.append((f"optimized ({name})", opt_dtype, opt, not args.no_prefetch))
     results, ref_outs = {}, None
     for name, dtype, options, prefetch in paths:

@@ -142,7 +142,8 @@ class Driver:
                                     "float32 pyramid (max error / max value) |", "|---|---|---|---|", *rows]))
         if self.raft:
             nan = float("nan")
-            rows = [f"| {size} ({r['lr'][0]}x{r['lr'][1]} in), corr {r['corr']} | {r['eager_ms']:.1f} | "
+            rows = [f"| {size} ({r['lr'][0]}x{r['lr'][1]} in), corr {r['corr']}, {r.get('raft_dtype', 'float32')} | "
+                    f"{r['eager_ms']:.1f} | "
                     f"{r.get('graph_ms', nan):.1f} | {r.get('record_s', nan):.1f} | "
                     f"{r.get('graph_max_abs_diff_px', nan):.2g} | {r.get('compiled_ms', nan):.1f} | "
                     f"{r.get('compile_s', nan):.1f} | {r.get('compiled_max_abs_diff_px', nan):.2g} |"
@@ -209,7 +210,8 @@ class Driver:
         pipe, x, xp = self.raft_inputs(size)
         w, h = self.size(size)
         stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        out: dict = dict(lr=[w, h], corr=pipe.corr_for(4 * h, 4 * w))
+        out: dict = dict(lr=[w, h], corr=pipe.corr_for(4 * h, 4 * w),
+                         raft_dtype=str(pipe.raft_dtype_for(4 * h, 4 * w)).removeprefix("torch."))
 
         try:
             with (torch.inference_mode(), torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext(),
@@ -296,8 +298,17 @@ class Driver:
             self.path(size, 'optimised eager, flow="lr" (deviation)', HALF, dict(OPT, flow="lr"),
                       prefetch=True, ref=r)
 
+    def auto_raft(self, size: str, dtype: torch.dtype = HALF) -> str:
+        """", RAFT float16 (auto)" where the pipeline's default runs RAFT's networks in half precision at
+        ``size`` (raft_dtype auto: from 1080p on CUDA), so that a row names what it ran."""
+        from vsstreamdiffvsr.options import dtype_name, resolve_raft_dtype
+
+        w, h = self.size(size)
+        raft = resolve_raft_dtype(None, dtype, self.device, 4 * h, 4 * w)
+        return "" if raft == torch.float32 else f", RAFT {dtype_name(raft)} (auto)"
+
     def compiled(self, size: str, mode: str) -> dict:
-        return self.path(size, f"optimised + torch.compile ({mode})", HALF,
+        return self.path(size, f"optimised + torch.compile ({mode}){self.auto_raft(size)}", HALF,
                          dict(OPT, compile=True, compile_mode=mode), prefetch=True, ref=f"{size}/{self.REF}",
                          compare=f"{size}/{self.EAGER}", views=self.graph_flow_view(f"compile ({mode})"))
 
@@ -309,7 +320,8 @@ class Driver:
 
     def variant(self, size: str, label: str, dtype: torch.dtype = HALF, **options) -> dict:
         """The compiled (CUDA graphs) path built afresh with other options (kernels cached in-process)."""
-        return self.path(size, f"optimised + torch.compile (reduce-overhead), {label}", dtype,
+        auto = "" if "raft_dtype" in options else self.auto_raft(size, dtype)
+        return self.path(size, f"optimised + torch.compile (reduce-overhead), {label}{auto}", dtype,
                          dict(OPT, compile=True, compile_mode="reduce-overhead", **options), prefetch=True,
                          ref=f"{size}/{self.REF}")
 
@@ -532,10 +544,10 @@ def plan(d: Driver, c: float) -> dict[str, tuple[float, Callable[[], None]]]:
         "720p-graphs-vae-fp16": (0.4 * c + 25, lambda: d.variant("720p", "VAE fp16", vae_dtype=HALF)),
         "1080p-graphs-vae-fp16": (0.4 * c + 35, lambda: d.variant("1080p", "VAE fp16", vae_dtype=HALF)),
         "raft-fp16": (0.6 * c + 30, lambda: (d.raft_precision("1080p"), d.raft_precision("720p"))),
-        "1080p-graphs-raft-fp16": (0.4 * c + 35, lambda: d.variant("1080p", "RAFT fp16", raft_dtype=HALF)),
+        # from 1080p the default RAFT is float16 (raft_dtype auto): this is the float32 RAFT it replaced
+        "1080p-graphs-raft-fp32": (0.4 * c + 35, lambda: d.variant("1080p", "RAFT fp32 (raft_dtype=float32)",
+                                                                    raft_dtype=torch.float32)),
         "720p-graphs-raft-fp16": (0.4 * c + 25, lambda: d.variant("720p", "RAFT fp16", raft_dtype=HALF)),
-        "1080p-graphs-raft-vae-fp16": (0.4 * c + 35, lambda: d.variant("1080p", "RAFT and VAE fp16",
-                                                                        raft_dtype=HALF, vae_dtype=HALF)),
         "720p-graphs-bf16": (0.9 * c + 30, lambda: d.variant("720p", "bf16", dtype=torch.bfloat16)),
         "1080p-graphs-bf16": (0.9 * c + 40, lambda: d.variant("1080p", "bf16", dtype=torch.bfloat16)),
         "720p-graphs-inductor-tuned": (1.5 * c + 30, lambda: d.inductor_tuned("720p")),
@@ -564,11 +576,11 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=4)
     ap.add_argument("--budget-s", type=float, default=520.0, help="skip steps that would end after this")
     ap.add_argument("--out", default="bench-out")
-    # run 6 measured 720p and 1080p with today's defaults (and compile_flow off, RAFT alone compiled): first
-    # what is open, 1080p (210 ms against 200; the float16 pyramid's build rewritten since, timed alone by
-    # "pyramid"), the two opt-in half-precision levers aimed at it (RAFT's networks, the tiny VAE), and what
-    # the denoising's time is made of
-    ap.add_argument("--steps", default="pyramid,1080p-ref,1080p-graphs,1080p-graphs-raft-fp16,1080p-graphs-raft-vae-fp16,"
+    # run 6 measured 720p and 1080p (and compile_flow off, RAFT alone compiled): first what is open, 1080p
+    # (210 ms against 200; since then the float16 pyramid's build is rewritten, timed alone by "pyramid", and
+    # RAFT's networks run in float16 there by default, against float32 in "1080p-graphs-raft-fp32"), the
+    # opt-in float16 tiny VAE, and what the denoising's time is made of
+    ap.add_argument("--steps", default="pyramid,1080p-ref,1080p-graphs,1080p-graphs-raft-fp32,"
                     "1080p-graphs-vae-fp16,raft-fp16,denoise-profile-graphs-1080p,"
                     "720p-ref,720p-graphs,720p-graphs-raft-fp16,720p-graphs-bf16,denoise-profile-graphs,"
                     "720p-graphs-inductor-tuned,"

@@ -395,7 +395,8 @@ def test_compiled_flow_equals_eager_flow(pipe: StreamDiffVSR, tmp_path: Path, mo
     frames, _ = frames_and_noise(3, 32, 40, seed=6)
     view = pipe.with_options()
     view.enable_flow_compile(backend="aot_eager", cache_dir=tmp_path / "inductor")
-    assert view.compile_flow and view._raft != pipe.raft.flow_and_features and not pipe.compile_flow
+    assert view.compile_flow and not pipe.compile_flow
+    assert view._raft_entry(torch.float32) != pipe._raft_entry(torch.float32) == pipe.raft.flow_and_features
     with torch.inference_mode():
         for prev, cur in zip(frames, frames[1:]):
             x, xp = cur * 2 - 1, prev * 2 - 1
@@ -408,15 +409,15 @@ def test_compiled_flow_equals_eager_flow(pipe: StreamDiffVSR, tmp_path: Path, mo
         assert float((half.compute_flow(x, xp) - pipe.with_options(raft_corr="half").compute_flow(x, xp))
                      .abs().max()) <= 1e-4
     low = view.with_options(raft_dtype="bfloat16")  # compiled parts of its own, around the bfloat16 networks
-    assert low.compile_flow and low._raft is not view._raft
-    assert view.with_options(raft_dtype="bfloat16")._raft is low._raft
+    assert low.compile_flow and low._raft_entry(torch.bfloat16) is not view._raft_entry(torch.float32)
+    assert view.with_options(raft_dtype="bfloat16")._raft_entry(torch.bfloat16) is low._raft_entry(torch.bfloat16)
     with torch.inference_mode():
         eager_low = pipe.with_options(raft_dtype="bfloat16").compute_flow(x, xp)
         assert float((low.compute_flow(x, xp) - eager_low).abs().max()) <= 1e-3
     again = view.with_options(tile=64)
-    assert again._raft is view._raft  # shared, not compiled anew
+    assert again._raft_entry(torch.float32) is view._raft_entry(torch.float32)  # shared, not compiled anew
     off = view.with_options(compile_flow=False)
-    assert off._raft == pipe.raft.flow_and_features and not off.compile_flow
+    assert off._raft_entry(torch.float32) == pipe.raft.flow_and_features and not off.compile_flow
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
 
 
@@ -429,7 +430,7 @@ def test_each_raft_part_traces_whole(pipe: StreamDiffVSR, corr: str, dtype: str)
     frames, _ = frames_and_noise(2, 32, 40, seed=6)
     x, xp = (f * 2 - 1 for f in frames)
     a, b = F.interpolate(x, scale_factor=4, mode="bicubic"), F.interpolate(xp, scale_factor=4, mode="bicubic")
-    raft = pipe.with_options(raft_dtype=dtype)._raft_net()
+    raft = pipe._raft_net(getattr(torch, dtype))
     parts, block = raft.parts, raft._blocks[corr]
     torch._dynamo.reset()
     try:
@@ -554,7 +555,7 @@ def test_lean_correlation_flow_stays_eager_under_compile_flow(pipe: StreamDiffVS
         calls.append(corr)
         return view.raft.flow_and_features(*args, corr=corr, **kwargs)
 
-    view._raft, view.compile_flow = compiled_raft, True
+    view._raft_entry, view.compile_flow = (lambda dtype: compiled_raft), True
     with torch.inference_mode():
         for corr in ("full", "half", "lean"):
             view.raft_corr = corr

@@ -43,7 +43,7 @@ def test_bench_smoke(tmp_path: Path) -> None:
     (["--lr", "320"], "WIDTHxHEIGHT"),
     (["--dtype", "int8"], "dtype must be"),
     (["--dtype", "float16,fp16"], "lists a precision twice"),
-    (["--raft-dtype", "fp8"], "raft_dtype must be None, float32, float16 or bfloat16"),
+    (["--raft-dtype", "fp8"], "raft_dtype must be None (auto), float32, float16 or bfloat16"),
     (["--vae-dtype", "fp8"], "vae_dtype must be None, float32, float16 or bfloat16"),
 ])
 def test_bench_rejects_bad_options_before_loading(args: list[str], needle: str) -> None:
@@ -182,3 +182,25 @@ def test_the_optimized_path_label_says_where_raft_is_compiled() -> None:
     assert label(cuda, 320, 180, raft_corr="lean") == "RAFT eager (lean correlation)"
     assert label(cuda, 320, 180, compile_flow=False) == "" and label(cpu, 320, 180) == ""
     assert label(cpu, 320, 180, compile=False, compile_flow=True) == "RAFT compiled"
+
+
+def test_the_optimized_path_label_says_when_raft_runs_in_half_precision() -> None:
+    """The pipeline runs RAFT's networks in float16 from 1080p on CUDA for a float16 path (raft_dtype auto):
+    the row must say so, and say when --raft-dtype chose it; the float32 reference path never does."""
+    import argparse
+
+    import torch
+
+    bench = _bench()
+    cuda, cpu, f16 = torch.device("cuda"), torch.device("cpu"), torch.float16
+
+    def label(device, dtype, w, h, **kw) -> str:
+        args = argparse.Namespace(**{"flow": "hr", "raft_dtype": None, **kw})
+        return bench.raft_dtype_label(args, dtype, device, w, h)
+
+    assert label(cuda, f16, 320, 180) == "" and label(cuda, f16, 480, 272) == "RAFT float16 (auto)"
+    assert label(cuda, f16, 480, 272, flow="lr") == ""  # RAFT at LR: 720p-sized work
+    assert label(cuda, torch.float32, 480, 272) == "" and label(cpu, f16, 480, 272) == ""
+    assert label(cuda, f16, 480, 272, raft_dtype="float32") == ""
+    assert label(cuda, f16, 320, 180, raft_dtype="fp16") == "RAFT float16"
+    assert bench.REFERENCE_OPTIONS["raft_dtype"] == "float32"

@@ -250,7 +250,7 @@ def test_a_non_finite_half_precision_flow_recomputes_the_frame_in_float32(pipe: 
     frames, noises = frames_and_noise(3, 32, 40, seed=4)
     ref = run(pipe, frames, noises)
     view = pipe.with_options(raft_dtype="bfloat16")
-    net = view._raft_net()
+    net = view._raft_net(torch.bfloat16)
     real = net.flow_and_features
 
     def overflowing(*args, **kwargs):

@@ -166,7 +166,7 @@ def test_nothing_reaches_stdout(tiny_ckpt: Path, capfd: pytest.CaptureFixture[st
         (lambda: core.std.BlankClip(format=vs.RGBS, width=64, height=64), {"raft_corr": "huge"},
          ["raft_corr", "'huge'", "'half'"]),
         (lambda: core.std.BlankClip(format=vs.RGBS, width=64, height=64), {"raft_dtype": "float64"},
-         ["raft_dtype must be None, float32, float16 or bfloat16", "'float64'"]),
+         ["raft_dtype must be None (auto), float32, float16 or bfloat16", "'float64'"]),
         (lambda: core.std.BlankClip(format=vs.RGBS, width=64, height=64), {"compile_mode": "fast"},
          ["compile_mode", "'fast'", "'reduce-overhead'"]),
         (lambda: core.std.BlankClip(format=vs.RGBS, width=64, height=64), {"graph_flow": True},

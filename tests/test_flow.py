@@ -129,6 +129,51 @@ def test_lean_and_half_flow_equal_full_flow_and_auto_picks_by_size(pipe: StreamD
         pipe.with_options(raft_corr="huge")
 
 
+def test_raft_dtype_auto_is_float16_from_1080p_on_cuda_for_a_float16_pipeline() -> None:
+    """raft_dtype None (auto): RAFT's networks in float16 where the float32 pyramid no longer fits its budget
+    (1080p output and up) on CUDA with a float16 U-Net; float32, the reference, everywhere else; an explicit
+    precision is kept at every size."""
+    from vsstreamdiffvsr.options import parse_raft_dtype, resolve_raft_dtype
+
+    cuda, cpu, f16, f32 = torch.device("cuda"), torch.device("cpu"), torch.float16, torch.float32
+    sizes = ((720, 1280), (1088, 1920), (2160, 3840), (272, 480))  # HR 720p, 1080p, 4K; 1080p at LR (flow="lr")
+    assert [resolve_raft_dtype(None, f16, cuda, h, w) for h, w in sizes] == [f32, f16, f16, f32]
+    for dtype, device in ((torch.bfloat16, cuda), (f32, cuda), (f16, cpu)):
+        assert {resolve_raft_dtype(None, dtype, device, h, w) for h, w in sizes} == {f32}, (dtype, device)
+    for given in (f32, f16, torch.bfloat16):
+        assert {resolve_raft_dtype(given, f16, cuda, h, w) for h, w in sizes} == {given}
+    assert parse_raft_dtype(None) is None and parse_raft_dtype("AUTO") is None and parse_raft_dtype("fp16") == f16
+
+
+def test_raft_precision_is_chosen_per_frame_size(pipe: StreamDiffVSR, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pipeline asks raft_dtype_for(RAFT input size) on every flow, ahead (prefetch_flow) and in line: with
+    a rule that picks bfloat16 for the larger of two sizes only (CUDA's auto rule cannot fire on a CPU), each
+    size's flow is that precision's (and so is each frame), and only the half-precision flow gets the NaN
+    check; "auto" given to a view restores the rule."""
+    view = pipe.with_options(raft_dtype="float32")
+    assert view.raft_dtype == torch.float32 and view.with_options(raft_dtype="auto").raft_dtype is None
+    rule = lambda h, w: torch.bfloat16 if h * w > 128 * 160 else torch.float32  # noqa: E731
+    monkeypatch.setattr(view, "raft_dtype_for", rule)
+    low = pipe.with_options(raft_dtype="bfloat16")
+    for h, w, want in ((32, 40, pipe), (48, 40, low)):  # RAFT at HR: 128x160 and 192x160
+        frames, noises = frames_and_noise(3, h, w, seed=9)
+        with torch.inference_mode():
+            x, xp = frames[1] * 2 - 1, frames[0] * 2 - 1
+            assert torch.equal(view.compute_flow(x, xp), want.compute_flow(x, xp)), (h, w)
+            ticket = view.prefetch_flow(frames[1], frames[0])
+            assert torch.equal(ticket.result(), want.compute_flow(x, xp)), (h, w)
+            checked = []
+            real_finite = view._finite
+            monkeypatch.setattr(view, "_finite", lambda y, ok: checked.append(ok is not None) or real_finite(y, ok))
+            got = run(view, frames, noises)
+            monkeypatch.setattr(view, "_finite", real_finite)
+        ref = run(want, frames, noises)
+        for a, b in zip(got, ref):
+            assert torch.equal(a, b), (h, w)
+        # float32 everywhere: no check at all; bfloat16 RAFT: its two warm frames' flows checked
+        assert checked == ([] if want is pipe else [True, True]), (h, w)
+
+
 def _queue_next(pipe: StreamDiffVSR, frames: list[torch.Tensor], i: int, into: list, **kwargs: object):
     """A process_frame ``on_enqueued`` callback, as the filter's: prefetch the flow of frame i+1 against frame i
     (with ``kwargs``: ready=, after=) into ``into``; nothing after the last frame."""
@@ -234,11 +279,12 @@ def test_half_precision_raft_is_a_view_option_close_to_float32(tiny_ckpt: Path, 
     frames, noises = frames_and_noise(3, 32, 40, seed=3)
     ref = run(pipe, frames, noises)
     view = pipe.with_options(raft_dtype="bfloat16")  # (CPU float16 convolutions are slow; same code path)
-    assert view.raft_dtype == torch.bfloat16 and pipe.raft_dtype == torch.float32
-    net = view._raft_net()
+    assert view.raft_dtype == view.raft_dtype_for(128, 160) == torch.bfloat16
+    assert pipe.raft_dtype is None and pipe.raft_dtype_for(128, 160) == torch.float32  # auto: float32 on the CPU
+    net = view._raft_net(torch.bfloat16)
     assert next(net.raft.parameters()).dtype == torch.bfloat16
-    assert next(pipe.raft.raft.parameters()).dtype == torch.float32 and pipe._raft_net() is pipe.raft
-    assert pipe.with_options(raft_dtype=torch.bfloat16)._raft_net() is net  # made once, shared
+    assert next(pipe.raft.raft.parameters()).dtype == torch.float32 and pipe._raft_net(torch.float32) is pipe.raft
+    assert pipe.with_options(raft_dtype=torch.bfloat16)._raft_net(torch.bfloat16) is net  # made once, shared
     assert view.with_options(tile=64).raft_dtype == torch.bfloat16  # kept by views of the view
     out = run(view, frames, noises)
     with torch.inference_mode():
@@ -249,7 +295,8 @@ def test_half_precision_raft_is_a_view_option_close_to_float32(tiny_ckpt: Path, 
     for a, b in zip(out[1:], ref[1:]):
         assert a.dtype == torch.float32 and 30.0 <= psnr(a, b) < 200.0
     loaded = StreamDiffVSR.from_pretrained(tiny_ckpt, device="cpu", dtype="float32", raft_dtype="bfloat16")
-    assert loaded.raft_dtype == torch.bfloat16 and next(loaded._raft_net().raft.parameters()).dtype == torch.bfloat16
+    assert loaded.raft_dtype == torch.bfloat16
+    assert next(loaded._raft_net(torch.bfloat16).raft.parameters()).dtype == torch.bfloat16
     for bad in ("float64", "half-ish", 16):
-        with pytest.raises(ValueError, match="raft_dtype must be None, float32, float16 or bfloat16"):
+        with pytest.raises(ValueError, match=r"raft_dtype must be None \(auto\), float32, float16 or bfloat16"):
             pipe.with_options(raft_dtype=bad)

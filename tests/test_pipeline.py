@@ -44,14 +44,14 @@ def spies(pipe: StreamDiffVSR, monkeypatch: pytest.MonkeyPatch) -> dict[str, _Co
         "controlnet": _Counter(pipe.controlnet.forward),
         "cond_embedding": _Counter(pipe._embed),
         "temporal_features": _Counter(pipe.vae.temporal_features),
-        "raft": _Counter(pipe._raft),
+        "raft": _Counter(pipe._raft_entry(torch.float32)),
         "unet": _Counter(pipe.unet.forward),
     }
     monkeypatch.setattr(pipe.controlnet, "forward", out["controlnet"])
     monkeypatch.setattr(pipe, "_embed", out["cond_embedding"])  # the bound (or compiled) entry point
     monkeypatch.setattr(pipe.vae, "temporal_features", out["temporal_features"])
     monkeypatch.setattr(pipe, "_features", out["temporal_features"])  # the bound (or compiled) entry point
-    monkeypatch.setattr(pipe, "_raft", out["raft"])  # RAFT's entry point (eager or compiled)
+    monkeypatch.setattr(pipe, "_raft_entry", lambda dtype: out["raft"])  # RAFT's entry point (eager or compiled)
     monkeypatch.setattr(pipe.unet, "forward", out["unet"])
     return out
 
@@ -317,11 +317,11 @@ def test_from_pretrained_bad_dtype(tiny_ckpt: Path, dtype: object) -> None:
 
 def test_from_pretrained_bad_component_dtype_names_its_option(tiny_ckpt: Path) -> None:
     """vae_dtype said "dtype must be ..." before, which sent the user to an option they had not set."""
-    for option in ("vae_dtype", "raft_dtype"):
+    for option, none in (("vae_dtype", "None"), ("raft_dtype", "None (auto)")):
         with pytest.raises(ValueError) as info:
             StreamDiffVSR.from_pretrained(tiny_ckpt, device="cpu", **{option: "fp8"})
         _assert_plain(info.value)
-        assert str(info.value).startswith(f"{option} must be None, float32, float16 or bfloat16, got 'fp8'")
+        assert str(info.value).startswith(f"{option} must be {none}, float32, float16 or bfloat16, got 'fp8'")
 
 
 def test_from_pretrained_default_dtype_follows_the_device(tiny_ckpt: Path) -> None:

@@ -138,7 +138,7 @@ def test_main_job_takes_an_rgb_source(tiny_ckpt: Path, tmp_path: Path) -> None:
                                              ("tile=big", "tile must be an integer"),
                                              ("raft_corr=huge", "raft_corr must be one of"),
                                              ("compile_flow=maybe", "compile_flow must be 0 or 1"),
-                                             ("raft_dtype=fp8", "raft_dtype must be None, float32")])
+                                             ("raft_dtype=fp8", "raft_dtype must be None (auto), float32")])
 def test_main_job_rejects_bad_arguments(tiny_ckpt: Path, tmp_path: Path, arg: str, needle: str) -> None:
     src = tmp_path / "in.mkv"
     subprocess.run(["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i", "testsrc=size=64x48:rate=24", "-frames:v",

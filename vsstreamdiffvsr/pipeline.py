@@ -35,7 +35,8 @@ from .errors import (CompileFallbackWarning, FlowGraphWarning, NonFiniteInputErr
 from .models.flow import MIN_FLOW_SIDE, RaftFlow, RaftParts, bicubic_x4, warp
 from .options import (COMPILE_MODES, CUDA_GRAPH_MODES, DEFAULT_COMPILE_MODE, FLOW_MODES, RAFT_CORR_MODES,
                       check_graph_flow, check_overlap, check_tiling, choice, default_dtype, dtype_name, parse_device,
-                      parse_component_dtype, parse_dtype, resolve_compile_flow, resolve_corr, warn_cpu_float16)
+                      parse_component_dtype, parse_dtype, parse_raft_dtype, resolve_compile_flow, resolve_corr,
+                      resolve_raft_dtype, warn_cpu_float16)
 from .state import StreamState
 from .tiling import Tile, crop_layout, feather_weight, halve, parse_tile, tile_layout, within
 
@@ -119,8 +120,9 @@ class StreamDiffVSR:
         self.vae = vae.to(device, memory_format=self._fmt)
         self.vae_dtype = next(vae.parameters()).dtype
         self.raft = raft.to(device)
-        #: the precision of RAFT's networks (``raft_dtype``; float32 is the reference)
-        self.raft_dtype = parse_component_dtype("raft_dtype", raft_dtype)
+        #: the precision of RAFT's networks (``raft_dtype``; float32 is the reference); None: by frame size
+        #: (:meth:`raft_dtype_for`)
+        self.raft_dtype = parse_raft_dtype(raft_dtype)
         #: RAFT by the precision of its networks, shared with every with_options view (see _raft_net)
         self._raft_nets: dict[torch.dtype, RaftFlow] = {self.raft.compute_dtype: self.raft}
         self.scheduler = scheduler
@@ -148,9 +150,6 @@ class StreamDiffVSR:
         self._flow_backend = "inductor"  # enable_flow_compile's backend
         #: the compile_flow option as given (None: follow compile), so that a view compiling later can honour it
         self._compile_flow_opt: bool | None = None
-        # RAFT's flow_and_features as compute_flow calls it: eager, or compiled (enable_flow_compile), in
-        # raft_dtype (_raft_entry)
-        self._raft: Callable[..., tuple[torch.Tensor, torch.Tensor]] = self._raft_entry()
         self._worker: Worker | None = None
         # compiled functions by (mode, backend), RAFT's by ("raft", backend, raft_dtype), shared with every
         # with_options view of this pipeline (a shallow copy shares the dict): upscale() called again, or a script
@@ -224,11 +223,14 @@ class StreamDiffVSR:
                 half up to 4 GiB stored (1080p), lean above (4K).
             vae_dtype: precision of the tiny VAE (TPM features and decoder); None = float32. Half precision
                 is faster at HR but is not the reference numerics: measure it with scripts/bench.py.
-            raft_dtype: precision of RAFT's networks (feature and context encoders, update block, mask head);
-                None = float32, the reference. ``"float16"`` is RAFT's own mixed-precision recipe: the
-                correlation, its lookups, the flow coordinates and the x8 upsampling stay in float32. Not the
-                reference numerics (the flow moves by ~1e-3 px on random weights); a frame whose half-precision
-                flow has NaN/Inf is recomputed in float32 (``nan_fallback``). bfloat16 moves it ~10x more.
+            raft_dtype: precision of RAFT's networks (feature and context encoders, update block, mask head):
+                ``"float32"`` (the reference), ``"float16"``, ``"bfloat16"``, or None / ``"auto"``: float16
+                from 1080p output on CUDA when ``dtype`` is float16 (the CUDA default), float32 otherwise
+                (:func:`~vsstreamdiffvsr.options.resolve_raft_dtype` says why). Half precision is RAFT's own
+                mixed-precision recipe: the correlation, its lookups, the flow coordinates and the x8 upsampling
+                stay in float32. Not the reference numerics (the flow moves by ~1e-3 px on random weights); a
+                frame whose half-precision flow has NaN/Inf is recomputed with float32 RAFT (``nan_fallback``).
+                bfloat16 moves it ~10x more.
             cudnn_benchmark: let cuDNN time its convolution algorithms for each new shape and keep the
                 fastest (default: on for CUDA, off with compile's CUDA graphs: there, autotuning while the
                 graphs warm up peaked at 27 GiB allocated at 720p on an H100, for 3% speed). It is set only
@@ -249,7 +251,7 @@ class StreamDiffVSR:
         dev = parse_device(device)
         dt = parse_dtype(dtype if dtype is not None else default_dtype(dev))
         vae_dt = parse_component_dtype("vae_dtype", vae_dtype)
-        raft_dt = parse_component_dtype("raft_dtype", raft_dtype)
+        raft_dt = parse_raft_dtype(raft_dtype)
         warn_cpu_float16(dev, dtype=dt, vae_dtype=vae_dt, raft_dtype=raft_dt)
         choice("compile_mode", compile_mode, COMPILE_MODES)
         # RAFT is checked by loading it, first: its ~20 MB are read once, and still before the large files
@@ -305,8 +307,9 @@ class StreamDiffVSR:
         if raft_corr is not None:
             view.raft_corr = choice("raft_corr", raft_corr, RAFT_CORR_MODES)
         if raft_dtype is not None:
-            view.raft_dtype = parse_component_dtype("raft_dtype", raft_dtype)
-            warn_cpu_float16(self.device, raft_dtype=view.raft_dtype)
+            view.raft_dtype = parse_raft_dtype(raft_dtype)  # "auto": back to the choice by frame size
+            if view.raft_dtype is not None:
+                warn_cpu_float16(self.device, raft_dtype=view.raft_dtype)
         if graph_flow is not None:
             view.graph_flow = check_graph_flow(graph_flow, self.device)
         if oom_fallback is not None:
@@ -323,7 +326,6 @@ class StreamDiffVSR:
             view.enable_flow_compile(cache_dir=compile_cache_dir)
         elif compile_flow is False:
             view.compile_flow = False
-        view._raft = view._raft_entry()  # RAFT in the view's precision, compiled or not
         return view
 
     def enable_compile(self, mode: str = DEFAULT_COMPILE_MODE, cache_dir: str | os.PathLike[str] | None = None,
@@ -370,23 +372,28 @@ class StreamDiffVSR:
         compile_cache(cache_dir)
         self._flow_backend = backend
         self.compile_flow = True
-        self._raft = self._raft_entry()
 
-    def _raft_net(self) -> RaftFlow:
-        """RAFT (:class:`~vsstreamdiffvsr.models.flow.RaftFlow`) in :attr:`raft_dtype`: a half-precision copy is
-        made on first use (10 MB) and shared by every view of this pipeline."""
-        net = self._raft_nets.get(self.raft_dtype)
+    def raft_dtype_for(self, height: int, width: int) -> torch.dtype:
+        """The precision of RAFT's networks for RAFT input of this size: :attr:`raft_dtype`, or where that is
+        None (auto) float16 from 1080p output on CUDA for a float16 pipeline, else float32
+        (:func:`~vsstreamdiffvsr.options.resolve_raft_dtype`)."""
+        return resolve_raft_dtype(self.raft_dtype, self.dtype, self.device, height, width)
+
+    def _raft_net(self, dtype: torch.dtype) -> RaftFlow:
+        """RAFT (:class:`~vsstreamdiffvsr.models.flow.RaftFlow`) with its networks in ``dtype``: a half-precision
+        copy is made on first use (10 MB) and shared by every view of this pipeline."""
+        net = self._raft_nets.get(dtype)
         if net is None:
-            net = self._raft_nets[self.raft_dtype] = self.raft.with_dtype(self.raft_dtype)
+            net = self._raft_nets[dtype] = self.raft.with_dtype(dtype)
         return net
 
-    def _raft_entry(self) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
-        """RAFT's flow_and_features in :attr:`raft_dtype`: eager, or (:attr:`compile_flow`) with compiled parts,
-        made once per (backend, precision) and shared by every view."""
-        net = self._raft_net()
+    def _raft_entry(self, dtype: torch.dtype) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+        """RAFT's flow_and_features in ``dtype``: eager, or (:attr:`compile_flow`) with compiled parts, made once
+        per (backend, precision) and shared by every view."""
+        net = self._raft_net(dtype)
         if not self.compile_flow:
             return net.flow_and_features
-        key = ("raft", self._flow_backend, self.raft_dtype)
+        key = ("raft", self._flow_backend, dtype)
         if key not in self._compiled_sets:
             opts = dict(dynamic=False, backend=self._flow_backend, fullgraph=False)
             if self._flow_backend == "inductor":
@@ -487,10 +494,11 @@ class StreamDiffVSR:
         # an explicit corr is the out-of-memory fallback's: eager, rather than compiling RAFT anew at that moment.
         # The lean correlation is eager too: its chunked lookups unroll into a large graph (see compile_flow).
         use = corr or self.corr_for(*a.shape[-2:])
+        dtype = self.raft_dtype_for(*a.shape[-2:])
         own = not eager and corr is None and use != "lean"
-        raft = self._raft if own else self._raft_net().flow_and_features
+        raft = self._raft_entry(dtype) if own else self._raft_net(dtype).flow_and_features
         if own and self.compile_flow:
-            precision = "" if self.raft_dtype == torch.float32 else f", {dtype_name(self.raft_dtype)}"
+            precision = "" if dtype == torch.float32 else f", {dtype_name(dtype)}"
             self._announce_compile(tuple(x.shape[-2:]),
                                    what=f"{use} correlation, RAFT at {mode.upper()}{precision}")
         flow, features = raft(a, b, corr=use, previous_features=previous_features)
@@ -730,7 +738,6 @@ class StreamDiffVSR:
             twin.vae, twin.vae_dtype = shared["vae"], torch.float32
             twin._decode, twin._features = twin.vae.decode, twin.vae.temporal_features
             twin.raft_dtype, twin.compile_flow, twin.graph_flow = torch.float32, False, False
-            twin._raft = twin._raft_entry()
             twin.nan_fallback = False
             twin._fp32_twin = None
             self._fp32_twin = twin
@@ -897,7 +904,7 @@ class StreamDiffVSR:
         if self.nan_fallback and (half or flow_ok is not None) and not self._finite(y, flow_ok):
             bad_flow = flow_ok is not None and not bool(flow_ok)
             if bad_flow:
-                what = f"RAFT {dtype_name(self.raft_dtype)} produced a NaN/Inf flow"
+                what = f"RAFT {dtype_name(self._flow_dtype(x))} produced a NaN/Inf flow"
             else:
                 what = f"{' and '.join(half) or 'the model'} produced NaN/Inf"
             self.stats["nan_fallbacks"] += 1
@@ -928,8 +935,14 @@ class StreamDiffVSR:
         else:
             x_prev = state.prev_lq.to(self.device, torch.float32) * 2.0 - 1.0
             flow = self._flow_with_fallbacks(x, x_prev)
-        flow_ok = torch.isfinite(flow).all() if self.nan_fallback and self.raft_dtype != torch.float32 else None
+        half_raft = self._flow_dtype(x) != torch.float32
+        flow_ok = torch.isfinite(flow).all() if self.nan_fallback and half_raft else None
         return warp(state.prev_hq.to(self.device, torch.float32), flow), flow_ok
+
+    def _flow_dtype(self, x: torch.Tensor) -> torch.dtype:
+        """The precision of RAFT's networks for LR frame ``x``'s flow, in this pipeline's flow mode."""
+        h, w = x.shape[-2:]
+        return self.raft_dtype_for(*((4 * h, 4 * w) if self.flow_mode == "hr" else (h + -h % 8, w + -w % 8)))
 
     @staticmethod
     def _finite(y: torch.Tensor, flow_ok: torch.Tensor | None) -> bool:
