@@ -15,7 +15,9 @@ Paths:
              each built and compiled afresh), channels_last on CUDA (cuDNN autotuning too when not compiled), the next
              frame's flow queued on a side stream as the filter does (--no-prefetch; --graph-flow replays it
              from a CUDA graph), torch.compile with CUDA graphs on CUDA (--no-compile, --compile-mode;
-             RAFT compiled with it, --no-compile-flow: eager), --flow, --tile (--tile-denoise), --raft-corr, --vae-dtype
+             RAFT compiled with it, --no-compile-flow: eager), --flow, --tile (--tile-denoise), --raft-corr,
+             --vae-dtype, --raft-dtype (default auto, as the pipeline: RAFT's networks in float16 from 1080p
+             out on CUDA for a float16 path; the row's label says so)
 The table gives ms/frame (median over --frames after --warmup frames), peak allocated GPU memory over the
 whole run (weights, compile and autotuning included) and over the steady frames, the cold first frame's
 time, the warm-up overhead (time of the warm-up frames above the median: compile and autotuning), and PSNR
@@ -339,7 +341,8 @@ def raft_dtype_label(args: argparse.Namespace, dtype: torch.dtype, device: torch
 
     rh, rw = (4 * h, 4 * w) if args.flow == "hr" else (h + -h % 8, w + -w % 8)
     raft = resolve_raft_dtype(parse_raft_dtype(args.raft_dtype), dtype, device, rh, rw)
-    return "" if raft == torch.float32 else f"RAFT {dtype_name(raft)}" + ("" if args.raft_dtype else " (auto)")
+    auto = parse_raft_dtype(args.raft_dtype) is None
+    return "" if raft == torch.float32 else f"RAFT {dtype_name(raft)}" + (" (auto)" if auto else "")
 
 
 def check_args(args: argparse.Namespace) -> tuple[int, int]:

@@ -281,9 +281,13 @@ class Driver:
     def ref(self, size: str) -> None:
         self.path(size, self.REF, torch.float32, REFERENCE_OPTIONS, prefetch=False, keep=True)
 
+    def eager_name(self, size: str) -> str:
+        """The optimised eager path's name at ``size`` (a key for the rows compared with it)."""
+        return self.EAGER + self.auto_raft(size)
+
     def eager(self, size: str) -> None:
-        self.path(size, self.EAGER, HALF, OPT, prefetch=True, ref=f"{size}/{self.REF}", keep=True,
-                  views=self.graph_flow_view("eager"))
+        self.path(size, self.eager_name(size), HALF, OPT, prefetch=True, ref=f"{size}/{self.REF}", keep=True,
+                  views=self.graph_flow_view(f"eager{self.auto_raft(size)}"))
 
     def levers(self, size: str) -> None:
         r = f"{size}/{self.REF}"
@@ -308,9 +312,11 @@ class Driver:
         return "" if raft == torch.float32 else f", RAFT {dtype_name(raft)} (auto)"
 
     def compiled(self, size: str, mode: str) -> dict:
-        return self.path(size, f"optimised + torch.compile ({mode}){self.auto_raft(size)}", HALF,
+        auto = self.auto_raft(size)
+        return self.path(size, f"optimised + torch.compile ({mode}){auto}", HALF,
                          dict(OPT, compile=True, compile_mode=mode), prefetch=True, ref=f"{size}/{self.REF}",
-                         compare=f"{size}/{self.EAGER}", views=self.graph_flow_view(f"compile ({mode})"))
+                         compare=f"{size}/{self.eager_name(size)}",
+                         views=self.graph_flow_view(f"compile ({mode}){auto}"))
 
     def graph_flow_view(self, name: str) -> dict[str, dict]:
         """The same pipeline with the flow replayed from a CUDA graph on the side stream: what that buys."""
@@ -392,6 +398,8 @@ class Driver:
         from torch.profiler import ProfilerActivity, profile
 
         pipe, x, xp = self.raft_inputs(size)
+        hr = x.shape[-2] * 4, x.shape[-1] * 4
+        pipe_corr, raft_dtype = pipe.corr_for(*hr), str(pipe.raft_dtype_for(*hr)).removeprefix("torch.")
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
         try:
             with torch.inference_mode(), pipe_flags(pipe):
@@ -405,7 +413,9 @@ class Driver:
             pipe = None
             gc.collect()
         key = "self_device_time_total" if self.cuda else "self_cpu_time_total"
-        text = prof.key_averages().table(sort_by=key, row_limit=14, max_name_column_width=60)
+        w, h = self.size(size)
+        text = (f"RAFT at {size} ({w}x{h} in), corr {pipe_corr}, networks {raft_dtype}\n"
+                + prof.key_averages().table(sort_by=key, row_limit=14, max_name_column_width=60))
         (self.out / f"raft-profile-{size}.txt").write_text(text)
         print(text, flush=True)
 
@@ -493,10 +503,10 @@ class Driver:
         tile = (32, 32) if self.args.tiny else (192, 320)
         # the HR stages in cropped tiles around the whole-latent denoising (tile=), then the denoising in
         # feathered tiles too (tile_denoise=True, run 1's tiling): memory and picture of each
-        self.path(size, f"optimised eager, tiled {tile[0]}x{tile[1]} LR", HALF, dict(OPT, tile=tile),
-                  prefetch=True, ref=f"{size}/{self.REF}", compare=f"{size}/{self.EAGER}", frames=frames,
-                  warmup=warmup, views={f"optimised eager, tiled {tile[0]}x{tile[1]} LR, denoising tiled too":
-                                        dict(tile_denoise=True)})
+        name = f"optimised eager, tiled {tile[0]}x{tile[1]} LR{self.auto_raft(size)}"
+        self.path(size, name, HALF, dict(OPT, tile=tile), prefetch=True, ref=f"{size}/{self.REF}",
+                  compare=f"{size}/{self.eager_name(size)}", frames=frames, warmup=warmup,
+                  views={f"{name}, denoising tiled too": dict(tile_denoise=True)})
 
     def cached(self, size: str, mode: str) -> None:
         """A second process compiles the same path again: what a user's second run pays."""

@@ -203,4 +203,5 @@ def test_the_optimized_path_label_says_when_raft_runs_in_half_precision() -> Non
     assert label(cuda, torch.float32, 480, 272) == "" and label(cpu, f16, 480, 272) == ""
     assert label(cuda, f16, 480, 272, raft_dtype="float32") == ""
     assert label(cuda, f16, 320, 180, raft_dtype="fp16") == "RAFT float16"
+    assert label(cuda, f16, 480, 272, raft_dtype="auto") == "RAFT float16 (auto)"
     assert bench.REFERENCE_OPTIONS["raft_dtype"] == "float32"

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from vsstreamdiffvsr import StreamDiffVSR, StreamState
+from vsstreamdiffvsr.pipeline import FlowTicket
 
 from .streams import frames_and_noise, psnr, run
 
@@ -172,6 +173,34 @@ def test_raft_precision_is_chosen_per_frame_size(pipe: StreamDiffVSR, monkeypatc
             assert torch.equal(a, b), (h, w)
         # float32 everywhere: no check at all; bfloat16 RAFT: its two warm frames' flows checked
         assert checked == ([] if want is pipe else [True, True]), (h, w)
+        assert ticket.raft_dtype == (torch.float32 if want is pipe else torch.bfloat16)  # what made the flow
+    # where RAFT at HR ran out of memory for a size, its flow comes from RAFT at LR, in that size's precision
+    x = frames[1] * 2 - 1
+    assert view._flow_dtype(x) == torch.bfloat16
+    view._keep_flow_fallback(view._flow_fallback_key(x), "lr")
+    assert view._flow_dtype(x) == torch.float32
+    # a flow tensor handed in was not made by this RAFT: no flow check, whatever the size's precision
+    state = StreamState()
+    with torch.inference_mode():
+        _, state = view.process_frame(frames[0], state, noise=noises[0])
+        warped, flow_ok, made_by = view._warped_previous(x, state, FlowTicket(torch.zeros(1, 2, 4 * 48, 4 * 40)))
+    assert flow_ok is None and made_by is None and warped.shape == (1, 3, 4 * 48, 4 * 40)
+
+
+def test_half_precision_raft_is_made_before_frames_run(pipe: StreamDiffVSR) -> None:
+    """A half-precision RAFT copy is made when the option that may pick it is set, not by the first flow that
+    needs it (on CUDA that could be a side stream's, reading the weights before their cast ran), and as
+    ordinary weights, not inference tensors; an auto pipeline on the CPU never makes one."""
+    view = pipe.with_options(raft_dtype="bfloat16")
+    assert torch.bfloat16 in view._raft_nets  # before any flow
+    assert not any(p.is_inference() for p in view._raft_nets[torch.bfloat16].parameters())
+    auto = pipe.with_options(raft_dtype="auto")
+    assert set(auto._raft_nets) <= {torch.float32, torch.bfloat16}  # nothing new for auto on the CPU
+    late = pipe.with_options()
+    late._raft_nets = {torch.float32: late.raft}  # (its own: the shared one stays as it is)
+    with torch.inference_mode():  # a precision nothing foresaw: made on first use, still ordinary weights
+        net = late._raft_net(torch.bfloat16)
+    assert not any(p.is_inference() for p in net.parameters())
 
 
 def _queue_next(pipe: StreamDiffVSR, frames: list[torch.Tensor], i: int, into: list, **kwargs: object):

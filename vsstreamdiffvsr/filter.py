@@ -190,8 +190,9 @@ def upscale(clip: vs.VideoNode, *, model_dir: str | os.PathLike[str] | None = No
             :meth:`StreamDiffVSR.from_pretrained`).
         raft_dtype: precision of RAFT's networks: ``"float32"`` (the reference), ``"float16"`` (RAFT's own mixed
             precision: correlation and flow coordinates stay float32; on the CPU half-precision convolutions
-            are far slower), ``"bfloat16"``, or None / ``"auto"``: float16 from 1080p output on CUDA with a
-            float16 ``dtype`` (the CUDA default), float32 otherwise (see the README: not timed on a GPU yet).
+            are far slower), ``"bfloat16"``, or None / ``"auto"``: float16 from 1080p output (with
+            ``flow="hr"``: RAFT's input past 720p) on CUDA with a float16 ``dtype`` (the CUDA default), float32
+            otherwise (see the README: not timed on a GPU yet).
 
     Returns:
         The same format at exactly 4x width and height; each frame carries its own source frame's props.

@@ -48,8 +48,9 @@ def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
 
 
 def parse_component_dtype(name: str, dtype: torch.dtype | str | None) -> torch.dtype:
-    """A component's precision option ``name`` (``vae_dtype``, ``raft_dtype``): None = float32, the reference;
-    else as :func:`parse_dtype`, with an error that names the option."""
+    """A component's precision option ``name`` (``vae_dtype``): None = float32, the reference; else as
+    :func:`parse_dtype`, with an error that names the option. (``raft_dtype``'s None is a rule of its own:
+    :func:`parse_raft_dtype`.)"""
     if dtype is None:
         return torch.float32
     try:

@@ -75,6 +75,9 @@ class FlowTicket:
     #: the next frame's flow can skip encoding it again (``prefetch_flow(..., after=ticket)``)
     features: torch.Tensor | None = None
     lq: torch.Tensor | None = None
+    #: the precision of RAFT's networks that made this flow (a half-precision flow gets the NaN/Inf check);
+    #: None for a flow tensor handed to process_frame
+    raft_dtype: torch.dtype | None = None
 
     def result(self) -> torch.Tensor:
         if self.event is not None:
@@ -125,6 +128,7 @@ class StreamDiffVSR:
         self.raft_dtype = parse_raft_dtype(raft_dtype)
         #: RAFT by the precision of its networks, shared with every with_options view (see _raft_net)
         self._raft_nets: dict[torch.dtype, RaftFlow] = {self.raft.compute_dtype: self.raft}
+        self._prepare_raft_nets()
         self.scheduler = scheduler
         self.scheduler.set_timesteps(num_inference_steps)
         self.timesteps: list[int] = [int(t) for t in self.scheduler.timesteps]
@@ -151,7 +155,7 @@ class StreamDiffVSR:
         #: the compile_flow option as given (None: follow compile), so that a view compiling later can honour it
         self._compile_flow_opt: bool | None = None
         self._worker: Worker | None = None
-        # compiled functions by (mode, backend), RAFT's by ("raft", backend, raft_dtype), shared with every
+        # compiled functions by (mode, backend), RAFT's by ("raft", backend, its networks' dtype), shared with every
         # with_options view of this pipeline (a shallow copy shares the dict): upscale() called again, or a script
         # reloaded in vspreview, reuses them and their CUDA graphs instead of compiling and recording anew
         self._compiled_sets: dict[tuple[Any, ...], tuple[Any, ...]] = {}
@@ -225,7 +229,8 @@ class StreamDiffVSR:
                 is faster at HR but is not the reference numerics: measure it with scripts/bench.py.
             raft_dtype: precision of RAFT's networks (feature and context encoders, update block, mask head):
                 ``"float32"`` (the reference), ``"float16"``, ``"bfloat16"``, or None / ``"auto"``: float16
-                from 1080p output on CUDA when ``dtype`` is float16 (the CUDA default), float32 otherwise
+                where RAFT's input is past 720p output (1080p and up with ``flow="hr"``) on CUDA when ``dtype``
+                is float16 (the CUDA default), float32 otherwise
                 (:func:`~vsstreamdiffvsr.options.resolve_raft_dtype` says why). Half precision is RAFT's own
                 mixed-precision recipe: the correlation, its lookups, the flow coordinates and the x8 upsampling
                 stay in float32. Not the reference numerics (the flow moves by ~1e-3 px on random weights); a
@@ -310,6 +315,7 @@ class StreamDiffVSR:
             view.raft_dtype = parse_raft_dtype(raft_dtype)  # "auto": back to the choice by frame size
             if view.raft_dtype is not None:
                 warn_cpu_float16(self.device, raft_dtype=view.raft_dtype)
+            view._prepare_raft_nets()
         if graph_flow is not None:
             view.graph_flow = check_graph_flow(graph_flow, self.device)
         if oom_fallback is not None:
@@ -381,11 +387,26 @@ class StreamDiffVSR:
 
     def _raft_net(self, dtype: torch.dtype) -> RaftFlow:
         """RAFT (:class:`~vsstreamdiffvsr.models.flow.RaftFlow`) with its networks in ``dtype``: a half-precision
-        copy is made on first use (10 MB) and shared by every view of this pipeline."""
+        copy (10 MB) made once and shared by every view of this pipeline (see :meth:`_prepare_raft_nets`)."""
         net = self._raft_nets.get(dtype)
         if net is None:
-            net = self._raft_nets[dtype] = self.raft.with_dtype(dtype)
+            # made here only if _prepare_raft_nets could not foresee it: outside inference mode (ordinary
+            # weights), and finished before any stream reads it
+            with torch.inference_mode(False):
+                net = self._raft_nets[dtype] = self.raft.with_dtype(dtype)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
         return net
+
+    def _prepare_raft_nets(self) -> None:
+        """Make the half-precision RAFT this pipeline may choose (:meth:`raft_dtype_for`) now, before frames
+        run: made on first use, its cast would be queued on whichever stream computes the first such flow,
+        and a flow computed ahead on the side stream, which waits only for its inputs, could read the
+        weights before the cast has run."""
+        if self.raft_dtype is not None:
+            self._raft_net(self.raft_dtype)
+        elif self.device.type == "cuda" and self.dtype == torch.float16:
+            self._raft_net(torch.float16)  # auto picks it from 1080p
 
     def _raft_entry(self, dtype: torch.dtype) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
         """RAFT's flow_and_features in ``dtype``: eager, or (:attr:`compile_flow`) with compiled parts, made once
@@ -632,7 +653,7 @@ class StreamDiffVSR:
 
         The fallback that fitted is kept for later frames of this size (as the tiling fallback is): running
         out of memory again on every frame would cost each frame that attempt and fragment the allocator."""
-        key = (tuple(x.shape[-2:]), self.flow_mode, self.raft_corr, self.raft_dtype)
+        key = self._flow_fallback_key(x)
         fallback = self._flow_fallbacks.get(key)
         if fallback is None:
             try:
@@ -657,6 +678,10 @@ class StreamDiffVSR:
                           "frame size (a documented deviation)", TilingFallbackWarning, stacklevel=6)
             self._keep_flow_fallback(key, "lr")
         return self._flow_and_features(x, x_prev, mode="lr", eager=True)[0], None
+
+    def _flow_fallback_key(self, x: torch.Tensor) -> tuple[Any, ...]:
+        """The key of :attr:`_flow_fallbacks` for LR frames of ``x``'s size under this pipeline's settings."""
+        return tuple(x.shape[-2:]), self.flow_mode, self.raft_corr, self.raft_dtype
 
     def _keep_flow_fallback(self, key: tuple[Any, ...], fallback: str) -> None:
         # a new dict, not an update: views from with_options share the parent's until they choose their own
@@ -798,12 +823,14 @@ class StreamDiffVSR:
                         if t.is_cuda:  # made on the caller's stream, read on this one: keep it alive for both
                             t.record_stream(stream)
                 flow, features = self._prefetched_flow(a * 2.0 - 1.0, b * 2.0 - 1.0, previous_features)
+                raft_dtype = self._flow_dtype(a)  # after the flow: an out-of-memory fallback may have chosen LR
                 if stream is None:
-                    return FlowTicket(flow, features=features, lq=lq)
+                    return FlowTicket(flow, features=features, lq=lq, raft_dtype=raft_dtype)
                 event = torch.cuda.Event()
                 event.record(stream)
             flow.record_stream(torch.cuda.current_stream(self.device))
-            return FlowTicket(flow, event, features=features, lq=lq)  # features stay on the side stream
+            # features stay on the side stream
+            return FlowTicket(flow, event, features=features, lq=lq, raft_dtype=raft_dtype)
 
     def _prefetched_flow(self, x: torch.Tensor, x_prev: torch.Tensor, previous_features: torch.Tensor | None = None
                          ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -892,8 +919,9 @@ class StreamDiffVSR:
         x = lq32 * 2.0 - 1.0
         warped = None
         flow_ok: torch.Tensor | None = None  # a half-precision RAFT's flow is finite (read with the output's check)
+        raft_dtype: torch.dtype | None = None  # the precision of RAFT's networks that made the flow
         if not state.is_cold:
-            warped, flow_ok = self._warped_previous(x, state, ticket)
+            warped, flow_ok, raft_dtype = self._warped_previous(x, state, ticket)
             if self.compiled:
                 self._announce_compile(tuple(x.shape[-2:]))
         y = self._run_or_tile(z, x, warped)
@@ -904,7 +932,7 @@ class StreamDiffVSR:
         if self.nan_fallback and (half or flow_ok is not None) and not self._finite(y, flow_ok):
             bad_flow = flow_ok is not None and not bool(flow_ok)
             if bad_flow:
-                what = f"RAFT {dtype_name(self._flow_dtype(x))} produced a NaN/Inf flow"
+                what = f"RAFT {dtype_name(raft_dtype or torch.float32)} produced a NaN/Inf flow"
             else:
                 what = f"{' and '.join(half) or 'the model'} produced NaN/Inf"
             self.stats["nan_fallbacks"] += 1
@@ -914,7 +942,7 @@ class StreamDiffVSR:
             twin = self._fp32()
             twin.tile, twin.tile_denoise = self.tile, self.tile_denoise
             if bad_flow:  # the flow again, with float32 RAFT (eager: no compile on a rare frame)
-                warped, _ = twin._warped_previous(x, state)
+                warped, _, _ = twin._warped_previous(x, state)
             y = twin._run_or_tile(z, x, warped)
             self.tile, self.tile_denoise = twin.tile, twin.tile_denoise
             if not bool(torch.isfinite(y).all()):  # never carried into the next frame
@@ -923,26 +951,30 @@ class StreamDiffVSR:
         return y
 
     def _warped_previous(self, x: torch.Tensor, state: StreamState, ticket: FlowTicket | None = None
-                         ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                         ) -> tuple[torch.Tensor, torch.Tensor | None, torch.dtype | None]:
         """The previous raw output warped onto frame ``x`` ([-1, 1]) by the flow of ``ticket`` or, without one,
-        this pipeline's RAFT; and, for a half-precision RAFT under ``nan_fallback``, whether that flow is finite
-        (a 0-dim tensor, read with the output's check: no host sync here). Checked apart from the output, which
-        such a flow makes NaN: the fallback must recompute the flow, not reuse it, and a float32 U-Net beside a
-        half-precision RAFT must fall back too."""
+        this pipeline's RAFT; for a half-precision RAFT's flow under ``nan_fallback``, whether that flow is
+        finite (a 0-dim tensor, read with the output's check: no host sync here), else None; and the precision
+        of RAFT's networks that made the flow (None: a flow tensor handed in). Checked apart from the output,
+        which such a flow makes NaN: the fallback must recompute the flow, not reuse it, and a float32 U-Net
+        beside a half-precision RAFT must fall back too."""
         assert state.prev_lq is not None and state.prev_hq is not None
         if ticket is not None:
-            flow = ticket.result().to(self.device)
+            flow, raft_dtype = ticket.result().to(self.device), ticket.raft_dtype
         else:
             x_prev = state.prev_lq.to(self.device, torch.float32) * 2.0 - 1.0
             flow = self._flow_with_fallbacks(x, x_prev)
-        half_raft = self._flow_dtype(x) != torch.float32
+            raft_dtype = self._flow_dtype(x)
+        half_raft = raft_dtype is not None and raft_dtype != torch.float32
         flow_ok = torch.isfinite(flow).all() if self.nan_fallback and half_raft else None
-        return warp(state.prev_hq.to(self.device, torch.float32), flow), flow_ok
+        return warp(state.prev_hq.to(self.device, torch.float32), flow), flow_ok, raft_dtype
 
     def _flow_dtype(self, x: torch.Tensor) -> torch.dtype:
-        """The precision of RAFT's networks for LR frame ``x``'s flow, in this pipeline's flow mode."""
+        """The precision of RAFT's networks for LR frame ``x``'s flow as this pipeline computes it: in its flow
+        mode, or at LR where RAFT at HR ran out of memory for this size (the kept fallback)."""
         h, w = x.shape[-2:]
-        return self.raft_dtype_for(*((4 * h, 4 * w) if self.flow_mode == "hr" else (h + -h % 8, w + -w % 8)))
+        mode = "lr" if self._flow_fallbacks.get(self._flow_fallback_key(x)) == "lr" else self.flow_mode
+        return self.raft_dtype_for(*((4 * h, 4 * w) if mode == "hr" else (h + -h % 8, w + -w % 8)))
 
     @staticmethod
     def _finite(y: torch.Tensor, flow_ok: torch.Tensor | None) -> bool:
