@@ -134,11 +134,14 @@ def _frame_to_tensor(frame: vs.VideoFrame, device: torch.device) -> torch.Tensor
 
 def _tensor_to_frame(hq: torch.Tensor, blank: vs.VideoFrame, props: Any) -> vs.VideoFrame:
     out = blank.copy()
-    # rounded to the output precision on the device: one copy of exactly the output's bytes to the host
+    # rounded to the output precision on the device, then copied from there straight into the frame's planes:
+    # exactly the output's bytes cross to the host, and no host tensor is made in between. A fresh host
+    # buffer per frame costs page faults on first touch: on our CPU, making and filling 25 MB (one 1080p RGBS
+    # frame) took 4.9 ms against 1.5 ms for copying into memory already in use, 21 against 5.6 ms at 4K.
     dtype = torch.float16 if blank.format.bytes_per_sample == 2 else torch.float32
-    data = hq[0].to(dtype=dtype).cpu().numpy()
+    data = hq[0].to(dtype=dtype)
     for p in range(3):
-        np.copyto(np.asarray(out[p]), data[p])
+        torch.from_numpy(np.asarray(out[p])).copy_(data[p])  # a writable view of the plane (rows may be padded)
     out.props.clear()
     out.props.update(props)
     with contextlib.suppress(KeyError):
@@ -249,8 +252,9 @@ def upscale(clip: vs.VideoNode, *, model_dir: str | os.PathLike[str] | None = No
 
     template: list[vs.VideoFrame] = []  # a blank 4x frame to copy outputs into (all blank frames are equal)
     peek: list[Callable[[int], vs.VideoFrame | None]] = []  # source frames available to the current request
-    # the next frame, converted once, and its flow computed ahead (both pure functions of the input)
-    ahead_lq: dict[int, tuple[torch.Tensor, FlowTicket]] = {}
+    # the next frame, converted once, its flow computed ahead and its noise drawn ahead (pure functions of the
+    # input and of (seed, n))
+    ahead_lq: dict[int, tuple[torch.Tensor, FlowTicket, torch.Tensor]] = {}
     last = clip.num_frames - 1
 
     def lq_tensor(frame: vs.VideoFrame) -> torch.Tensor:
@@ -274,7 +278,7 @@ def upscale(clip: vs.VideoNode, *, model_dir: str | os.PathLike[str] | None = No
     def run_step(i: int, frame: vs.VideoFrame, state: StreamState) -> tuple[vs.VideoFrame, StreamState]:
         prepared = ahead_lq.pop(i, None)
         ahead_lq.clear()
-        x, ticket = prepared if prepared is not None else (lq_tensor(frame), None)
+        x, ticket, noise = prepared if prepared is not None else (lq_tensor(frame), None, None)
         queue_next = None
         if prefetch_flow and i < last:
             nxt = peek[0](i + 1)
@@ -286,9 +290,14 @@ def upscale(clip: vs.VideoNode, *, model_dir: str | os.PathLike[str] | None = No
                 if x_next is not None:
                     ready = pipe.inputs_ready()
 
-                    def queue_next() -> None:  # once frame i is queued on the GPU: RAFT overlaps its denoising
-                        ahead_lq[i + 1] = (x_next, pipe.prefetch_flow(x_next, x, ready=ready, after=ticket))
-        hq, state = pipe.process_frame(x, state, noise=frame_noise(seed, i, lat_shape),
+                    def queue_next() -> None:  # once frame i is queued on the GPU: RAFT overlaps its denoising,
+                        # and the host draws frame i + 1's noise meanwhile (1.8 ms at 1080p, 5.6 ms at 4K on our
+                        # CPU) rather than while the GPU waits for frame i + 1
+                        flow_next = pipe.prefetch_flow(x_next, x, ready=ready, after=ticket)
+                        ahead_lq[i + 1] = (x_next, flow_next, frame_noise(seed, i + 1, lat_shape))
+        if noise is None:
+            noise = frame_noise(seed, i, lat_shape)
+        hq, state = pipe.process_frame(x, state, noise=noise,
                                        flow=None if state.is_cold else ticket, on_enqueued=queue_next)
         return _tensor_to_frame(hq[..., : 4 * h, : 4 * w], template[0], frame.props), state
 
