@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vsstreamdiffvsr import StreamDiffVSR, StreamState  # noqa: E402
 from vsstreamdiffvsr.options import (COMPILE_MODES, DEFAULT_COMPILE_MODE, default_dtype, parse_dtype,  # noqa: E402
-                                     resolve_compile_flow, resolve_corr)
+                                     raft_input_size, resolve_compile_flow, resolve_corr)
 
 FULL_UNET = dict(
     in_channels=7, out_channels=4, block_out_channels=(256, 512, 512, 1024), layers_per_block=2,
@@ -330,19 +330,24 @@ def raft_label(args: argparse.Namespace, device: torch.device, w: int, h: int) -
     """"RAFT compiled" where the optimized path compiles it (the lean correlation always runs eagerly)."""
     if not resolve_compile_flow(args.compile_flow, args.compile, device):
         return ""
-    rh, rw = (4 * h, 4 * w) if args.flow == "hr" else (h + -h % 8, w + -w % 8)
-    return "RAFT compiled" if resolve_corr(args.raft_corr, rh, rw) != "lean" else "RAFT eager (lean correlation)"
+    corr = resolve_corr(args.raft_corr, *raft_input_size(h, w, args.flow))
+    return "RAFT compiled" if corr != "lean" else "RAFT eager (lean correlation)"
 
 
 def raft_dtype_label(args: argparse.Namespace, dtype: torch.dtype, device: torch.device, w: int, h: int) -> str:
     """"RAFT float16" where the optimized path at ``dtype`` runs RAFT's networks in half precision (``--raft-dtype``,
     or the pipeline's choice by frame size), "" for float32 RAFT."""
+    return half_raft_label(args.raft_dtype, args.flow, dtype, device, w, h)
+
+
+def half_raft_label(raft_dtype: str | torch.dtype | None, flow: str, dtype: torch.dtype, device: torch.device,
+                    w: int, h: int) -> str:
+    """:func:`raft_dtype_label` from the option values (``raft_dtype`` None: auto, "(auto)" in the label)."""
     from vsstreamdiffvsr.options import dtype_name, parse_raft_dtype, resolve_raft_dtype
 
-    rh, rw = (4 * h, 4 * w) if args.flow == "hr" else (h + -h % 8, w + -w % 8)
-    raft = resolve_raft_dtype(parse_raft_dtype(args.raft_dtype), dtype, device, rh, rw)
-    auto = parse_raft_dtype(args.raft_dtype) is None
-    return "" if raft == torch.float32 else f"RAFT {dtype_name(raft)}" + (" (auto)" if auto else "")
+    given = parse_raft_dtype(raft_dtype)
+    raft = resolve_raft_dtype(given, dtype, device, *raft_input_size(h, w, flow))
+    return "" if raft == torch.float32 else f"RAFT {dtype_name(raft)}" + (" (auto)" if given is None else "")
 
 
 def check_args(args: argparse.Namespace) -> tuple[int, int]:

@@ -28,8 +28,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench import (  # noqa: E402
-    REFERENCE_OPTIONS, build, load_components, make_frames, max_err, measure, picture_stats, psnr, setup_device,
-    sync, table,
+    REFERENCE_OPTIONS, build, half_raft_label, load_components, make_frames, max_err, measure, picture_stats, psnr,
+    setup_device, sync, table,
 )
 
 from vsstreamdiffvsr.options import default_dtype  # noqa: E402
@@ -305,11 +305,8 @@ class Driver:
     def auto_raft(self, size: str, dtype: torch.dtype = HALF) -> str:
         """", RAFT float16 (auto)" where the pipeline's default runs RAFT's networks in half precision at
         ``size`` (raft_dtype auto: from 1080p on CUDA), so that a row names what it ran."""
-        from vsstreamdiffvsr.options import dtype_name, resolve_raft_dtype
-
-        w, h = self.size(size)
-        raft = resolve_raft_dtype(None, dtype, self.device, 4 * h, 4 * w)
-        return "" if raft == torch.float32 else f", RAFT {dtype_name(raft)} (auto)"
+        label = half_raft_label(None, "hr", dtype, self.device, *self.size(size))
+        return f", {label}" if label else ""
 
     def compiled(self, size: str, mode: str) -> dict:
         auto = self.auto_raft(size)

@@ -15,7 +15,7 @@ from .errors import SlowPrecisionWarning
 from .models.flow import CORR_MODES, corr_pyramid_bytes
 
 __all__ = ["parse_dtype", "parse_component_dtype", "parse_raft_dtype", "default_dtype", "parse_device", "resolve_corr",
-           "resolve_raft_dtype", "FLOW_MODES", "COMPILE_MODES", "DEFAULT_COMPILE_MODE", "RAFT_CORR_MODES"]
+           "resolve_raft_dtype", "raft_input_size", "FLOW_MODES", "COMPILE_MODES", "DEFAULT_COMPILE_MODE", "RAFT_CORR_MODES"]
 
 FLOW_MODES = ("hr", "lr")
 #: torch.compile modes we accept
@@ -116,6 +116,12 @@ def parse_device(device: torch.device | str) -> torch.device:
     elif dev.type not in ("cpu", "mps", "xpu"):
         raise ValueError(f"unsupported device {dev}")
     return dev
+
+
+def raft_input_size(height: int, width: int, flow: str) -> tuple[int, int]:
+    """The size RAFT runs at for LR frames of height x width: x4 for ``flow="hr"``, the LR frame padded to
+    multiples of 8 for ``flow="lr"``; what :func:`resolve_corr` and :func:`resolve_raft_dtype` take."""
+    return (4 * height, 4 * width) if flow == "hr" else (height + -height % 8, width + -width % 8)
 
 
 def resolve_corr(raft_corr: str, height: int, width: int) -> str:

@@ -35,8 +35,8 @@ from .errors import (CompileFallbackWarning, FlowGraphWarning, NonFiniteInputErr
 from .models.flow import MIN_FLOW_SIDE, RaftFlow, RaftParts, bicubic_x4, warp
 from .options import (COMPILE_MODES, CUDA_GRAPH_MODES, DEFAULT_COMPILE_MODE, FLOW_MODES, RAFT_CORR_MODES,
                       check_graph_flow, check_overlap, check_tiling, choice, default_dtype, dtype_name, parse_device,
-                      parse_component_dtype, parse_dtype, parse_raft_dtype, resolve_compile_flow, resolve_corr,
-                      resolve_raft_dtype, warn_cpu_float16)
+                      parse_component_dtype, parse_dtype, parse_raft_dtype, raft_input_size, resolve_compile_flow,
+                      resolve_corr, resolve_raft_dtype, warn_cpu_float16)
 from .state import StreamState
 from .tiling import Tile, crop_layout, feather_weight, halve, parse_tile, tile_layout, within
 
@@ -972,9 +972,8 @@ class StreamDiffVSR:
     def _flow_dtype(self, x: torch.Tensor) -> torch.dtype:
         """The precision of RAFT's networks for LR frame ``x``'s flow as this pipeline computes it: in its flow
         mode, or at LR where RAFT at HR ran out of memory for this size (the kept fallback)."""
-        h, w = x.shape[-2:]
         mode = "lr" if self._flow_fallbacks.get(self._flow_fallback_key(x)) == "lr" else self.flow_mode
-        return self.raft_dtype_for(*((4 * h, 4 * w) if mode == "hr" else (h + -h % 8, w + -w % 8)))
+        return self.raft_dtype_for(*raft_input_size(x.shape[-2], x.shape[-1], mode))
 
     @staticmethod
     def _finite(y: torch.Tensor, flow_ok: torch.Tensor | None) -> bool:
