@@ -138,6 +138,18 @@ def test_compile_fallback_passes_on_what_is_not_a_compile_failure() -> None:
             with pytest.raises(error):
                 call(x)
         assert not fallback.failed
+    from torch._dynamo.exc import InternalTorchDynamoError
+
+    def wrapped_oom(x: torch.Tensor) -> torch.Tensor:  # an out-of-memory error dynamo hands on as the cause
+        try:
+            raise torch.OutOfMemoryError("CUDA out of memory (inside dynamo)")
+        except torch.OutOfMemoryError as oom:
+            raise InternalTorchDynamoError("wrapped") from oom
+
+    fallback = CompileFallback("a test", "compile=False")
+    with pytest.raises(torch.OutOfMemoryError, match="inside dynamo"):
+        fallback.wrap(wrapped_oom, eager)(x)
+    assert not fallback.failed
     torch._dynamo.reset()
     fallback = CompileFallback("a test", "compile=False")
     call = fallback.wrap(torch.compile(eager, backend=_broken_compiler), eager)

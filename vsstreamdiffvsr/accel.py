@@ -246,9 +246,10 @@ class CompileFallback:
                 except Exception as exc:
                     if not is_compile_failure(exc):
                         raise
+                    oom = _out_of_memory_inside(exc)
+                    if oom is not None:
+                        raise oom from exc
                     inner = getattr(exc, "inner_exception", None)
-                    if isinstance(inner, torch.OutOfMemoryError):
-                        raise inner from exc
                     self.failed = True
                     reason = (str(inner or exc).strip().splitlines() or [type(exc).__name__])[0][:300]
                     warnings.warn(f"vsstreamdiffvsr: torch.compile failed for {self.what} ({reason}); running it "
@@ -257,6 +258,22 @@ class CompileFallback:
             return eager(*args, **kwargs)
 
         return call
+
+
+def _out_of_memory_inside(exc: BaseException) -> torch.OutOfMemoryError | None:
+    """The out-of-memory error a compiler's exception wraps, if any: inductor hands it on as
+    ``inner_exception``, dynamo's own wrappers as the cause (a short chain; cycles are cut)."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [getattr(exc, "inner_exception", None), exc.__cause__]
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, torch.OutOfMemoryError):
+            return e
+        todo += [getattr(e, "inner_exception", None), e.__cause__]
+    return None
 
 
 def is_compile_failure(exc: BaseException) -> bool:

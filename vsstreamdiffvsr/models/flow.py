@@ -142,10 +142,12 @@ class HalfCorrBlock(nn.Module):
     no float32 volume to pool, round and saturate (that came to ~25 GB of memory traffic per 1080p frame;
     the matmuls write 2.8 GB).
 
-    On CUDA the matmuls take float16 inputs and accumulate in float32: the 11 significant bits TF32 keeps of
-    the reference's float32 inputs, at twice TF32's rate. Elsewhere (CPU half-precision matmuls are ~30x
-    slower than float32 ones) they run in float32, in row chunks of at most ``chunk_bytes``, and are rounded
-    when stored. Either way the values differ from the reference's by rounding only.
+    On CUDA the matmuls take float16 inputs (the 11 significant bits TF32 keeps of the reference's float32
+    inputs, at twice TF32's rate) and accumulate in float32, except where cuBLAS splits the 256-long sums into
+    float16 partial sums (torch's default ``allow_fp16_reduced_precision_reduction``): each partial sum is held
+    within float16's range by the same norm bound as the whole, so that costs rounding only. Elsewhere (CPU
+    half-precision matmuls are ~30x slower than float32 ones) they run in float32, in row chunks of at most
+    ``chunk_bytes``, and are rounded when stored. Either way the values differ from the reference's by rounding only.
 
     float16 tops out at 65504, and an inf in the pyramid would make the flow, and through the recurrence
     every later frame, NaN. A product is at most the product of its two feature vectors' norms, so each map is
