@@ -73,7 +73,8 @@ def test_half_correlation_matches_torchvision() -> None:
             assert [v.dtype for v in block.corr_pyramid] == [dtype] * 4
             assert all(bool(torch.isfinite(v).all()) for v in block.corr_pyramid)
             unscale = float(block._unscale)
-            assert unscale == 1.0 if scale == 1.0 or dtype == torch.float32 else unscale in (2.0**k for k in range(1, 20))
+            powers_of_two = [2.0**k for k in range(1, 20)]
+            assert unscale == 1.0 if scale == 1.0 or dtype == torch.float32 else unscale in powers_of_two
             got = block.index_pyramid(coords)
             assert got.shape == want.shape == (1, 324, 16, 20) and got.dtype == torch.float32
             assert float((got - want).abs().max()) <= tol * float(want.abs().max()), (scale, dtype, mm)
