@@ -44,8 +44,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vsstreamdiffvsr import StreamDiffVSR, StreamState  # noqa: E402
-from vsstreamdiffvsr.options import (COMPILE_MODES, DEFAULT_COMPILE_MODE, default_dtype, parse_dtype,  # noqa: E402
-                                     raft_input_size, resolve_compile_flow, resolve_corr)
+from vsstreamdiffvsr.options import (COMPILE_MODES, DEFAULT_COMPILE_MODE, default_dtype, dtype_name,  # noqa: E402
+                                     parse_dtype, parse_raft_dtype, raft_input_size, resolve_compile_flow,
+                                     resolve_corr, resolve_raft_dtype)
 
 FULL_UNET = dict(
     in_channels=7, out_channels=4, block_out_channels=(256, 512, 512, 1024), layers_per_block=2,
@@ -334,17 +335,11 @@ def raft_label(args: argparse.Namespace, device: torch.device, w: int, h: int) -
     return "RAFT compiled" if corr != "lean" else "RAFT eager (lean correlation)"
 
 
-def raft_dtype_label(args: argparse.Namespace, dtype: torch.dtype, device: torch.device, w: int, h: int) -> str:
-    """"RAFT float16" where the optimized path at ``dtype`` runs RAFT's networks in half precision (``--raft-dtype``,
-    or the pipeline's choice by frame size), "" for float32 RAFT."""
-    return half_raft_label(args.raft_dtype, args.flow, dtype, device, w, h)
-
-
 def half_raft_label(raft_dtype: str | torch.dtype | None, flow: str, dtype: torch.dtype, device: torch.device,
                     w: int, h: int) -> str:
-    """:func:`raft_dtype_label` from the option values (``raft_dtype`` None: auto, "(auto)" in the label)."""
-    from vsstreamdiffvsr.options import dtype_name, parse_raft_dtype, resolve_raft_dtype
-
+    """"RAFT float16" where a path at ``dtype`` runs RAFT's networks in half precision for LR frames of w x h:
+    by ``raft_dtype`` (the option's value), or by the pipeline's choice where that is None (auto; "(auto)" in
+    the label); "" for float32 RAFT."""
     given = parse_raft_dtype(raft_dtype)
     raft = resolve_raft_dtype(given, dtype, device, *raft_input_size(h, w, flow))
     return "" if raft == torch.float32 else f"RAFT {dtype_name(raft)}" + (" (auto)" if given is None else "")
@@ -352,7 +347,7 @@ def half_raft_label(raft_dtype: str | torch.dtype | None, flow: str, dtype: torc
 
 def check_args(args: argparse.Namespace) -> tuple[int, int]:
     """Every option checked before weights load (minutes on a GPU): ValueError naming the option. (w, h)."""
-    from vsstreamdiffvsr.options import parse_component_dtype, parse_device, parse_raft_dtype
+    from vsstreamdiffvsr.options import parse_component_dtype, parse_device
     from vsstreamdiffvsr.pipeline import MIN_LR_SIDE
     from vsstreamdiffvsr.tiling import parse_tile
 
@@ -386,7 +381,7 @@ def main() -> None:
     ap.add_argument("--lr", default="320x180", help="LR input WxH (output is 4x)")
     ap.add_argument("--frames", type=int, default=24)
     ap.add_argument("--warmup", type=int, default=4)
-    ap.add_argument("--dtype", default=str(default_dtype(torch.device("cuda"))).removeprefix("torch."),
+    ap.add_argument("--dtype", default=dtype_name(default_dtype(torch.device("cuda"))),
                     help="optimized path precision, or a comma-separated list of them, one path each "
                          "(float16, bfloat16, float32; default: %(default)s, the pipeline's CUDA default)")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
@@ -434,7 +429,7 @@ def main() -> None:
              "flow in line" if args.no_prefetch else "", "flow graph" if args.graph_flow else "",
              raft_label(args, device, w, h)]
     for opt_dtype in parse_dtypes(args.dtype):
-        parts = [str(opt_dtype).removeprefix("torch."), *label, raft_dtype_label(args, opt_dtype, device, w, h)]
+        parts = [dtype_name(opt_dtype), *label, half_raft_label(args.raft_dtype, args.flow, opt_dtype, device, w, h)]
         name = ", ".join(p for p in parts if p)
         paths.append((f"optimized ({name})", opt_dtype, opt, not args.no_prefetch))
     results, ref_outs = {}, None

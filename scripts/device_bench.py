@@ -32,7 +32,7 @@ from bench import (  # noqa: E402
     setup_device, sync, table,
 )
 
-from vsstreamdiffvsr.options import default_dtype  # noqa: E402
+from vsstreamdiffvsr.options import default_dtype, dtype_name  # noqa: E402
 
 OPT = dict(channels_last=None, raft_corr="auto")  # the optimised path's defaults (cuDNN autotune on CUDA)
 HALF = default_dtype(torch.device("cuda"))  # the pipeline's CUDA default (float16); bf16 is measured as a variant
@@ -211,7 +211,7 @@ class Driver:
         w, h = self.size(size)
         stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         out: dict = dict(lr=[w, h], corr=pipe.corr_for(4 * h, 4 * w),
-                         raft_dtype=str(pipe.raft_dtype_for(4 * h, 4 * w)).removeprefix("torch."))
+                         raft_dtype=dtype_name(pipe.raft_dtype_for(4 * h, 4 * w)))
 
         try:
             with (torch.inference_mode(), torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext(),
@@ -263,7 +263,7 @@ class Driver:
             with torch.inference_mode(), pipe_flags(pipe):
                 pipe.enable_flow_compile()
                 for dtype in (torch.float32, torch.float16):
-                    view, name = pipe.with_options(raft_dtype=dtype), str(dtype).removeprefix("torch.")
+                    view, name = pipe.with_options(raft_dtype=dtype), dtype_name(dtype)
                     t = time.perf_counter()
                     view.compute_flow(x, xp)  # the compile
                     sync(self.device)
@@ -396,7 +396,7 @@ class Driver:
 
         pipe, x, xp = self.raft_inputs(size)
         hr = x.shape[-2] * 4, x.shape[-1] * 4
-        pipe_corr, raft_dtype = pipe.corr_for(*hr), str(pipe.raft_dtype_for(*hr)).removeprefix("torch.")
+        pipe_corr, raft_dtype = pipe.corr_for(*hr), dtype_name(pipe.raft_dtype_for(*hr))
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
         try:
             with torch.inference_mode(), pipe_flags(pipe):

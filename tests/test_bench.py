@@ -187,16 +187,13 @@ def test_the_optimized_path_label_says_where_raft_is_compiled() -> None:
 def test_the_optimized_path_label_says_when_raft_runs_in_half_precision() -> None:
     """The pipeline runs RAFT's networks in float16 from 1080p on CUDA for a float16 path (raft_dtype auto):
     the row must say so, and say when --raft-dtype chose it; the float32 reference path never does."""
-    import argparse
-
     import torch
 
     bench = _bench()
     cuda, cpu, f16 = torch.device("cuda"), torch.device("cpu"), torch.float16
 
-    def label(device, dtype, w, h, **kw) -> str:
-        args = argparse.Namespace(**{"flow": "hr", "raft_dtype": None, **kw})
-        return bench.raft_dtype_label(args, dtype, device, w, h)
+    def label(device, dtype, w, h, flow="hr", raft_dtype=None) -> str:  # --flow, --raft-dtype
+        return bench.half_raft_label(raft_dtype, flow, dtype, device, w, h)
 
     assert label(cuda, f16, 320, 180) == "" and label(cuda, f16, 480, 272) == "RAFT float16 (auto)"
     assert label(cuda, f16, 480, 272, flow="lr") == ""  # RAFT at LR: 720p-sized work
