@@ -150,7 +150,7 @@ def resolve_raft_dtype(raft_dtype: torch.dtype | None, dtype: torch.dtype, devic
     """
     if raft_dtype is not None:
         return raft_dtype
-    if device.type == "cuda" and dtype == torch.float16 and corr_pyramid_bytes(height, width) > FULL_CORR_MAX:
+    if device.type == "cuda" and dtype == torch.float16 and resolve_corr("auto", height, width) != "full":
         return torch.float16
     return torch.float32
 
