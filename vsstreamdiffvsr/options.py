@@ -14,10 +14,11 @@ import torch
 from .errors import SlowPrecisionWarning
 from .models.flow import CORR_MODES, corr_pyramid_bytes
 
-__all__ = ["parse_dtype", "parse_component_dtype", "parse_raft_dtype", "dtype_name", "default_dtype", "warn_cpu_float16",
-           "parse_device", "raft_input_size", "resolve_corr", "resolve_raft_dtype", "resolve_compile_flow",
-           "check_graph_flow", "choice", "check_overlap", "check_tiling", "FLOW_MODES", "COMPILE_MODES",
-           "CUDA_GRAPH_MODES", "DEFAULT_COMPILE_MODE", "RAFT_CORR_MODES", "FULL_CORR_MAX", "HALF_CORR_MAX"]
+__all__ = ["parse_dtype", "parse_component_dtype", "parse_raft_dtype", "dtype_name", "default_dtype",
+           "warn_cpu_float16", "parse_device", "raft_input_size", "resolve_corr", "resolve_raft_dtype",
+           "resolve_compile_flow", "check_graph_flow", "choice", "check_overlap", "check_tiling", "FLOW_MODES",
+           "COMPILE_MODES", "CUDA_GRAPH_MODES", "DEFAULT_COMPILE_MODE", "RAFT_CORR_MODES", "FULL_CORR_MAX",
+           "HALF_CORR_MAX"]
 
 FLOW_MODES = ("hr", "lr")
 #: torch.compile modes we accept
