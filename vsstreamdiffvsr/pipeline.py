@@ -1040,7 +1040,11 @@ def _unchanged(x: torch.Tensor) -> torch.Tensor:
 
 
 def _pad8(x: torch.Tensor) -> torch.Tensor:
-    ph, pw = -x.shape[-2] % 8, -x.shape[-1] % 8
+    """LR frames padded (replicated edge) to the size ``flow="lr"`` runs RAFT at (:func:`raft_input_size`, whose
+    size also picks RAFT's correlation and precision)."""
+    h, w = x.shape[-2:]
+    rh, rw = raft_input_size(h, w, "lr")
+    ph, pw = rh - h, rw - w
     return F.pad(x, (0, pw, 0, ph), mode="replicate") if (ph or pw) else x
 
 
