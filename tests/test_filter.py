@@ -99,14 +99,17 @@ def test_each_frame_carries_its_own_props(tiny_ckpt: Path) -> None:
         assert props["Custom"] == b"x" or props["Custom"] == "x"
 
 
+@pytest.mark.parametrize("whole_rows", [None, True])
 @pytest.mark.parametrize("fmt", [vs.RGBS, vs.RGBH])
-def test_output_planes_are_written_in_place_with_padded_rows(fmt: vs.PresetVideoFormat) -> None:
+def test_output_planes_are_written_in_place_with_padded_rows(fmt: vs.PresetVideoFormat,
+                                                             whole_rows: bool | None) -> None:
     """The output is copied from the (cropped) tensor straight into the frame's planes, whose rows VapourSynth
-    pads to its alignment (132 samples here): every sample lands where it belongs, rounded to the format."""
+    pads to its alignment (132 samples here): every sample lands where it belongs, rounded to the format, both
+    by the strided copy (the CPU's) and by the whole-row copy (a GPU's, forced here)."""
     blank = vs.core.std.BlankClip(format=fmt, width=132, height=20, length=1).get_frame(0)
     assert np.asarray(blank[0]).strides[0] > 132 * blank.format.bytes_per_sample  # the case under test
     hq = torch.rand(1, 3, 24, 136)
-    out = vsfilter._tensor_to_frame(hq[..., :20, :132], blank, {"_Alpha": 1, "Mine": 7})
+    out = vsfilter._tensor_to_frame(hq[..., :20, :132], blank, {"_Alpha": 1, "Mine": 7}, whole_rows=whole_rows)
     dtype = np.float16 if fmt == vs.RGBH else np.float32
     for p in range(3):
         assert np.array_equal(np.asarray(out[p]), hq[0, p, :20, :132].numpy().astype(dtype))
