@@ -272,12 +272,15 @@ def setup_device(device: torch.device) -> str:
     return "CPU"
 
 
-def _db(value: float) -> str:
-    return "-" if math.isnan(value) else f"{value:.1f}"
+def _db(value: float | None) -> str:
+    """dB to one place; "-" where there is none (nan here, null once a result went through JSON's
+    ``_finite``, as the second-process step's results do)."""
+    return "-" if value is None or math.isnan(value) else f"{value:.1f}"
 
 
-def _gib(value: float) -> str:
-    return "-" if math.isnan(value) else f"{value:.2f}"
+def _gib(value: float | None) -> str:
+    """GiB to two places; "-" where none was measured (nan, or null after JSON as for ``_db``)."""
+    return "-" if value is None or math.isnan(value) else f"{value:.2f}"
 
 
 def table(results: dict, title: str) -> str:
@@ -289,11 +292,12 @@ def table(results: dict, title: str) -> str:
     base_ms = next(iter(results.values()))["ms"]
     notes = []
     for name, r in results.items():
-        steady = r.get("peak_by_frame_gib", [])[r.get("warmup", 0):]
+        steady = [p for p in r.get("peak_by_frame_gib", [])[r.get("warmup", 0):] if p is not None]
         psnr_db = r["psnr_vs_fp32"]
+        psnr_db = None if psnr_db is not None and math.isinf(psnr_db) else psnr_db  # inf: the row itself
         lines.append(f"| {name} | {r['ms']:.1f} | {r['first_ms']:.0f} | {r['warmup_overhead_s']:.1f} | "
                      f"{_gib(r['peak_gib'])} | {_gib(max(steady)) if steady else '-'} | "
-                     f"{'-' if math.isinf(psnr_db) else _db(psnr_db)} | {base_ms / r['ms']:.2f}x |")
+                     f"{_db(psnr_db)} | {base_ms / r['ms']:.2f}x |")
         if r.get("fallbacks"):
             notes.append(f"- {name}: fallbacks {r['fallbacks']}")
     return "\n".join(lines + notes)

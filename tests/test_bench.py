@@ -107,6 +107,19 @@ def _bench():
     return bench
 
 
+def test_table_renders_results_read_back_from_json() -> None:
+    """A second process's results come back through JSON, where nan and inf were written as null: the table
+    shows "-" for them (run 7's dry run crashed on its 720p-cached step here)."""
+    bench = _bench()
+    measured = dict(ms=90.0, first_ms=900.0, warmup_overhead_s=1.0, peak_gib=float("nan"), warmup=1,
+                    peak_by_frame_gib=[float("nan")] * 3, psnr_vs_fp32=float("inf"))
+    read_back = json.loads(json.dumps(bench._finite(measured)))
+    assert read_back["peak_gib"] is None and read_back["psnr_vs_fp32"] is None
+    text = bench.table({"first": measured, "read back": read_back}, "### t")
+    assert "| first | 90.0 | 900 | 1.0 | - | - | - | 1.00x |" in text
+    assert "| read back | 90.0 | 900 | 1.0 | - | - | - | 1.00x |" in text
+
+
 def test_random_weights_are_calibrated_to_a_picture_with_range() -> None:
     """Random full-size weights decode to a nearly black frame; the bench calibrates them so that its PSNR
     compares pictures (the release's architecture at 32x32 LR on the CPU: ~20 s)."""
