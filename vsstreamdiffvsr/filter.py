@@ -217,7 +217,7 @@ def upscale(clip: vs.VideoNode, *, model_dir: str | os.PathLike[str] | None = No
             precision: correlation and flow coordinates stay float32; on the CPU half-precision convolutions
             are far slower), ``"bfloat16"``, or None / ``"auto"``: float16 from 1080p output (with
             ``flow="hr"``: RAFT's input past 720p) on CUDA with a float16 ``dtype`` (the CUDA default), float32
-            otherwise (see the README: not timed on a GPU yet).
+            otherwise (on an H100 at 1080p: 191.3 ms per frame against 200.4 with float32; see the README).
 
     Returns:
         The same format at exactly 4x width and height; each frame carries its own source frame's props.
