@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import vapoursynth as vs
 
 from vsstreamdiffvsr import StreamDiffVSR, StreamState
-from vsstreamdiffvsr.producer import frame_noise
+from vsstreamdiffvsr import frame_noise
 
 core = vs.core
 

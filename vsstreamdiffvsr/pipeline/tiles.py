@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Tile", "crop_layout", "tile_layout", "feather_weight", "parse_tile", "within", "halve"]
+__all__ = ["Tile", "crop_layout", "tile_layout", "feather_weight", "within", "halve"]
 
 
 @dataclass(frozen=True)
@@ -39,21 +39,6 @@ class Tile:
 
     def hr(self, scale: int = 4) -> tuple[slice, slice]:
         return slice(scale * self.y0, scale * (self.y0 + self.h)), slice(scale * self.x0, scale * (self.x0 + self.w))
-
-
-def parse_tile(tile: int | tuple[int, int] | list[int] | None) -> tuple[int, int] | None:
-    """``None``/0 (no tiling), an int (square) or (height, width) in LR pixels; multiples of 8, >= 32."""
-    if tile is None or tile == 0:
-        return None
-    if isinstance(tile, int) and not isinstance(tile, bool):
-        th = tw = tile
-    elif isinstance(tile, (tuple, list)) and len(tile) == 2 and all(isinstance(t, int) for t in tile):
-        th, tw = int(tile[0]), int(tile[1])
-    else:
-        raise ValueError(f"tile must be None, an int or (height, width) in LR pixels, got {tile!r}")
-    if th < 32 or tw < 32 or th % 8 or tw % 8:
-        raise ValueError(f"tile sides must be multiples of 8 and at least 32 LR pixels, got {th}x{tw}")
-    return th, tw
 
 
 def _starts(size: int, tile: int, overlap: int) -> list[int]:
