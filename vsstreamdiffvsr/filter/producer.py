@@ -22,6 +22,7 @@ previous step computed ahead for this frame); the producer resets the carry at e
 from __future__ import annotations
 
 import threading
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -133,13 +134,16 @@ class OrderedProducer(Generic[P, O, C]):
                     if self.reset_on_scene_change and src.scene_cut:
                         carry = self._cold()
                     out, carry = self._step(i, src.payload, self._peek(source, i + 1), carry)
-                except Exception:
+                except Exception as exc:
                     if i == n:
                         raise
                     # a frame before the one asked for failed: it fails alone, when asked for itself; the run
                     # restarts after it (nothing of it is carried)
                     self._carry, self._last, carry = self._cold(), i, self._cold()
                     self.restarts += 1
+                    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+                    warnings.warn(f"vsstreamdiffvsr: frame {i} failed ({first}); the run restarts cold at frame "
+                                  f"{i + 1}", RuntimeWarning, stacklevel=2)
                     continue
                 self.steps += 1
                 # commit after every frame: an error later in the loop leaves a consistent producer

@@ -107,6 +107,11 @@ class StreamDiffVSR:
         return self.model.runtime.lock
 
     @property
+    def timesteps(self) -> list[int]:
+        """The DDIM timesteps of one frame (999, 749, 499, 249 for the release's scheduler)."""
+        return self.model.components.timesteps
+
+    @property
     def latent_channels(self) -> int:
         return self.model.components.latent_channels
 

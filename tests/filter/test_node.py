@@ -12,9 +12,11 @@ import torch
 import vapoursynth as vs
 
 import vsstreamdiffvsr
-from vsstreamdiffvsr import filter as vsfilter
+from vsstreamdiffvsr import Options, StreamDiffVSR
+from vsstreamdiffvsr.filter import node as vsfilter
+from vsstreamdiffvsr.pipeline.flow import FlowStage
 
-from .vsclips import expected_run, make_source
+from ..vsclips import expected_run, make_source
 
 core = vs.core
 
@@ -99,24 +101,6 @@ def test_each_frame_carries_its_own_props(tiny_ckpt: Path) -> None:
         assert props["Custom"] == b"x" or props["Custom"] == "x"
 
 
-@pytest.mark.parametrize("whole_rows", [None, True])
-@pytest.mark.parametrize("fmt", [vs.RGBS, vs.RGBH])
-def test_output_planes_are_written_in_place_with_padded_rows(fmt: vs.PresetVideoFormat,
-                                                             whole_rows: bool | None) -> None:
-    """The output is copied from the (cropped) tensor straight into the frame's planes, whose rows VapourSynth
-    pads to its alignment (132 samples here): every sample lands where it belongs, rounded to the format, both
-    by the strided copy (the CPU's) and by the whole-row copy (a GPU's, forced here)."""
-    blank = vs.core.std.BlankClip(format=fmt, width=132, height=20, length=1).get_frame(0)
-    assert np.asarray(blank[0]).strides[0] > 132 * blank.format.bytes_per_sample  # the case under test
-    hq = torch.rand(1, 3, 24, 136)
-    out = vsfilter._tensor_to_frame(hq[..., :20, :132], blank, {"_Alpha": 1, "Mine": 7}, whole_rows=whole_rows)
-    dtype = np.float16 if fmt == vs.RGBH else np.float32
-    for p in range(3):
-        assert np.array_equal(np.asarray(out[p]), hq[0, p, :20, :132].numpy().astype(dtype))
-    assert np.asarray(blank[0]).max() == 0  # the template is left as it was
-    assert out.props["Mine"] == 7 and "_Alpha" not in out.props
-
-
 def test_rgbh_in_rgbh_out(tiny_ckpt: Path, pipe) -> None:
     src = make_source(32, 36, 3, fmt=vs.RGBH)
     out = vsstreamdiffvsr.upscale(src, model_dir=tiny_ckpt, device="cpu")
@@ -128,18 +112,19 @@ def test_rgbh_in_rgbh_out(tiny_ckpt: Path, pipe) -> None:
 
 def test_one_model_load_shared_by_calls(tiny_ckpt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     loads = []
-    real = vsstreamdiffvsr.StreamDiffVSR.from_pretrained.__func__
+    real = StreamDiffVSR.from_pretrained.__func__
 
     def counting(cls, *a, **k):
         loads.append(1)
         return real(cls, *a, **k)
 
     monkeypatch.setattr(vsfilter, "_PIPES", {})
-    monkeypatch.setattr(vsstreamdiffvsr.StreamDiffVSR, "from_pretrained", classmethod(counting))
+    monkeypatch.setattr(StreamDiffVSR, "from_pretrained", classmethod(counting))
     a = vsstreamdiffvsr.upscale(make_source(32, 32, 2), model_dir=tiny_ckpt, device="cpu")
-    b = vsstreamdiffvsr.upscale(make_source(40, 32, 2), model_dir=tiny_ckpt, device="cpu", seed=3)
-    a.get_frame(1), b.get_frame(1)
-    assert len(loads) == 1
+    b = vsstreamdiffvsr.upscale(make_source(40, 32, 2), model_dir=tiny_ckpt, device="cpu:0", seed=3)
+    c = vsstreamdiffvsr.upscale(make_source(40, 32, 2), model_dir=tiny_ckpt, options=Options(device="cpu:1"))
+    a.get_frame(1), b.get_frame(1), c.get_frame(0)
+    assert len(loads) == 1  # "cpu", "cpu:0" and "cpu:1" are one CPU
 
 
 def test_seed_changes_the_noise(tiny_ckpt: Path) -> None:
@@ -159,6 +144,10 @@ def test_nothing_reaches_stdout(tiny_ckpt: Path, capfd: pytest.CaptureFixture[st
     assert captured.out == ""
 
 
+def _rgbs(w: int = 64, h: int = 64, **kw) -> vs.VideoNode:
+    return core.std.BlankClip(format=vs.RGBS, width=w, height=h, **kw)
+
+
 @pytest.mark.parametrize(
     ("make", "kwargs", "needles"),
     [
@@ -166,53 +155,112 @@ def test_nothing_reaches_stdout(tiny_ckpt: Path, capfd: pytest.CaptureFixture[st
          ["RGBS", "core.resize.Bicubic(clip, format=vs.RGBS, matrix_in_s=\"709\")", "_Matrix"]),
         (lambda: core.std.BlankClip(format=vs.RGB24, width=64, height=64), {}, ["RGB24", "RGBS"]),
         (lambda: core.std.BlankClip(format=vs.GRAYS, width=64, height=64), {}, ["GrayS", "RGB"]),
-        (lambda: core.std.Splice([core.std.BlankClip(format=vs.RGBS, width=64, height=64, length=1),
-                                  core.std.BlankClip(format=vs.RGBH, width=64, height=64, length=1)], mismatch=True),
+        (lambda: core.std.Splice([_rgbs(length=1), core.std.BlankClip(format=vs.RGBH, width=64, height=64,
+                                                                       length=1)], mismatch=True),
          {}, ["constant format"]),
-        (lambda: core.std.Splice([core.std.BlankClip(format=vs.RGBS, width=64, height=64, length=1),
-                                  core.std.BlankClip(format=vs.RGBS, width=48, height=64, length=1)], mismatch=True),
+        (lambda: core.std.Splice([_rgbs(length=1), _rgbs(48, 64, length=1)], mismatch=True),
          {}, ["constant frame size"]),
-        (lambda: core.std.BlankClip(format=vs.RGBS, width=31, height=64), {}, ["at least 32x32", "31x64"]),
-        (lambda: core.std.BlankClip(format=vs.RGBS, width=64, height=20), {}, ["at least 32x32"]),
+        (lambda: _rgbs(31, 64), {}, ["32 to 4096 px", "31x64"]),
+        (lambda: _rgbs(64, 20), {}, ["32 to 4096 px"]),
+        (lambda: _rgbs(100000, 32, length=1), {}, ["32 to 4096 px", "100000x32", "resize or crop"]),
+        (lambda: _rgbs(32, 100000, length=1), {}, ["32 to 4096 px", "32x100000"]),
         (lambda: "not a clip", {}, ["vs.VideoNode"]),
-        (lambda: core.std.BlankClip(format=vs.RGBS, width=64, height=64), {"max_gap": 0}, ["max_gap"]),
-        (lambda: core.std.BlankClip(format=vs.RGBS, width=64, height=64), {"warmup": -1}, ["warmup"]),
-        (lambda: core.std.BlankClip(format=vs.RGBS, width=64, height=64), {"seed": 1.5}, ["seed"]),
-        (lambda: core.std.BlankClip(format=vs.RGBS, width=64, height=64), {"device": "cuda"}, ["CUDA"]),
-        (lambda: core.std.BlankClip(format=vs.RGBS, width=64, height=64), {"device": "cpu", "dtype": "int8"},
-         ["dtype"]),
-        (lambda: core.std.BlankClip(format=vs.RGBS, width=64, height=64), {"raft_corr": "huge"},
-         ["raft_corr", "'huge'", "'half'"]),
-        (lambda: core.std.BlankClip(format=vs.RGBS, width=64, height=64), {"raft_dtype": "float64"},
-         ["raft_dtype must be None (auto), float32, float16 or bfloat16", "'float64'"]),
-        (lambda: core.std.BlankClip(format=vs.RGBS, width=64, height=64), {"compile_mode": "fast"},
-         ["compile_mode", "'fast'", "'reduce-overhead'"]),
-        (lambda: core.std.BlankClip(format=vs.RGBS, width=64, height=64), {"graph_flow": True},
-         ["graph_flow=True needs a CUDA device", "None"]),
-        (lambda: core.std.BlankClip(format=vs.RGBS, width=64, height=64), {"tile_denoise": "no"},
-         ["tile_denoise must be True or False", "'no'"]),
-        (lambda: core.std.BlankClip(format=vs.RGBS, width=64, height=64), {"compile": "0"},
-         ["compile must be True or False", "'0'"]),
-        (lambda: core.std.BlankClip(format=vs.RGBS, width=64, height=64), {"prefetch_flow": "no"},
-         ["prefetch_flow must be True or False"]),
-        (lambda: core.std.BlankClip(format=vs.RGBS, width=64, height=64), {"graph_flow": 1},
-         ["graph_flow must be None, True or False"]),
-        (lambda: core.std.BlankClip(format=vs.RGBS, width=64, height=64), {"compile_flow": "0"},
-         ["compile_flow must be None, True or False", "'0'"]),
-        (lambda: core.std.BlankClip(format=vs.RGBS, width=64, height=64), {"tile_denoise": True},
-         ["tile_denoise=True needs a tile size", "tile="]),
-        (lambda: core.std.BlankClip(format=vs.RGBS, width=64, height=64), {"tile": 32, "tile_overlap": 24},
-         ["tile_overlap (24) must be at most half", "32"]),
+        (lambda: _rgbs(), {"max_gap": 0}, ["max_gap"]),
+        (lambda: _rgbs(), {"warmup": -1}, ["warmup"]),
+        (lambda: _rgbs(), {"seed": 1.5}, ["seed"]),
+        (lambda: _rgbs(), {"device": "cuda"}, ["CUDA", "-a device=cpu"]),
+        (lambda: _rgbs(), {"device": 7}, ["device"]),
+        (lambda: _rgbs(), {"dtype": "int8"}, ["dtype"]),
+        (lambda: _rgbs(), {"compile": "0"}, ["compile must be None, True or False", "'0'"]),
+        (lambda: _rgbs(), {"tile": 20}, ["tile sides must be multiples of 8"]),
+        (lambda: _rgbs(), {"reset_on_scene_change": 1}, ["reset_on_scene_change must be True or False"]),
+        (lambda: _rgbs(), {"options": {"flow": "lr"}}, ["options must be a vsstreamdiffvsr.Options"]),
+        (lambda: _rgbs(), {"options": Options(device="cpu", flow="lr")}, ['flow="lr" needs a clip of at least']),
+        (lambda: _rgbs(), {"options": Options(device="cpu", tile=32, tile_overlap=16), "tile": 64},
+         []),  # the keyword wins over the options' tile: valid together
+        (lambda: _rgbs().std.SetFieldBased(2), {}, ["interlaced (_FieldBased=2)", "SetFieldBased(clip, 0)"]),
     ],
 )
 def test_bad_input_gets_a_clear_error(make, kwargs, needles, tiny_ckpt: Path) -> None:
+    if not needles:
+        vsstreamdiffvsr.upscale(make(), **{"model_dir": tiny_ckpt, "device": "cpu", **kwargs})
+        return
     with pytest.raises(vs.Error) as info:
         vsstreamdiffvsr.upscale(make(), **{"model_dir": tiny_ckpt, "device": "cpu", **kwargs})
     msg = str(info.value)
     assert msg.startswith("upscale: ")
     for needle in needles:
         assert needle in msg, msg
-    assert "Traceback" not in msg
+    assert "Traceback" not in msg and "\n" not in msg
+
+
+def test_upscale_takes_about_ten_keywords() -> None:
+    import inspect
+
+    names = list(inspect.signature(vsstreamdiffvsr.upscale).parameters)
+    assert names[0] == "clip" and names[-1] == "options" and len(names) <= 11
+
+
+def test_options_reach_the_pipeline_and_keywords_win(tiny_ckpt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[Options] = []
+    real = vsfilter.get_pipeline
+
+    def spy(model_dir, options):  # noqa: ANN001
+        seen.append(options)
+        return real(model_dir, options)
+
+    monkeypatch.setattr(vsfilter, "get_pipeline", spy)
+    vsstreamdiffvsr.upscale(_rgbs(), model_dir=tiny_ckpt, device="cpu", tile=64,
+                            options=Options(tile=32, tile_overlap=8, raft_corr="lean", compile=False))
+    assert seen[0].tile == (64, 64) and seen[0].tile_overlap == 8 and seen[0].raft_corr == "lean"
+    assert seen[0].device == torch.device("cpu")
+
+
+def test_max_gap_follows_the_core_threads(tiny_ckpt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    made: list[int] = []
+    real = vsfilter._Filter.__init__
+
+    def spy(self, *a, **k):  # noqa: ANN001, ANN002, ANN003
+        made.append(k["max_gap"])
+        real(self, *a, **k)
+
+    monkeypatch.setattr(vsfilter._Filter, "__init__", spy)
+    threads = core.num_threads
+    try:
+        for n in (2, 24):
+            core.num_threads = n
+            vsstreamdiffvsr.upscale(_rgbs(), model_dir=tiny_ckpt, device="cpu")
+    finally:
+        core.num_threads = threads
+    vsstreamdiffvsr.upscale(_rgbs(), model_dir=tiny_ckpt, device="cpu", max_gap=3)
+    assert made == [16, 48, 3]
+
+
+def test_a_bad_source_frame_fails_only_its_own_output(tiny_ckpt: Path, pipe) -> None:
+    """Source frame 3 always raises: output 3 fails with one line naming upscale and the frame; 2 is exact
+    (its look at frame 3 ahead fails quietly); 4.. start a new run at 4, with a warning."""
+    src = make_source(32, 32, 8)
+
+    def corrupt(n: int, f: vs.VideoFrame) -> vs.VideoFrame:
+        if n == 3:
+            raise vs.Error("corrupt packet in source frame 3")
+        return f
+
+    broken = src.std.ModifyFrame(src, corrupt)
+    out = vsstreamdiffvsr.upscale(broken, model_dir=tiny_ckpt, device="cpu")
+    run0, run4 = expected_run(pipe, src, range(0, 3)), expected_run(pipe, src, range(4, 8))
+    for n in range(3):
+        assert_close(out_tensor(out, n), run0[n])
+    with pytest.raises(vs.Error) as info:
+        out.get_frame(3)
+    # VapourSynth puts a Python filter's traceback before its message: the message is the last line
+    last = str(info.value).strip().splitlines()[-1]
+    assert last == "vapoursynth.Error: upscale: frame 3: source frame 3 failed: corrupt packet in source frame 3"
+    with pytest.warns(RuntimeWarning, match="frame 3 failed"):
+        got = out_tensor(out, 5)  # caught up past 3: the run restarts at 4
+    assert_close(got, run4[1])
+    for n in (4, 6, 7):
+        assert_close(out_tensor(out, n), run4[n - 4])
 
 
 def test_missing_weights_error_names_the_file_and_fix(tmp_path: Path, monkeypatch) -> None:
@@ -224,25 +272,33 @@ def test_missing_weights_error_names_the_file_and_fix(tmp_path: Path, monkeypatc
     assert "\n" not in str(info.value)
 
 
-def test_raft_dtype_reaches_the_flow_ahead_and_in_line(tiny_ckpt: Path, pipe) -> None:
-    """upscale(raft_dtype=) runs RAFT's networks in that precision, for the flow computed ahead as for the one
-    computed in line: the frames of the pipeline's view with that option, with or without prefetch."""
-    src = make_source(32, 32, 4)
-    view = pipe.with_options(raft_dtype="bfloat16")
-    want = expected_run(view, src, range(4))
+def test_raft_dtype_reaches_the_flow_ahead_and_in_line(tiny_ckpt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Options(raft_dtype=) runs RAFT's networks in that precision, for the flow computed ahead as for the one
+    computed in line, with the same frames either way. (One warm frame each: half precision is slow on a CPU.)"""
+    from vsstreamdiffvsr.models.flow import RaftFlow
+
+    used: list[tuple[bool, torch.dtype]] = []
+    real = RaftFlow.flow_and_features
+
+    def spy(self, *a, **k):  # noqa: ANN001, ANN002, ANN003
+        used.append((torch.cuda.current_stream is None, self.compute_dtype))
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(RaftFlow, "flow_and_features", spy)
+    src = make_source(32, 32, 2)
+    got = []
     for prefetch in (True, False):
-        clip = vsstreamdiffvsr.upscale(src, model_dir=tiny_ckpt, device="cpu", raft_dtype="bfloat16",
-                                       prefetch_flow=prefetch)
-        for n in range(4):
-            assert float((out_tensor(clip, n) - want[n]).abs().max()) <= 1e-6
-    f32 = expected_run(pipe, src, range(4))
-    assert float((want[3] - f32[3]).abs().max()) > 1e-5  # the option changes the flow, hence the frames
+        clip = vsstreamdiffvsr.upscale(src, model_dir=tiny_ckpt, device="cpu",
+                                       options=Options(raft_dtype="bfloat16", prefetch_flow=prefetch))
+        got.append(out_tensor(clip, 1))
+    assert [dt for _, dt in used] == [torch.bfloat16, torch.bfloat16]
+    assert torch.equal(got[0], got[1])
 
 
 def test_flow_prefetch_is_used_and_changes_nothing(tiny_ckpt: Path, pipe, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = {"prefetch": 0, "flow": 0}
-    real_prefetch = vsstreamdiffvsr.StreamDiffVSR.prefetch_flow
-    real_flow = vsstreamdiffvsr.StreamDiffVSR._flow_features_with_fallbacks  # every flow, ahead or in line
+    real_prefetch = StreamDiffVSR.prefetch_flow
+    real_flow = FlowStage.compute  # every flow, ahead or in line
 
     def counting_prefetch(self, *a, **k):
         calls["prefetch"] += 1
@@ -252,16 +308,16 @@ def test_flow_prefetch_is_used_and_changes_nothing(tiny_ckpt: Path, pipe, monkey
         calls["flow"] += 1
         return real_flow(self, *a, **k)
 
-    monkeypatch.setattr(vsstreamdiffvsr.StreamDiffVSR, "prefetch_flow", counting_prefetch)
-    monkeypatch.setattr(vsstreamdiffvsr.StreamDiffVSR, "_flow_features_with_fallbacks", counting_flow)
+    monkeypatch.setattr(StreamDiffVSR, "prefetch_flow", counting_prefetch)
+    monkeypatch.setattr(FlowStage, "compute", counting_flow)
     reused: list[bool] = []
-    real_features = vsstreamdiffvsr.StreamDiffVSR._flow_and_features
+    real_features = FlowStage.flow_and_features
 
-    def spying_flow(self, x, x_prev, mode=None, corr=None, previous_features=None):  # noqa: ANN001
+    def spying_flow(self, x, x_prev, mode=None, corr=None, previous_features=None, eager=False):  # noqa: ANN001
         reused.append(previous_features is not None)  # RAFT features kept from the previous frame's flow
-        return real_features(self, x, x_prev, mode, corr, previous_features)
+        return real_features(self, x, x_prev, mode, corr, previous_features, eager)
 
-    monkeypatch.setattr(vsstreamdiffvsr.StreamDiffVSR, "_flow_and_features", spying_flow)
+    monkeypatch.setattr(FlowStage, "flow_and_features", spying_flow)
     src = make_source(32, 32, 6, cuts={4})
     with_prefetch = vsstreamdiffvsr.upscale(src, model_dir=tiny_ckpt, device="cpu")
     got = [out_tensor(with_prefetch, n) for n in (0, 1, 2, 3, 4, 5)]
@@ -270,7 +326,7 @@ def test_flow_prefetch_is_used_and_changes_nothing(tiny_ckpt: Path, pipe, monkey
     # frames 2 and 3 reuse RAFT's features of frames 1 and 2; 1 and 5 follow a cold frame, which had no flow
     assert reused == [False, True, True, False]
     calls.update(prefetch=0, flow=0)
-    without = vsstreamdiffvsr.upscale(src, model_dir=tiny_ckpt, device="cpu", prefetch_flow=False)
+    without = vsstreamdiffvsr.upscale(src, model_dir=tiny_ckpt, device="cpu", options=Options(prefetch_flow=False))
     for n in range(6):
         assert torch.equal(out_tensor(without, n), got[n])
     assert calls == {"prefetch": 0, "flow": 4}
@@ -280,20 +336,22 @@ def test_compile_graph_mode_runs_frames_on_one_thread(tiny_ckpt: Path, pipe, tmp
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """compile=True (CUDA-graph mode by default): callbacks on VapourSynth's threads all hand their frames
     to the pipeline's one worker thread, with the same output (aot_eager stands in for inductor on CPU)."""
-    real_compile = vsstreamdiffvsr.StreamDiffVSR.enable_compile
-    real_frame = vsstreamdiffvsr.StreamDiffVSR._frame
+    import vsstreamdiffvsr.pipeline.denoise as denoise
+
+    real_compiled = denoise.compiled
+    real_frame = StreamDiffVSR._frame
     threads: set[str] = set()
 
-    def aot_eager(self, mode="reduce-overhead", cache_dir=None, backend="inductor"):
-        return real_compile(self, mode, cache_dir, "aot_eager")
+    def aot_eager(fns, **k):  # noqa: ANN001, ANN003
+        return real_compiled(fns, **{**k, "backend": "aot_eager"})
 
     def spy(self, *a, **k):
         threads.add(threading.current_thread().name)
         return real_frame(self, *a, **k)
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
-    monkeypatch.setattr(vsstreamdiffvsr.StreamDiffVSR, "enable_compile", aot_eager)
-    monkeypatch.setattr(vsstreamdiffvsr.StreamDiffVSR, "_frame", spy)
+    monkeypatch.setattr(denoise, "compiled", aot_eager)
+    monkeypatch.setattr(StreamDiffVSR, "_frame", spy)
     src = make_source(32, 32, 4)
     out = vsstreamdiffvsr.upscale(src, model_dir=tiny_ckpt, device="cpu", compile=True)
     expected = expected_run(pipe, src, range(4))
@@ -316,20 +374,20 @@ def test_nan_or_inf_in_the_source_is_a_clear_error(tiny_ckpt: Path, bad: float) 
 
     out = vsstreamdiffvsr.upscale(src.std.ModifyFrame(src, poison), model_dir=tiny_ckpt, device="cpu")
     out.get_frame(0)  # frame 1 is looked at ahead (its flow) here: frame 0 must not report it
-    with pytest.raises(vs.Error, match="source frame 1 contains NaN or infinite values"):
-        out.get_frame(2)  # caught up through the bad frame 1
+    with pytest.raises(vs.Error, match="upscale: frame 1: source frame 1 contains NaN or infinite values"):
+        out.get_frame(1)
+    with pytest.warns(RuntimeWarning, match="frame 1 failed"):
+        out.get_frame(2)  # its own frame is fine: a new run
 
 
 def test_a_failure_inside_the_model_is_one_plain_line(tiny_ckpt: Path, pipe, monkeypatch: pytest.MonkeyPatch) -> None:
     """Out of GPU memory, a CUDA error...: vs.Error naming the frame and the error, not a torch traceback."""
     src = make_source(32, 32, 2)
     out = vsstreamdiffvsr.upscale(src, model_dir=tiny_ckpt, device="cpu", seed=5)
-    shared = vsfilter.get_pipeline(tiny_ckpt, torch.device("cpu"), torch.float32)
-
     def broken(self, *a, **k):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB\nmore detail")
 
-    monkeypatch.setattr(type(shared), "process_frame", broken)
+    monkeypatch.setattr(StreamDiffVSR, "process_frame", broken)
     with pytest.raises(vs.Error) as info:
         out.get_frame(0)
     assert "upscale: frame 0: OutOfMemoryError: CUDA out of memory. Tried to allocate 9.00 GiB" in str(info.value)
@@ -342,33 +400,3 @@ def test_alpha_prop_is_not_carried_to_the_4x_frame(tiny_ckpt: Path) -> None:
     out = vsstreamdiffvsr.upscale(core.std.ClipToProp(src, alpha, prop="_Alpha"), model_dir=tiny_ckpt,
                                   device="cpu")
     assert "_Alpha" not in out.get_frame(0).props
-
-
-def test_stdout_redirect_of_two_nodes_on_two_threads() -> None:
-    """Enter A, enter B, leave A, leave B (two upscale() callbacks overlapping): stdout goes to stderr while
-    either runs and comes back to itself after both."""
-    import sys
-
-    original = sys.stdout
-    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
-    seen = []
-
-    def node_a() -> None:
-        with vsfilter._python_stdout_to_stderr():
-            a_in.set()
-            b_in.wait(5)
-        a_out.set()
-
-    def node_b() -> None:
-        a_in.wait(5)
-        with vsfilter._python_stdout_to_stderr():
-            b_in.set()
-            a_out.wait(5)
-            seen.append(sys.stdout is sys.stderr)
-
-    threads = [threading.Thread(target=node_a), threading.Thread(target=node_b)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(10)
-    assert seen == [True] and sys.stdout is original

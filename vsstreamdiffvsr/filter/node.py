@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import vapoursynth as vs
 
+from ..errors import NonFiniteInputError
 from ..options import Options, parse_device
 from ..pipeline import StreamDiffVSR
 from ..pipeline.flow import FlowTicket
@@ -92,6 +93,7 @@ def upscale(clip: vs.VideoNode, *, model_dir: str | os.PathLike[str] | None = No
     if opts.flow == "lr" and min(clip.width, clip.height) < 128:
         raise vs.Error(f'upscale: flow="lr" needs a clip of at least 128x128, got {clip.width}x{clip.height}; '
                        'use flow="hr"')
+    _check_progressive(clip)
     gap = max_gap if max_gap is not None else max(16, 2 * core.num_threads)
     if core.num_threads > gap:
         warnings.warn(f"upscale: core.num_threads ({core.num_threads}) > max_gap ({gap}): parallel requests may "
@@ -138,6 +140,32 @@ def _check_clip(clip: Any) -> None:
                        f"{clip.width}x{clip.height}; resize or crop the clip first")
 
 
+_INTERLACED_FIX = ("deinterlace it first (e.g. core.bwdif.Bwdif(clip, field=1) or QTGMC), or if the content is "
+                   "progressive and only flagged otherwise, core.std.SetFieldBased(clip, 0)")
+
+
+def _check_progressive(clip: vs.VideoNode) -> None:
+    """Frame 0's ``_FieldBased`` up front (each later frame is checked as it comes): the model sees whole frames,
+    and fields woven into one frame come out as combing, four times larger."""
+    try:
+        field_based = int(clip.get_frame(0).props.get("_FieldBased", 0))
+    except vs.Error:
+        return  # the source's own error belongs to frame 0, when it is asked for
+    if field_based in (1, 2):
+        raise vs.Error(f"upscale: the clip is interlaced (_FieldBased={field_based}); {_INTERLACED_FIX}")
+
+
+def _source_tensor(i: int, frame: vs.VideoFrame, device: torch.device) -> LRFrame:
+    field_based = int(frame.props.get("_FieldBased", 0))
+    if field_based in (1, 2):
+        raise ValueError(f"source frame {i} is interlaced (_FieldBased={field_based}); {_INTERLACED_FIX}")
+    try:
+        return frame_to_lr(frame, device)
+    except NonFiniteInputError:
+        raise ValueError(f"source frame {i} contains NaN or infinite values; fix the source (e.g. replace them "
+                         "with std.Expr) before upscaling") from None
+
+
 @dataclass(frozen=True)
 class _Ahead:
     """What frame ``index - 1``'s step computed for frame ``index``."""
@@ -179,14 +207,23 @@ class _ClipSource:
         try:
             return self._wrap(self.clip.get_frame(i))
         except vs.Error as exc:
-            first = (str(exc).strip().splitlines() or ["error"])[0][:300]
-            raise SourceError(f"source frame {i} failed: {first}") from None
+            raise SourceError(f"source frame {i} failed: {_last_line(exc)}") from None
 
     def peek(self, i: int) -> SourceFrame[vs.VideoFrame] | None:
         pending = self._pending.get(i)
         if pending is None or not pending.done() or pending.exception() is not None:
             return None
         return self._wrap(pending.result())
+
+
+def _last_line(exc: BaseException) -> str:
+    """The message of an error from an upstream filter: VapourSynth hands a Python filter's error on with its
+    traceback, whose last line is the error itself."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()] or [type(exc).__name__]
+    last = lines[-1]
+    for prefix in ("vapoursynth.Error: ", "Error: "):
+        last = last.removeprefix(prefix)
+    return last[:300]
 
 
 class _Filter:
@@ -222,7 +259,7 @@ class _Filter:
     def step(self, i: int, frame: vs.VideoFrame, peek_next: Callable[[], SourceFrame[vs.VideoFrame] | None],
              carry: _Carry) -> tuple[vs.VideoFrame, _Carry]:
         ahead = carry.ahead if carry.ahead is not None and carry.ahead.index == i else None
-        lr = ahead.lr if ahead is not None else frame_to_lr(frame, self.pipe.device)
+        lr = ahead.lr if ahead is not None else _source_tensor(i, frame, self.pipe.device)
         noise = ahead.noise if ahead is not None else frame_noise(self.seed, i, self.noise_shape)
         ready = self.pipe.inputs_ready()  # this frame's inputs exist: the flow ahead waits for nothing else
         made: list[_Ahead] = []
@@ -232,7 +269,7 @@ class _Filter:
             if not self.pipe.options.prefetch_flow or nxt is None or (self.reset and nxt.scene_cut):
                 return
             try:  # on the host: copied to the GPU on the flow's side stream
-                lr_next = frame_to_lr(nxt.payload, torch.device("cpu"))
+                lr_next = _source_tensor(i + 1, nxt.payload, torch.device("cpu"))
                 ticket = self.pipe.prefetch_flow(lr_next.x, lr.x, ready=ready, after=ahead.flow if ahead else None)
                 made.append(_Ahead(i + 1, lr_next, frame_noise(self.seed, i + 1, self.noise_shape), ticket))
             except Exception:  # frame i + 1 computes it itself when its turn comes, and reports its own problem
