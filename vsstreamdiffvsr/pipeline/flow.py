@@ -62,10 +62,11 @@ class FlowStage:
     # -- choices
     def dtype_for(self, x: torch.Tensor) -> torch.dtype:
         """RAFT's precision for LR frames ``x`` as this stage computes them (at LR where HR ran out of memory)."""
-        mode = "lr" if self.model.flow_fallbacks.get(self._key(x)) == "lr" else self.options.flow
+        mode = "lr" if self.model.flow_fallbacks.get(self.key(x)) == "lr" else self.options.flow
         return self.options.raft_dtype_for(*raft_input_size(x.shape[-2], x.shape[-1], mode))
 
-    def _key(self, x: torch.Tensor) -> tuple[Any, ...]:
+    def key(self, x: torch.Tensor) -> tuple[Any, ...]:
+        """Where the out-of-memory rung that fitted LR frames of ``x``'s size is kept (``Model.flow_fallbacks``)."""
         o = self.options
         return tuple(x.shape[-2:]), o.flow, o.raft_corr, o.raft_dtype
 
@@ -124,7 +125,7 @@ class FlowStage:
         """The flow and ``x``'s features (None after a fallback). On out-of-memory: the lean correlation (the same
         flow), then for ``flow="hr"`` flow at LR (a deviation, with a warning); the rung that fitted is kept for
         this frame size, so later frames do not pay the failed attempts."""
-        fallbacks, key = self.model.flow_fallbacks, self._key(x)
+        fallbacks, key = self.model.flow_fallbacks, self.key(x)
         rung = fallbacks.get(key)
         if rung is None:
             try:

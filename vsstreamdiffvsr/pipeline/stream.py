@@ -142,11 +142,11 @@ class StreamDiffVSR:
         ValueError (bad shape, size, range, or a size other than the state's), NonFiniteInputError,
         NonFiniteOutputError (NaN/Inf that float32 does not cure).
         """
-        for name, value, kind in (("flow", flow, (FlowTicket, torch.Tensor)),
-                                  ("generator", generator, torch.Generator)):
-            if value is not None and not isinstance(value, kind):
-                raise ValueError(f"{name} must be a {kind if isinstance(kind, type) else 'FlowTicket or tensor'}, "
-                                 f"got {type(value).__name__}")
+        if flow is not None and not isinstance(flow, (FlowTicket, torch.Tensor)):
+            raise ValueError(f"flow must be a FlowTicket from prefetch_flow or a (1,2,4h,4w) tensor, got "
+                             f"{type(flow).__name__}")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise ValueError(f"generator must be a torch.Generator, got {type(generator).__name__}")
         if on_enqueued is not None and not callable(on_enqueued):
             raise ValueError(f"on_enqueued must be callable, got {type(on_enqueued).__name__}")
         return self.model.runtime.call(self.worker, self._process, lq, state, noise, generator, flow, on_enqueued)
@@ -234,7 +234,10 @@ class StreamDiffVSR:
         c = self.model.components
         half = [f"{what} {dtype_name(dt)}" for what, dt in (("U-Net/ControlNet", c.dtype), ("tiny VAE", c.vae_dtype))
                 if dt != torch.float32]
-        if not self.options.nan_fallback or not (half or bad_flow):
+        if not self.options.nan_fallback and (half or raft_dtype not in (None, torch.float32)):
+            raise NonFiniteOutputError("the frame came out NaN/Inf in half precision and nan_fallback=False: not "
+                                       "recomputed in float32 (leave nan_fallback on, or use dtype float32)")
+        if not (half or bad_flow):
             raise NonFiniteOutputError("the frame came out NaN/Inf in float32: the model weights (or the state "
                                        "handed in) are broken; check the model folder with `python -m "
                                        "vsstreamdiffvsr check`")

@@ -1,4 +1,4 @@
-"""StreamDiffVSR.process_frame on a tiny random checkpoint (CPU, float32, LR 32x32 / 32x36)."""
+"""StreamDiffVSR.process_frame (and process_batch) on a tiny random checkpoint (CPU, float32, LR 32x36)."""
 
 from __future__ import annotations
 
@@ -40,19 +40,19 @@ class _Counter:
 
 @pytest.fixture
 def spies(pipe: StreamDiffVSR, monkeypatch: pytest.MonkeyPatch) -> dict[str, _Counter]:
+    c, raft = pipe.components, pipe.components.raft(torch.float32)
     out = {
-        "controlnet": _Counter(pipe.controlnet.forward),
-        "cond_embedding": _Counter(pipe._embed),
-        "temporal_features": _Counter(pipe.vae.temporal_features),
-        "raft": _Counter(pipe._raft_entry(torch.float32)),
-        "unet": _Counter(pipe.unet.forward),
+        "controlnet": _Counter(c.controlnet.forward),
+        "cond_embedding": _Counter(pipe.denoiser.embed),
+        "temporal_features": _Counter(pipe.denoiser.features),
+        "raft": _Counter(raft.flow_and_features),
+        "unet": _Counter(c.unet.forward),
     }
-    monkeypatch.setattr(pipe.controlnet, "forward", out["controlnet"])
-    monkeypatch.setattr(pipe, "_embed", out["cond_embedding"])  # the bound (or compiled) entry point
-    monkeypatch.setattr(pipe.vae, "temporal_features", out["temporal_features"])
-    monkeypatch.setattr(pipe, "_features", out["temporal_features"])  # the bound (or compiled) entry point
-    monkeypatch.setattr(pipe, "_raft_entry", lambda dtype: out["raft"])  # RAFT's entry point (eager or compiled)
-    monkeypatch.setattr(pipe.unet, "forward", out["unet"])
+    monkeypatch.setattr(c.controlnet, "forward", out["controlnet"])
+    monkeypatch.setattr(pipe.denoiser, "embed", out["cond_embedding"])  # the stage's (eager or compiled) entry
+    monkeypatch.setattr(pipe.denoiser, "features", out["temporal_features"])
+    monkeypatch.setattr(raft, "flow_and_features", out["raft"])  # RAFT's eager entry point
+    monkeypatch.setattr(c.unet, "forward", out["unet"])
     return out
 
 
@@ -83,11 +83,11 @@ def test_cold_then_warm_paths(pipe: StreamDiffVSR, spies: dict[str, _Counter]) -
 
     # ARTG conditioning and TPM input are the previous raw output warped by that flow.
     with torch.no_grad():
-        flow = pipe.raft(exp_cur, exp_prev)
+        flow = pipe.components.raft(torch.float32)(exp_cur, exp_prev)
         warped = warp(s0.prev_hq, flow)
     torch.testing.assert_close(spies["cond_embedding"].calls[0][0][0], warped, atol=1e-5, rtol=0)
     with torch.no_grad():
-        embedded = pipe.cond_embedding(warped)
+        embedded = pipe.components.cond_embedding(warped)
     for _args, kwargs in spies["controlnet"].calls:
         torch.testing.assert_close(kwargs["controlnet_cond"], embedded, atol=1e-5, rtol=0)
     torch.testing.assert_close(spies["temporal_features"].calls[0][0][0], warped, atol=1e-5, rtol=0)
@@ -109,9 +109,9 @@ def test_empty_state_is_cold_start(pipe: StreamDiffVSR) -> None:
 def test_output_format_and_raw_state(pipe: StreamDiffVSR) -> None:
     raw: list[torch.Tensor] = []
     # Capture what the decoder returns, and scale its last conv so the raw output leaves [-1, 1].
-    last = pipe.vae.decoder.layers[-1]
+    last = pipe.components.vae.decoder.layers[-1]
     saved = (last.weight.detach().clone(), last.bias.detach().clone())
-    handle = pipe.vae.decoder.register_forward_hook(lambda mod, args, out: raw.append(out))
+    handle = pipe.components.vae.decoder.register_forward_hook(lambda mod, args, out: raw.append(out))
     try:
         with torch.no_grad():
             last.weight.mul_(3.0)
@@ -241,15 +241,16 @@ def _bad_inputs() -> list[tuple[str, object]]:
         ("list", [[0.5]]),
         ("4 channels", torch.rand(1, 4, H, W)),
         ("batch 2", torch.rand(2, 3, H, W)),
+        ("batch 0", torch.rand(0, 3, H, W)),
         ("3-D", torch.rand(3, H, W)),
         ("5-D", torch.rand(1, 1, 3, H, W)),
         ("uint8", (ok * 255).to(torch.uint8)),
         ("int64", torch.zeros(1, 3, H, W, dtype=torch.long)),
         ("bool", torch.zeros(1, 3, H, W, dtype=torch.bool)),
-        ("h not mod 4", torch.rand(1, 3, 34, W)),
-        ("w not mod 4", torch.rand(1, 3, H, 38)),
         ("h too small", torch.rand(1, 3, 28, W)),
         ("w too small", torch.rand(1, 3, H, 28)),
+        ("h too large", torch.rand(1, 3, 4100, W)),
+        ("w too large", torch.rand(1, 3, H, 4100)),
         ("above 1", ok * 1.5),
         ("below 0", ok - 0.25),
         ("0..255 floats", ok * 255),
@@ -317,20 +318,20 @@ def test_from_pretrained_bad_dtype(tiny_ckpt: Path, dtype: object) -> None:
 
 def test_from_pretrained_bad_component_dtype_names_its_option(tiny_ckpt: Path) -> None:
     """vae_dtype said "dtype must be ..." before, which sent the user to an option they had not set."""
-    for option, none in (("vae_dtype", "None"), ("raft_dtype", "None (auto)")):
+    for option in ("vae_dtype", "raft_dtype"):
         with pytest.raises(ValueError) as info:
             StreamDiffVSR.from_pretrained(tiny_ckpt, device="cpu", **{option: "fp8"})
         _assert_plain(info.value)
-        assert str(info.value).startswith(f"{option} must be {none}, float32, float16 or bfloat16, got 'fp8'")
+        assert str(info.value).startswith(f"{option} must be None, float32, float16 or bfloat16, got 'fp8'")
 
 
 def test_from_pretrained_default_dtype_follows_the_device(tiny_ckpt: Path) -> None:
     """No dtype: float32 on the CPU (as upscale() does), where half-precision kernels are the slow ones."""
-    from vsstreamdiffvsr.options import default_dtype
+    from vsstreamdiffvsr import Options
 
     pipe = StreamDiffVSR.from_pretrained(tiny_ckpt, device="cpu")
-    assert pipe.dtype == torch.float32 and next(pipe.unet.parameters()).dtype == torch.float32
-    assert default_dtype(torch.device("cuda")) == torch.float16  # the closer half precision (see default_dtype)
+    assert pipe.dtype == torch.float32 and next(pipe.components.unet.parameters()).dtype == torch.float32
+    assert Options(device="cuda").unet_dtype == torch.float16
 
 
 def test_float16_on_the_cpu_warns_once_per_load_and_names_the_option(tiny_ckpt: Path) -> None:
@@ -345,7 +346,7 @@ def test_float16_on_the_cpu_warns_once_per_load_and_names_the_option(tiny_ckpt: 
     slow = [w for w in caught if issubclass(w.category, SlowPrecisionWarning)]  # not other libraries' warnings
     assert len(slow) == 1 and "dtype, raft_dtype=float16 on the CPU" in str(slow[0].message)
     assert slow[0].filename == __file__  # pointed at the caller's line
-    assert half.dtype == torch.float16 and half.raft_dtype == torch.float16
+    assert half.dtype == torch.float16 and half.options.raft_dtype == torch.float16
     with pytest.warns(SlowPrecisionWarning, match="vae_dtype=float16"):
         StreamDiffVSR.from_pretrained(tiny_ckpt, device="cpu", vae_dtype=torch.float16)
     with warnings.catch_warnings(record=True) as quiet:
@@ -355,29 +356,3 @@ def test_float16_on_the_cpu_warns_once_per_load_and_names_the_option(tiny_ckpt: 
     assert not [w for w in quiet if issubclass(w.category, SlowPrecisionWarning)]
     with pytest.warns(SlowPrecisionWarning, match="raft_dtype=float16"):
         pipe.with_options(raft_dtype="float16")
-
-
-def test_controlnet_with_its_embedding_split_off_is_the_same_function(tiny_ckpt) -> None:
-    """The pipeline embeds ARTG's condition once per frame; ControlNet(embedding(c)) must equal the original."""
-    import copy
-
-    from vsstreamdiffvsr import weights
-    from vsstreamdiffvsr.pipeline import _split_cond_embedding
-
-    whole = weights.load_controlnet(tiny_ckpt, torch.float32)
-    split = copy.deepcopy(whole)
-    embedding = _split_cond_embedding(split)
-    assert embedding is not None and isinstance(split.controlnet_cond_embedding, torch.nn.Identity)
-    assert _split_cond_embedding(split) is None  # already split: left alone
-    g = torch.Generator().manual_seed(7)
-    inp, cond = torch.randn(1, 7, 16, 20, generator=g), torch.rand(1, 3, 64, 80, generator=g) * 2 - 1
-    emb = torch.randn(1, 77, whole.config.cross_attention_dim, generator=g)
-    t = torch.tensor(749)
-    with torch.no_grad():
-        ref = whole(inp, t, encoder_hidden_states=emb, controlnet_cond=cond, return_dict=False)
-        got = split(inp, t, encoder_hidden_states=emb, controlnet_cond=embedding(cond), return_dict=False)
-    for a, b in zip([*ref[0], ref[1]], [*got[0], got[1]]):
-        assert torch.equal(a, b)
-    bgr = copy.deepcopy(whole)
-    bgr.register_to_config(controlnet_conditioning_channel_order="bgr")
-    assert _split_cond_embedding(bgr) is None and not isinstance(bgr.controlnet_cond_embedding, torch.nn.Identity)

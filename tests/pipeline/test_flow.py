@@ -10,23 +10,32 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vsstreamdiffvsr import StreamDiffVSR, StreamState
-from vsstreamdiffvsr.pipeline import FlowTicket
+from vsstreamdiffvsr import Options, StreamDiffVSR, StreamState
+from vsstreamdiffvsr.pipeline.flow import FlowStage, FlowTicket
 
-from .streams import frames_and_noise, psnr, run
+from ..streams import frames_and_noise, psnr, run
+
+
+def flow_of(pipe: StreamDiffVSR, x: torch.Tensor, xp: torch.Tensor, **kwargs: object) -> torch.Tensor:
+    """The pipeline's flow stage's flow of LR frames in [-1, 1] (mode=, corr= override the options)."""
+    return pipe.flow.flow_and_features(x, xp, **kwargs)[0]
+
+
+def raft32(pipe: StreamDiffVSR):  # noqa: ANN201
+    return pipe.components.raft(torch.float32)
 
 
 def test_flow_lr_is_upsampled_raft_at_lr(pipe: StreamDiffVSR) -> None:
     g = torch.Generator().manual_seed(3)
     x, xp = torch.rand(1, 3, 128, 128, generator=g) * 2 - 1, torch.rand(1, 3, 128, 128, generator=g) * 2 - 1
     with torch.inference_mode():
-        got = pipe.compute_flow(x, xp, mode="lr")
-        want = F.interpolate(pipe.raft.raft(x, xp, num_flow_updates=12)[-1], scale_factor=4, mode="bilinear",
+        got = flow_of(pipe, x, xp, mode="lr")
+        want = F.interpolate(raft32(pipe).raft(x, xp, num_flow_updates=12)[-1], scale_factor=4, mode="bilinear",
                              align_corners=False) * 4
     assert got.shape == (1, 2, 512, 512)
     assert float((got - want).abs().max()) <= 1e-5
     with pytest.raises(ValueError, match='flow="lr"'):
-        pipe.compute_flow(x[..., :64, :64], xp[..., :64, :64], mode="lr")
+        flow_of(pipe, x[..., :64, :64], xp[..., :64, :64], mode="lr")
     with pytest.raises(ValueError, match="flow"):
         pipe.with_options(flow="quarter")
 
@@ -118,15 +127,16 @@ def test_lean_and_half_flow_equal_full_flow_and_auto_picks_by_size(pipe: StreamD
     x = torch.rand(1, 3, 32, 40, generator=g) * 2 - 1
     xp = torch.roll(x, (1, 2), (2, 3))
     with torch.inference_mode():
-        full = pipe.compute_flow(x, xp, corr="full")
-        lean = pipe.compute_flow(x, xp, corr="lean")
-        half = pipe.compute_flow(x, xp, corr="half")
+        full = flow_of(pipe, x, xp, corr="full")
+        lean = flow_of(pipe, x, xp, corr="lean")
+        half = flow_of(pipe, x, xp, corr="half")
     assert float((full - lean).abs().max()) <= 1e-4
     assert 0 < float((full - half).abs().max()) <= 2e-2  # float16 storage: close, not identical
-    assert pipe.raft.raft.corr_block is pipe.raft._full_block  # restored after the call
-    assert not pipe.raft._blocks["half"].corr_pyramid        # and the pyramid freed
-    assert [pipe.corr_for(h, w) for h, w in ((720, 1280), (1088, 1920), (2160, 3840))] == ["full", "half", "lean"]
-    assert pipe.with_options(raft_corr="half").corr_for(720, 1280) == "half"
+    assert raft32(pipe).raft.corr_block is raft32(pipe)._full_block  # restored after the call
+    assert not raft32(pipe)._blocks["half"].corr_pyramid             # and the pyramid freed
+    assert [pipe.options.corr_for(h, w) for h, w in ((720, 1280), (1088, 1920), (2160, 3840))] == [
+        "full", "half", "lean"]
+    assert pipe.with_options(raft_corr="half").options.corr_for(720, 1280) == "half"
     with pytest.raises(ValueError, match="raft_corr"):
         pipe.with_options(raft_corr="huge")
 
@@ -135,7 +145,7 @@ def test_raft_dtype_auto_is_float16_from_1080p_on_cuda_for_a_float16_pipeline() 
     """raft_dtype None (auto): RAFT's networks in float16 where the float32 pyramid no longer fits its budget
     (1080p output and up) on CUDA with a float16 U-Net; float32, the reference, everywhere else; an explicit
     precision is kept at every size."""
-    from vsstreamdiffvsr.options import parse_raft_dtype, resolve_raft_dtype
+    from vsstreamdiffvsr.options import resolve_raft_dtype
 
     cuda, cpu, f16, f32 = torch.device("cuda"), torch.device("cpu"), torch.float16, torch.float32
     sizes = ((720, 1280), (1088, 1920), (2160, 3840), (272, 480))  # HR 720p, 1080p, 4K; 1080p at LR (flow="lr")
@@ -144,63 +154,70 @@ def test_raft_dtype_auto_is_float16_from_1080p_on_cuda_for_a_float16_pipeline() 
         assert {resolve_raft_dtype(None, dtype, device, h, w) for h, w in sizes} == {f32}, (dtype, device)
     for given in (f32, f16, torch.bfloat16):
         assert {resolve_raft_dtype(given, f16, cuda, h, w) for h, w in sizes} == {given}
-    assert parse_raft_dtype(None) is None and parse_raft_dtype("AUTO") is None and parse_raft_dtype("fp16") == f16
+    assert [Options(raft_dtype=v).raft_dtype for v in (None, "AUTO", "fp16")] == [None, None, f16]
 
 
 def test_raft_precision_is_chosen_per_frame_size(pipe: StreamDiffVSR, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The pipeline asks raft_dtype_for(RAFT input size) on every flow, ahead (prefetch_flow) and in line: with
-    a rule that picks bfloat16 for the larger of two sizes only (CUDA's auto rule cannot fire on a CPU), each
-    size's flow is that precision's (and so is each frame), and only the half-precision flow gets the NaN
-    check; "auto" given to a view restores the rule."""
-    view = pipe.with_options(raft_dtype="float32")
-    assert view.raft_dtype == torch.float32 and view.with_options(raft_dtype="auto").raft_dtype is None
-    rule = lambda h, w: torch.bfloat16 if h * w > 128 * 160 else torch.float32  # noqa: E731
-    monkeypatch.setattr(view, "raft_dtype_for", rule)
-    low = pipe.with_options(raft_dtype="bfloat16")
-    for h, w, want in ((32, 40, pipe), (48, 40, low)):  # RAFT at HR: 128x160 and 192x160
-        frames, noises = frames_and_noise(3, h, w, seed=9)
+    """The flow stage asks Options.raft_dtype_for(RAFT input size) on every flow, ahead and in line: with a rule
+    that picks bfloat16 for the larger of two sizes only (CUDA's auto rule cannot fire on a CPU), each size's
+    flow is that precision's (and so is its frame), and only the half-precision flow gets the NaN check."""
+    real_rule = Options.raft_dtype_for
+
+    def rule(self: Options, h: int, w: int) -> torch.dtype:
+        if self.raft_dtype is not None:
+            return self.raft_dtype  # type: ignore[return-value]
+        return torch.bfloat16 if h * w > 128 * 160 else real_rule(self, h, w)
+
+    monkeypatch.setattr(Options, "raft_dtype_for", rule)
+    checked: list[bool] = []
+    real_warp = FlowStage.warp_previous
+
+    def warp_spy(self, *a, **k):  # noqa: ANN001, ANN002, ANN003
+        out = real_warp(self, *a, **k)
+        checked.append(out[1] is not None)  # a flow-finiteness check is pending
+        return out
+
+    monkeypatch.setattr(FlowStage, "warp_previous", warp_spy)
+    view = pipe.with_options()
+    for h, w, want in ((32, 40, "float32"), (48, 40, "bfloat16")):  # RAFT at HR: 128x160 and 192x160
+        fixed = pipe.with_options(raft_dtype=want)
+        frames, noises = frames_and_noise(2, h, w, seed=9)
         with torch.inference_mode():
             x, xp = frames[1] * 2 - 1, frames[0] * 2 - 1
-            assert torch.equal(view.compute_flow(x, xp), want.compute_flow(x, xp)), (h, w)
             ticket = view.prefetch_flow(frames[1], frames[0])
-            assert torch.equal(ticket.result(), want.compute_flow(x, xp)), (h, w)
-            checked = []
-            real_finite = view._finite
-            monkeypatch.setattr(view, "_finite", lambda y, ok: checked.append(ok is not None) or real_finite(y, ok))
-            got = run(view, frames, noises)
-            monkeypatch.setattr(view, "_finite", real_finite)
-        ref = run(want, frames, noises)
-        for a, b in zip(got, ref):
-            assert torch.equal(a, b), (h, w)
-        # float32 everywhere: no check at all; bfloat16 RAFT: its two warm frames' flows checked
-        assert checked == ([] if want is pipe else [True, True]), (h, w)
-        assert ticket.raft_dtype == (torch.float32 if want is pipe else torch.bfloat16)  # what made the flow
+            assert torch.equal(ticket.result(), flow_of(fixed, x, xp)), (h, w)
+        assert ticket.raft_dtype == getattr(torch, want)  # what made the flow
+        checked.clear()
+        got = run(view, frames, noises)
+        assert checked == [want == "bfloat16"], (h, w)  # float32: no flow check; bfloat16: its warm frame's
+        assert torch.equal(got[1], run(fixed, frames, noises)[1]), (h, w)
     # where RAFT at HR ran out of memory for a size, its flow comes from RAFT at LR, in that size's precision
-    x = frames[1] * 2 - 1
-    assert view._flow_dtype(x) == torch.bfloat16
-    view._keep_flow_fallback(view._flow_fallback_key(x), "lr")
-    assert view._flow_dtype(x) == torch.float32
+    assert view.flow.dtype_for(x) == torch.bfloat16
+    view.model.flow_fallbacks[view.flow.key(x)] = "lr"
+    try:
+        assert view.flow.dtype_for(x) == torch.float32
+    finally:
+        del view.model.flow_fallbacks[view.flow.key(x)]  # the session's model is shared
     # a flow tensor handed in was not made by this RAFT: no flow check, whatever the size's precision
-    state = StreamState()
     with torch.inference_mode():
-        _, state = view.process_frame(frames[0], state, noise=noises[0])
-        warped, flow_ok, made_by = view._warped_previous(x, state, FlowTicket(torch.zeros(1, 2, 4 * 48, 4 * 40)))
+        _, state = view.process_frame(frames[0], noise=noises[0])
+        warped, flow_ok, made_by = view.flow.warp_previous(x, state.prev_hq, state.prev_lq,
+                                                           FlowTicket(torch.zeros(1, 2, 4 * 48, 4 * 40)))
     assert flow_ok is None and made_by is None and warped.shape == (1, 3, 4 * 48, 4 * 40)
 
 
 def test_half_precision_raft_is_made_before_frames_run(pipe: StreamDiffVSR) -> None:
     """A half-precision RAFT copy is made when the option that may pick it is set, not by the first flow that
     needs it (on CUDA that could be a side stream's, reading the weights before their cast ran), and as
-    ordinary weights, not inference tensors; an auto pipeline on the CPU never makes one."""
+    ordinary weights, not inference tensors."""
+    import dataclasses
+
     view = pipe.with_options(raft_dtype="bfloat16")
-    assert torch.bfloat16 in view._raft_nets  # before any flow
-    assert not any(p.is_inference() for p in view._raft_nets[torch.bfloat16].parameters())
-    auto = pipe.with_options(raft_dtype="auto")
-    assert set(auto._raft_nets) <= {torch.float32, torch.bfloat16}  # nothing new for auto on the CPU
-    late = pipe.with_options()
-    late._raft_nets = {torch.float32: late.raft}  # (its own: the shared one stays as it is)
+    assert torch.bfloat16 in view.components.rafts  # before any flow
+    assert not any(p.is_inference() for p in view.components.rafts[torch.bfloat16].parameters())
+    late = dataclasses.replace(pipe.components, rafts={torch.float32: raft32(pipe)})  # (the shared one stays)
     with torch.inference_mode():  # a precision nothing foresaw: made on first use, still ordinary weights
-        net = late._raft_net(torch.bfloat16)
+        net = late.raft(torch.float16)
     assert not any(p.is_inference() for p in net.parameters())
 
 
@@ -256,7 +273,7 @@ def test_flow_lr_pads_to_multiples_of_8(pipe: StreamDiffVSR) -> None:
     x = torch.rand(1, 3, 132, 140, generator=g) * 2 - 1
     xp = torch.roll(x, (1, -2), (2, 3))
     with torch.inference_mode():
-        flow = pipe.compute_flow(x, xp, mode="lr")
+        flow = flow_of(pipe, x, xp, mode="lr")
     assert flow.shape == (1, 2, 528, 560)
     assert torch.isfinite(flow).all()
 
@@ -266,7 +283,7 @@ def test_prefetch_reuses_the_previous_frames_raft_features(pipe: StreamDiffVSR) 
     frames, noises = frames_and_noise(4, 32, 32, seed=8)
     inline = run(pipe, frames, noises)
     encoded: list[int] = []
-    hook = pipe.raft.raft.feature_encoder.register_forward_hook(lambda m, a, o: encoded.append(a[0].shape[0]))
+    hook = raft32(pipe).raft.feature_encoder.register_forward_hook(lambda m, a, o: encoded.append(a[0].shape[0]))
     try:
         state, outs, ticket = StreamState(), [], None
         for i, (f, z) in enumerate(zip(frames, noises)):
@@ -306,27 +323,25 @@ def test_bad_calls_are_plain_value_errors(pipe: StreamDiffVSR, call, needle: str
 def test_half_precision_raft_is_a_view_option_close_to_float32(tiny_ckpt: Path, pipe: StreamDiffVSR) -> None:
     """raft_dtype: RAFT's networks in half precision, one copy shared by every view, the flow and the picture
     close to float32 RAFT's; from_pretrained takes it too, and a bad value is refused naming the option."""
-    frames, noises = frames_and_noise(3, 32, 40, seed=3)
+    frames, noises = frames_and_noise(2, 32, 40, seed=3)
     ref = run(pipe, frames, noises)
     view = pipe.with_options(raft_dtype="bfloat16")  # (CPU float16 convolutions are slow; same code path)
-    assert view.raft_dtype == view.raft_dtype_for(128, 160) == torch.bfloat16
-    assert pipe.raft_dtype is None and pipe.raft_dtype_for(128, 160) == torch.float32  # auto: float32 on the CPU
-    net = view._raft_net(torch.bfloat16)
+    assert view.options.raft_dtype == view.options.raft_dtype_for(128, 160) == torch.bfloat16
+    assert pipe.options.raft_dtype is None and pipe.options.raft_dtype_for(128, 160) == torch.float32  # auto, CPU
+    net = view.components.raft(torch.bfloat16)
     assert next(net.raft.parameters()).dtype == torch.bfloat16
-    assert next(pipe.raft.raft.parameters()).dtype == torch.float32 and pipe._raft_net(torch.float32) is pipe.raft
-    assert pipe.with_options(raft_dtype=torch.bfloat16)._raft_net(torch.bfloat16) is net  # made once, shared
-    assert view.with_options(tile=64).raft_dtype == torch.bfloat16  # kept by views of the view
+    assert next(raft32(pipe).raft.parameters()).dtype == torch.float32
+    assert pipe.with_options(raft_dtype=torch.bfloat16).components.raft(torch.bfloat16) is net  # made once, shared
+    assert view.with_options(tile=64).options.raft_dtype == torch.bfloat16  # kept by views of the view
     out = run(view, frames, noises)
     with torch.inference_mode():
         x, xp = frames[1] * 2 - 1, frames[0] * 2 - 1
-        moved = float((view.compute_flow(x, xp) - pipe.compute_flow(x, xp)).abs().max())
+        moved = float((flow_of(view, x, xp) - flow_of(pipe, x, xp)).abs().max())
     assert 0.0 < moved <= 0.5
     assert torch.equal(out[0], ref[0])  # a cold frame has no flow
-    for a, b in zip(out[1:], ref[1:]):
-        assert a.dtype == torch.float32 and 30.0 <= psnr(a, b) < 200.0
+    assert out[1].dtype == torch.float32 and 30.0 <= psnr(out[1], ref[1]) < 200.0
     loaded = StreamDiffVSR.from_pretrained(tiny_ckpt, device="cpu", dtype="float32", raft_dtype="bfloat16")
-    assert loaded.raft_dtype == torch.bfloat16
-    assert next(loaded._raft_net(torch.bfloat16).raft.parameters()).dtype == torch.bfloat16
+    assert loaded.options.raft_dtype == torch.bfloat16 and torch.bfloat16 in loaded.components.rafts
     for bad in ("float64", "half-ish", 16):
-        with pytest.raises(ValueError, match=r"raft_dtype must be None \(auto\), float32, float16 or bfloat16"):
+        with pytest.raises(ValueError, match=r"raft_dtype must be None, float32, float16 or bfloat16"):
             pipe.with_options(raft_dtype=bad)

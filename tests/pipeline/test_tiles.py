@@ -9,10 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vsstreamdiffvsr import StreamDiffVSR
-from vsstreamdiffvsr.tiling import feather_weight, parse_tile, tile_layout
+from vsstreamdiffvsr import Options, StreamDiffVSR
+from vsstreamdiffvsr.pipeline.tiled import TilePlan
+from vsstreamdiffvsr.pipeline.tiles import crop_layout, feather_weight, tile_layout
 
-from .streams import frames_and_noise, psnr, run
+from ..streams import frames_and_noise, psnr, run
 
 
 def test_feathered_tiles_are_a_partition_of_unity() -> None:
@@ -25,9 +26,9 @@ def test_feathered_tiles_are_a_partition_of_unity() -> None:
             total[..., hy, hx] += feather_weight(t, tiles, h, w, 4, torch.device("cpu"))
         assert float((total - 1).abs().max()) <= 1e-5
     with pytest.raises(ValueError):
-        parse_tile(30)
+        Options(tile=30)
     with pytest.raises(ValueError):
-        parse_tile((64, 20))
+        Options(tile=(64, 20))
 
 
 def test_tile_layout_caps_the_overlap_at_half_a_tile() -> None:
@@ -46,29 +47,29 @@ def test_tiling_options_are_checked_together(pipe: StreamDiffVSR) -> None:
         pipe.with_options(tile=None, tile_denoise=True)
     with pytest.raises(ValueError, match="tile_denoise must be True or False"):
         pipe.with_options(tile=64, tile_denoise="no")
-    assert pipe.with_options(tile=64, tile_overlap=32, tile_denoise=True).tile_denoise
-    shrunk = pipe.with_options(tile=64, tile_overlap=32, tile_denoise=True)
-    shrunk.tile = (32, 32)  # as the out-of-memory fallback leaves it: the overlap is capped in the layout
-    assert shrunk.with_options(raft_corr="full").tile == (32, 32)
+    view = pipe.with_options(tile=64, tile_overlap=32, tile_denoise=True)
+    assert view.tiler.plan_for(64, 64) == TilePlan((64, 64), True)
 
 
 def _local_stand_ins(pipe: StreamDiffVSR, monkeypatch: pytest.MonkeyPatch, k: int) -> None:
     """Local stand-ins for the model's stages: the decoder sees k x k pixels around a pixel (a margin
     of context is what makes a cropped tile exact; blended tiles are exact only for pointwise stages)."""
+    den = pipe.denoiser
+
     def denoise(z, x, warped, cond=None):
         if cond is None and warped is not None:
-            cond = pipe._embed(warped)
+            cond = den.embed(warped)
         return z * 0.5 + x[:, :1] + (0 if cond is None else cond[:, :1])
 
     def decode(z, feats):
         up = F.interpolate(F.avg_pool2d(z[:, :3], k, 1, k // 2), scale_factor=4, mode="nearest")
         return up if feats is None else up + F.avg_pool2d(feats[0], k, 1, k // 2)
 
-    monkeypatch.setattr(pipe, "denoise", denoise)
-    monkeypatch.setattr(pipe, "_embed", lambda w: F.avg_pool2d(w, 4))
-    monkeypatch.setattr(pipe, "_features", lambda w: [w * 0.25])
-    monkeypatch.setattr(pipe, "_decode", decode)
-    monkeypatch.setattr(pipe.vae, "decode", decode)
+    monkeypatch.setattr(den, "denoise", denoise)
+    monkeypatch.setattr(den, "embed", lambda w: F.avg_pool2d(w, 4))
+    monkeypatch.setattr(den, "features", lambda w: [w * 0.25])
+    monkeypatch.setattr(den, "decode_warm", decode)
+    monkeypatch.setattr(pipe.components.vae, "decode", decode)
 
 
 @pytest.mark.parametrize("tile_denoise", [False, True])
@@ -82,15 +83,13 @@ def test_tiling_places_and_blends_tiles_exactly(pipe: StreamDiffVSR, monkeypatch
     z, x = torch.randn(1, 4, 56, 72, generator=g), torch.rand(1, 3, 56, 72, generator=g)
     warped = torch.rand(1, 3, 4 * 56, 4 * 72, generator=g)  # a warm frame: the path with the decoder seam
     for w in (warped, None):
-        whole = tiled._run(z, x, w, None)
-        parts = tiled._run(z, x, w, (32, 32), tile_denoise)
+        whole = tiled.tiler.run(tiled.denoiser, TilePlan(), z, x, w)
+        parts = tiled.tiler.run(tiled.denoiser, TilePlan((32, 32), tile_denoise), z, x, w)
         assert float((whole - parts).abs().max()) <= 1e-5
     assert tiled.stats["tiled_frames"] == 2
 
 
 def test_crop_layout_cores_partition_the_frame_inside_their_margins() -> None:
-    from vsstreamdiffvsr.tiling import crop_layout
-
     for h, w, tile, margin in ((64, 80, (32, 32), 32), (540, 960, (192, 320), 32), (100, 52, (48, 40), 12),
                                (36, 36, (64, 64), 32)):
         pairs = crop_layout(h, w, tile, margin)
@@ -138,11 +137,15 @@ def test_cropped_tiles_with_the_embedding_kept_in_the_controlnet(pipe: StreamDif
     """A model whose ControlNet keeps its conditioning embedding (BGR order) tiles as one that does not."""
     frames, noises = frames_and_noise(2, 64, 160)
     split = run(pipe.with_options(tile=128), frames, noises)
-    inside = pipe.with_options(tile=128)
-    inside.cond_embedding, inside._embed = None, lambda cond: cond
-    controlnet = pipe.controlnet  # shared by every view; pytest's monkeypatch would delete a submodule on undo
+    import dataclasses
+
+    from vsstreamdiffvsr.pipeline.model import Model
+
+    inside = StreamDiffVSR(Model(dataclasses.replace(pipe.components, cond_embedding=None)), pipe.options)
+    inside = inside.with_options(tile=128)
+    controlnet = pipe.components.controlnet  # shared; pytest's monkeypatch would delete a submodule on undo
     identity = controlnet.controlnet_cond_embedding
-    controlnet.controlnet_cond_embedding = pipe.cond_embedding
+    controlnet.controlnet_cond_embedding = pipe.components.cond_embedding
     try:
         out = run(inside, frames, noises)
     finally:
@@ -158,7 +161,7 @@ def test_hr_tiles_hold_one_tiles_features_at_a_time(pipe: StreamDiffVSR, monkeyp
 
     frames, noises = frames_and_noise(2, 64, 64)
     tiled = pipe.with_options(tile=32)
-    real = tiled._features
+    real = tiled.denoiser.features
     made, alive_at_call = [], []
 
     def features(w):
@@ -167,6 +170,6 @@ def test_hr_tiles_hold_one_tiles_features_at_a_time(pipe: StreamDiffVSR, monkeyp
         made.append(weakref.ref(out[0]))
         return out
 
-    monkeypatch.setattr(tiled, "_features", features)
+    monkeypatch.setattr(tiled.denoiser, "features", features)
     run(tiled, frames, noises)
     assert len(alive_at_call) > 1 and not any(alive_at_call)

@@ -13,9 +13,16 @@ import torch
 
 from vsstreamdiffvsr import StreamDiffVSR, StreamState
 from vsstreamdiffvsr.errors import PrecisionFallbackWarning, TilingFallbackWarning
-from vsstreamdiffvsr.tiling import parse_tile
+from vsstreamdiffvsr.pipeline.tiled import TilePlan, TiledRunner
 
-from .streams import frames_and_noise, run
+from ..streams import frames_and_noise, run
+
+
+@pytest.fixture
+def fresh(tiny_ckpt: Path) -> StreamDiffVSR:
+    """A pipeline of its own: what the out-of-memory ladders learn is kept per model, and must not reach the
+    session's shared one."""
+    return StreamDiffVSR.from_pretrained(tiny_ckpt, device="cpu", dtype="float32")
 
 
 @pytest.mark.parametrize("tile", [None, 32])
@@ -28,12 +35,12 @@ def test_nan_in_half_precision_recomputes_in_float32(tiny_ckpt: Path, pipe: Stre
     def poisoned(*args, **kwargs):
         return torch.full_like(args[0], float("nan"), dtype=half.dtype)
 
-    monkeypatch.setattr(half, "_step_cold", poisoned)
-    monkeypatch.setattr(half, "_step_warm", poisoned)
+    monkeypatch.setattr(half.denoiser, "step_cold", poisoned)
+    monkeypatch.setattr(half.denoiser, "step_warm", poisoned)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("default")
         out = run(half, frames, noises)
-    assert half.stats["nan_fallbacks"] == 2 and half.tile == parse_tile(tile)  # recomputed with its tiling
+    assert half.stats["nan_fallbacks"] == 2 and half.model.tile_plans == {}  # recomputed with its own tiling
     fallback_warnings = [w for w in caught if issubclass(w.category, PrecisionFallbackWarning)]
     assert len(fallback_warnings) == 1  # one warning, not one per frame
     for a, b in zip(out, ref):
@@ -43,58 +50,68 @@ def test_nan_in_half_precision_recomputes_in_float32(tiny_ckpt: Path, pipe: Stre
 
 def test_views_share_one_float32_fallback_model(tiny_ckpt: Path) -> None:
     """Each upscale() call is a view of the shared pipeline: their NaN fallbacks load one float32 copy."""
+    from vsstreamdiffvsr import weights
+
     half = StreamDiffVSR.from_pretrained(tiny_ckpt, device="cpu", dtype="bfloat16")
     a, b = half.with_options(tile=32), half.with_options(flow="hr")
-    ta, tb = a._fp32(), b._fp32()
-    assert ta.unet is tb.unet and ta.controlnet is tb.controlnet
-    assert next(ta.unet.parameters()).dtype == torch.float32 and ta is not tb  # options stay per view
+    loads = []
+    real = weights.load_unet
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setattr(weights, "load_unet", lambda *args: loads.append(args) or real(*args))
+    try:
+        ta, tb = a.model.float32(), b.model.float32()
+    finally:
+        monkeypatch.undo()
+    assert ta is tb and len(loads) == 1 and next(ta.unet.parameters()).dtype == torch.float32
 
 
-def test_out_of_memory_falls_back_to_tiles(pipe: StreamDiffVSR, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_out_of_memory_falls_back_to_tiles(pipe: StreamDiffVSR, fresh: StreamDiffVSR,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """Simulated CUDA OOM in the denoising of anything larger than a 32x32 latent: tiles shrink, and the
     denoising is tiled too, until the frame fits."""
     frames, noises = frames_and_noise(2, 64, 64)
     expected = run(pipe.with_options(tile=32, tile_overlap=16, tile_denoise=True), frames, noises)
-    lean = pipe.with_options()
-    real_denoise = lean.denoise
+    lean = fresh
+    real_denoise = lean.denoiser.denoise
 
     def limited(z, x, warped, cond=None):
         if z.shape[-1] * z.shape[-2] > 32 * 32:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return real_denoise(z, x, warped, cond)
 
-    monkeypatch.setattr(lean, "denoise", limited)
+    monkeypatch.setattr(lean.denoiser, "denoise", limited)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         out = run(lean, frames, noises)
-    assert lean.stats["oom_fallbacks"] == 1 and lean.tile == (32, 32) and lean.tile_denoise
+    assert lean.stats["oom_fallbacks"] == 1 and lean.tiler.plan_for(64, 64) == TilePlan((32, 32), True)
+    assert lean.with_options(tile=48).tiler.plan_for(64, 64) == TilePlan((48, 48))  # kept for these options only
     assert any(issubclass(w.category, TilingFallbackWarning) for w in caught)
     for a, b in zip(out, expected):
         assert float((a - b).abs().max()) <= 1e-6
     strict = pipe.with_options(oom_fallback=False)
-    monkeypatch.setattr(strict, "denoise", limited)
+    monkeypatch.setattr(strict.denoiser, "denoise", limited)
     with pytest.raises(torch.OutOfMemoryError):
         run(strict, frames[:1], noises[:1])
 
 
-def test_out_of_memory_everywhere_ends_in_one_clear_error(pipe: StreamDiffVSR,
+def test_out_of_memory_everywhere_ends_in_one_clear_error(fresh: StreamDiffVSR,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """A frame that fits in no tiling: each setting that tiles the frame is tried once (none that would run
     it whole again), then one error naming the frame; the pipeline's tiling is left as it was."""
     frames, noises = frames_and_noise(1, 64, 64)
-    lean = pipe.with_options()
+    lean = fresh
     tried = []
 
     def never(z, x, warped, cond=None):
         tried.append(tuple(z.shape[-2:]))
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
 
-    monkeypatch.setattr(lean, "denoise", never)
+    monkeypatch.setattr(lean.denoiser, "denoise", never)
     with warnings.catch_warnings(record=True) as caught, pytest.raises(torch.OutOfMemoryError) as info:
         warnings.simplefilter("always")
         run(lean, frames, noises)
     assert "64x64 LR frame even in the smallest tiles" in str(info.value) and "2.00 GiB" in str(info.value)
-    assert lean.tile is None and not lean.tile_denoise and lean.stats["tiled_frames"] == 0
+    assert lean.tiler.plan_for(64, 64) == TilePlan() and lean.stats["tiled_frames"] == 0
     # whole; HR tiles of 48x80 (the denoising whole); the denoising in those tiles (48x64 inside the frame);
     # 32x40; 32x32. AUTO_TILE's 192x320 and the 96x160 after it are one tile here: skipped.
     assert tried == [(64, 64), (64, 64), (48, 64), (32, 40), (32, 32)]
@@ -113,42 +130,43 @@ def test_denoise_out_of_memory_keeps_the_allocators_message(pipe: StreamDiffVSR,
     def never(z, x, warped, cond=None):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
 
-    monkeypatch.setattr(strict, "denoise", never)
+    monkeypatch.setattr(strict.denoiser, "denoise", never)
     with pytest.raises(torch.OutOfMemoryError) as info:
         run(strict, frames, noises)
     assert "whole-latent denoising" in str(info.value) and "2.00 GiB" in str(info.value)
     assert info.value.__context__ is None and info.value.__cause__ is None
 
 
-def test_out_of_memory_in_the_decoder_tiles_only_the_hr_stages(pipe: StreamDiffVSR,
+def test_out_of_memory_in_the_decoder_tiles_only_the_hr_stages(pipe: StreamDiffVSR, fresh: StreamDiffVSR,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """Where only the HR stages run out (decoding more than a 32x32 latent), the denoising stays whole."""
     frames, noises = frames_and_noise(2, 64, 64)
     expected = run(pipe.with_options(tile=32), frames, noises)
-    lean = pipe.with_options()
-    real_decode = lean.vae.decode
+    lean = fresh
+    real_decode = lean.components.vae.decode
 
     def limited(z, feats=None):
         if z.shape[-1] * z.shape[-2] > 32 * 32:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return real_decode(z, feats)
 
-    monkeypatch.setattr(lean.vae, "decode", limited)  # cold frames
-    monkeypatch.setattr(lean, "_decode", limited)      # warm frames
+    monkeypatch.setattr(lean.components.vae, "decode", limited)  # cold frames
+    monkeypatch.setattr(lean.denoiser, "decode_warm", limited)  # warm frames
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         out = run(lean, frames, noises)
-    assert lean.stats["oom_fallbacks"] == 1 and lean.tile == (32, 32) and not lean.tile_denoise
+    assert lean.stats["oom_fallbacks"] == 1 and lean.tiler.plan_for(64, 64) == TilePlan((32, 32), False)
     assert any("decoding (the denoising whole)" in str(w.message) for w in caught)
     for a, b in zip(out, expected):
         assert float((a - b).abs().max()) <= 1e-6
 
 
-def test_raft_out_of_memory_falls_back_to_lr_flow(pipe: StreamDiffVSR, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_raft_out_of_memory_falls_back_to_lr_flow(pipe: StreamDiffVSR, fresh: StreamDiffVSR,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     frames, noises = frames_and_noise(3, 128, 128)
     expected = run(pipe.with_options(flow="lr"), frames, noises)
-    lean = pipe.with_options()
-    real = lean._flow_and_features
+    lean = fresh
+    real = lean.flow.flow_and_features
     hr_attempts, lr_eager = [], []
 
     def hr_too_big(x, x_prev, mode=None, corr=None, previous_features=None, eager=False):
@@ -158,23 +176,24 @@ def test_raft_out_of_memory_falls_back_to_lr_flow(pipe: StreamDiffVSR, monkeypat
         lr_eager.append(eager)
         return real(x, x_prev, mode, corr, previous_features, eager)
 
-    monkeypatch.setattr(lean, "_flow_and_features", hr_too_big)
+    monkeypatch.setattr(lean.flow, "flow_and_features", hr_too_big)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         out = run(lean, frames, noises)
     assert lean.stats["lean_corr_fallbacks"] == 1 and lean.stats["lr_flow_fallbacks"] == 1
     assert hr_attempts == [None, "lean"]  # the second warm frame goes straight to the flow at LR
     assert lr_eager == [True, True]       # never a compile of RAFT at a new shape under memory pressure
-    assert pipe._flow_fallbacks == {}     # kept by the view that fell back, not by its parent
+    assert list(lean.model.flow_fallbacks.values()) == ["lr"]  # kept for this size and these flow options
     for a, b in zip(out, expected):
         assert float((a - b).abs().max()) <= 1e-6
 
 
-def test_raft_out_of_memory_tries_lean_correlation_first(pipe: StreamDiffVSR, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_raft_out_of_memory_tries_lean_correlation_first(pipe: StreamDiffVSR, fresh: StreamDiffVSR,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     frames, noises = frames_and_noise(3, 32, 32)
     expected = run(pipe, frames, noises)
-    lean = pipe.with_options()
-    real = lean._flow_and_features
+    lean = fresh
+    real = lean.flow.flow_and_features
     full_attempts = []
 
     def full_too_big(x, x_prev, mode=None, corr=None, previous_features=None, eager=False):
@@ -183,7 +202,7 @@ def test_raft_out_of_memory_tries_lean_correlation_first(pipe: StreamDiffVSR, mo
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return real(x, x_prev, mode, corr, previous_features, eager)
 
-    monkeypatch.setattr(lean, "_flow_and_features", full_too_big)
+    monkeypatch.setattr(lean.flow, "flow_and_features", full_too_big)
     out = run(lean, frames, noises)
     assert lean.stats["lean_corr_fallbacks"] == 1 and lean.stats["lr_flow_fallbacks"] == 0
     assert len(full_attempts) == 1  # the lean correlation that fitted is kept for the next frame
@@ -216,11 +235,11 @@ def test_half_precision_vae_frames_fall_back_too(tiny_ckpt: Path, pipe: StreamDi
         return out * float("nan") if next(self.parameters()).dtype != torch.float32 else out
 
     monkeypatch.setattr(TemporalTinyVAE, "decode", poisoned)  # cold frames, and the fallback's float32 copy
-    monkeypatch.setattr(lean, "_decode", lean.vae.decode)      # warm frames (bound before the patch)
+    monkeypatch.setattr(lean.denoiser, "decode_warm", lean.components.vae.decode)  # warm (bound before the patch)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", PrecisionFallbackWarning)
         out = run(lean, frames, noises)
-    assert lean.stats["nan_fallbacks"] == 2 and lean._fp32().vae is not lean.vae
+    assert lean.stats["nan_fallbacks"] == 2 and lean.model.float32().vae is not lean.components.vae
     said = {str(w.message) for w in caught if issubclass(w.category, PrecisionFallbackWarning)}
     assert said == {"vsstreamdiffvsr: tiny VAE bfloat16 produced NaN/Inf; frame recomputed in float32"}
     for a, b in zip(out, ref):
@@ -232,8 +251,9 @@ def test_a_frame_nan_even_in_float32_is_an_error_not_a_state(tiny_ckpt: Path,
     from vsstreamdiffvsr.errors import NonFiniteOutputError
 
     half = StreamDiffVSR.from_pretrained(tiny_ckpt, device="cpu", dtype="bfloat16")
-    monkeypatch.setattr(StreamDiffVSR, "_run_or_tile",
-                        lambda self, z, x, warped: torch.full((1, 3, 4 * x.shape[-2], 4 * x.shape[-1]), float("nan")))
+    monkeypatch.setattr(TiledRunner, "run_planned",
+                        lambda self, den, z, x, warped: torch.full((1, 3, 4 * x.shape[-2], 4 * x.shape[-1]),
+                                                                   float("nan")))
     frames, noises = frames_and_noise(1, 32, 32)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", PrecisionFallbackWarning)
@@ -246,11 +266,13 @@ def test_a_non_finite_half_precision_flow_recomputes_the_frame_in_float32(pipe: 
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """A NaN/Inf flow (a float16 overflow) makes the warped frame NaN: the flow itself is checked, with the
     output's one host sync, and the frame recomputed with a flow from float32 RAFT (one warning), also where
-    RAFT is the only half-precision part; nan_fallback=False leaves the frame as it comes."""
+    RAFT is the only half-precision part; with nan_fallback=False the frame is an error, never delivered."""
+    from vsstreamdiffvsr.errors import NonFiniteOutputError
+
     frames, noises = frames_and_noise(3, 32, 40, seed=4)
     ref = run(pipe, frames, noises)
     view = pipe.with_options(raft_dtype="bfloat16")
-    net = view._raft_net(torch.bfloat16)
+    net = view.components.raft(torch.bfloat16)
     real = net.flow_and_features
 
     def overflowing(*args, **kwargs):
@@ -258,7 +280,6 @@ def test_a_non_finite_half_precision_flow_recomputes_the_frame_in_float32(pipe: 
         return torch.full_like(flow, poison), features
 
     monkeypatch.setattr(net, "flow_and_features", overflowing)
-    view = view.with_options()  # takes the patched entry point
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", PrecisionFallbackWarning)
         out = run(view, frames, noises)
@@ -268,8 +289,31 @@ def test_a_non_finite_half_precision_flow_recomputes_the_frame_in_float32(pipe: 
     for a, b in zip(out, ref):
         assert float((a - b).abs().max()) <= 1e-5  # float32 RAFT's flow, float32 denoising: the reference frame
     unchecked = view.with_options(nan_fallback=False)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", PrecisionFallbackWarning)
-        out = run(unchecked, frames[:2], noises[:2])
-    assert not caught and unchecked.stats["nan_fallbacks"] == 0
-    assert torch.isfinite(out[0]).all() and not torch.isfinite(out[1]).all()  # what the check is there for
+    _, state = unchecked.process_frame(frames[0], noise=noises[0])
+    with pytest.raises(NonFiniteOutputError, match="nan_fallback=False"):  # never carried, never delivered
+        unchecked.process_frame(frames[1], state, noise=noises[1])
+    assert unchecked.stats["nan_fallbacks"] == 0
+
+
+@pytest.mark.parametrize("where", ["weight", "prompt", "state"])
+def test_non_finite_float32_output_is_an_error_not_a_frame(tiny_ckpt: Path, fresh: StreamDiffVSR, where: str) -> None:
+    """float32 (the CPU default) checks its output too: a NaN weight (the U-Net's conv_out bias) or a NaN prompt
+    embedding is an error naming the cause, and a NaN/Inf state handed in is refused before it is used."""
+    from vsstreamdiffvsr.errors import NonFiniteInputError, NonFiniteOutputError
+
+    frames, noises = frames_and_noise(2, 32, 32)
+    _, good = fresh.process_frame(frames[0], noise=noises[0])
+    if where == "weight":
+        with torch.no_grad():
+            fresh.components.unet.conv_out.bias[0] = float("nan")
+    elif where == "prompt":
+        fresh.components.prompt_embeds[0, 3, 0] = float("inf")
+    if where == "state":
+        bad = StreamState(good.prev_hq.clone(), good.prev_lq, good.frame_count)
+        bad.prev_hq[0, 0, 0, 0] = float("nan")
+        with pytest.raises(NonFiniteInputError, match="state holds NaN"):
+            fresh.process_frame(frames[1], bad, noise=noises[1])
+        return
+    with pytest.raises(NonFiniteOutputError, match="in float32: the model weights"):
+        fresh.process_frame(frames[1], good, noise=noises[1])
+    assert fresh.stats["frames"] == 1
