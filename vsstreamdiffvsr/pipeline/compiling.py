@@ -19,6 +19,9 @@ from ..errors import CompileFallbackWarning
 __all__ = ["compile_cache", "check_compiler", "CompileFallback", "is_compile_failure", "own_outputs",
            "cudagraph_tree_tls", "compiled"]
 
+#: the torch.compile backend of every compiled function (tests set "aot_eager" to run compiled paths on the CPU)
+BACKEND: Any = "inductor"
+
 #: the user's own TORCHINDUCTOR_CACHE_DIR, read at import: torch writes its /tmp default into the environment
 #: the first time inductor runs, which must not pass for a choice of the user's
 _USER_INDUCTOR_CACHE = os.environ.get("TORCHINDUCTOR_CACHE_DIR")

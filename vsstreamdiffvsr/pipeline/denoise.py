@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from ..options import Options
+from . import compiling
 from .compiling import check_compiler, compile_cache, compiled
 from .components import Components
 from .model import Model
@@ -34,15 +35,16 @@ class Denoiser:
         self.embed: Callable[[torch.Tensor], torch.Tensor] = self.c.cond_embedding or _unchanged
         self._t = [torch.tensor(t, dtype=torch.long, device=self.c.device) for t in self.c.timesteps]
         if options.compiled and components is None:  # the float32 copy of the NaN fallback runs eagerly
-            check_compiler(self.c.device)
+            backend = compiling.BACKEND
+            check_compiler(self.c.device, backend)
             compile_cache(options.compile_cache_dir)
             fns = {"step_warm": self._step_warm, "decode_warm": self.c.vae.decode,
                    "features": self.c.vae.temporal_features}
             if self.c.cond_embedding is not None:
                 fns["embed"] = self.c.cond_embedding
-            key = ("denoise", options.compile_mode, "inductor")
+            key = ("denoise", options.compile_mode, backend)
             made = model.compiled_set(key, lambda: compiled(fns, what="the denoising", off="compile=False",
-                                                            mode=options.compile_mode, backend="inductor",
+                                                            mode=options.compile_mode, backend=backend,
                                                             graphs=options.uses_cuda_graphs))
             for name, fn in made.items():
                 setattr(self, name, fn)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from ..errors import TilingFallbackWarning
 from ..models.flow import MIN_FLOW_SIDE, RaftParts, bicubic_x4, warp
 from ..options import Options, dtype_name, raft_input_size
+from . import compiling
 from .compiling import CompileFallback, check_compiler, compile_cache
 from .model import Model
 
@@ -50,7 +51,7 @@ class FlowStage:
         self.model, self.options, self.stats = model, options, stats
         self.device = model.device
         if options.flow_compiled:
-            check_compiler(self.device)
+            check_compiler(self.device, compiling.BACKEND)
             compile_cache(options.compile_cache_dir)
         # the half-precision RAFT this stage may choose, made now: a cast queued on first use could race with a
         # flow computed ahead on the side stream, which waits only for its inputs
@@ -77,13 +78,17 @@ class FlowStage:
         if not self.options.flow_compiled:
             return net.flow_and_features
 
+        backend = compiling.BACKEND
+
         def make() -> dict[str, Any]:
             fallback = CompileFallback("the optical flow", "compile_flow=False")
-            parts = RaftParts._make(fallback.wrap(torch.compile(fn, mode="default", dynamic=False, fullgraph=False),
-                                                  fn) for fn in net.parts)
+            opts: dict[str, Any] = dict(dynamic=False, fullgraph=False, backend=backend)
+            if backend == "inductor":
+                opts["mode"] = "default"  # never CUDA graphs: it runs on a side stream beside the denoising's
+            parts = RaftParts._make(fallback.wrap(torch.compile(fn, **opts), fn) for fn in net.parts)
             return {"flow": functools.partial(net.flow_and_features, parts=parts)}
 
-        return self.model.compiled_set(("raft", "inductor", dtype), make)["flow"]
+        return self.model.compiled_set(("raft", backend, dtype), make)["flow"]
 
     # -- one flow
     def flow_and_features(self, x: torch.Tensor, x_prev: torch.Tensor | None, mode: str | None = None,
