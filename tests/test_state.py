@@ -142,3 +142,176 @@ def test_state_is_frozen() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         s.prev_hq = None  # type: ignore[misc]
     assert s.frame_count == 3
+
+
+# ------------------------------------------------------------------------------ what is at the path (issue 26)
+
+_FMT = "vsstreamdiffvsr.StreamState/1"
+
+
+def test_load_refuses_a_fifo_without_opening_it(tmp_path: Path) -> None:
+    """Opening a FIFO for reading blocks until a writer comes (with the GIL held): it must not be opened.
+
+    This test holds a read-write descriptor on the FIFO so that even a wrong implementation cannot hang it."""
+    import os
+
+    fifo = tmp_path / "state.fifo"
+    os.mkfifo(fifo)
+    guard = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)
+    try:
+        with pytest.raises(ValueError, match=f"{fifo.name} is not a regular file .*FIFO"):
+            StreamState.load(fifo)
+    finally:
+        os.close(guard)
+
+
+def test_load_of_a_fifo_returns_at_once(tmp_path: Path) -> None:
+    """The real case, no writer anywhere: a separate interpreter, so a hang fails the test instead of the suite."""
+    import os
+    import subprocess
+    import sys
+
+    fifo = tmp_path / "state.fifo"
+    os.mkfifo(fifo)
+    code = ("import sys\nfrom vsstreamdiffvsr import StreamState\ntry:\n    StreamState.load(sys.argv[1])\n"
+            "except ValueError as e:\n    print(e)\n    sys.exit(3)\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(fifo)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 3, proc.stderr
+    assert "not a regular file" in proc.stdout
+
+
+def test_load_refuses_a_directory(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="is not a regular file .*directory"):
+        StreamState.load(tmp_path)
+
+
+def test_load_follows_a_symlink_to_a_state(tmp_path: Path) -> None:
+    s = _state(frame_count=2)
+    s.save(tmp_path / "real.safetensors")
+    (tmp_path / "link.safetensors").symlink_to(tmp_path / "real.safetensors")
+    assert StreamState.load(tmp_path / "link.safetensors").frame_count == 2
+
+
+def test_save_refuses_what_is_not_a_regular_file(tmp_path: Path) -> None:
+    import os
+
+    s = _state()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    link = tmp_path / "link.safetensors"
+    link.symlink_to(victim)
+    fifo = tmp_path / "f.fifo"
+    os.mkfifo(fifo)
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for target, kind in ((link, "symbolic link"), (fifo, "FIFO"), (folder, "directory")):
+        with pytest.raises(ValueError, match=f"{target.name} exists and is not a regular file .*{kind}"):
+            s.save(target)
+    assert link.is_symlink() and victim.read_text() == "keep me"
+    assert fifo.is_fifo() and folder.is_dir() and not any(folder.iterdir())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.fifo", "folder", "link.safetensors", "victim.txt"]
+
+
+def test_save_replaces_atomically_and_cleans_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write that fails half-way leaves the previous file whole and no temporary file behind."""
+    import safetensors.torch
+
+    path = tmp_path / "s.safetensors"
+    _state(frame_count=5).save(path)
+    before = path.read_bytes()
+
+    def half_write(tensors, filename, metadata=None):  # noqa: ANN001
+        with open(filename, "wb") as f:
+            f.write(b"\x10\x00\x00")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", half_write)
+    with pytest.raises(OSError, match="No space left"):
+        _state(frame_count=6).save(path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["s.safetensors"]
+    monkeypatch.undo()
+    _state(frame_count=7).save(path)  # a regular file is replaced
+    assert StreamState.load(path).frame_count == 7
+    assert [p.name for p in tmp_path.iterdir()] == ["s.safetensors"]
+
+
+def test_save_into_a_missing_folder(tmp_path: Path) -> None:
+    with pytest.raises(OSError, match="nowhere"):
+        _state().save(tmp_path / "nowhere" / "s.safetensors")
+    assert not (tmp_path / "nowhere").exists()
+
+
+def _write(path: Path, hq: torch.Tensor | None, lq: torch.Tensor | None, frame_count: str | None = "1",
+           **extra: torch.Tensor) -> Path:
+    tensors = dict(extra)
+    if hq is not None:
+        tensors["prev_hq"] = hq
+    if lq is not None:
+        tensors["prev_lq"] = lq
+    meta = {"format": _FMT}
+    if frame_count is not None:
+        meta["frame_count"] = frame_count
+    save_file(tensors, str(path), metadata=meta)
+    return path
+
+
+def _nan_hq() -> tuple[torch.Tensor, torch.Tensor]:
+    hq = torch.zeros(1, 3, 32, 32)
+    hq[0, 1, 5, 7] = float("nan")
+    return hq, torch.zeros(1, 3, 8, 8)
+
+
+def _inf_lq() -> tuple[torch.Tensor, torch.Tensor]:
+    lq = torch.zeros(1, 3, 8, 8)
+    lq[0, 0, 0, 0] = float("-inf")
+    return torch.zeros(1, 3, 32, 32), lq
+
+
+BAD_STATES = {
+    "nan-prev_hq": (_nan_hq, {}, "prev_hq holds NaN or infinite values"),
+    "inf-prev_lq": (_inf_lq, {}, "prev_lq holds NaN or infinite values"),
+    "float8": (lambda: (torch.zeros(1, 3, 32, 32, dtype=torch.float8_e4m3fn), torch.zeros(1, 3, 8, 8)), {},
+               "prev_hq is stored as F8_E4M3"),
+    "int": (lambda: (torch.zeros(1, 3, 32, 32, dtype=torch.int32), torch.zeros(1, 3, 8, 8)), {},
+            "prev_hq is stored as I32"),
+    "absurd-size": (lambda: (torch.zeros(1, 3, 4 * 5000, 4, dtype=torch.float16), torch.zeros(1, 3, 5000, 1)), {},
+                    "prev_lq is 5000x1"),
+    "extra-tensor": (lambda: (torch.zeros(1, 3, 32, 32), torch.zeros(1, 3, 8, 8)), {"x": torch.zeros(1)},
+                     "unexpected tensors"),
+    "count-spaces": (lambda: (None, None), {"frame_count": " 12"}, "frame_count"),
+    "count-underscore": (lambda: (None, None), {"frame_count": "1_000"}, "frame_count"),
+    "count-arabic-digits": (lambda: (None, None), {"frame_count": "\u0661\u0662"}, "frame_count"),
+    "count-negative": (lambda: (None, None), {"frame_count": "-1"}, "frame_count"),
+    "count-huge": (lambda: (None, None), {"frame_count": "9" * 20}, "frame_count"),
+    "count-missing": (lambda: (None, None), {"frame_count": None}, "frame_count"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_STATES))
+def test_load_refuses_bad_contents(tmp_path: Path, case: str) -> None:
+    make, options, needle = BAD_STATES[case]
+    hq, lq = make()
+    extra = {k: v for k, v in options.items() if isinstance(v, torch.Tensor)}
+    count = options.get("frame_count", "1")
+    path = _write(tmp_path / f"{case}.safetensors", hq, lq, frame_count=count, **extra)
+    with pytest.raises(ValueError) as info:
+        StreamState.load(path)
+    msg = str(info.value)
+    assert path.name in msg and needle in msg, msg
+    assert "\n" not in msg
+
+
+def test_load_keeps_float_dtypes_and_large_counts(tmp_path: Path) -> None:
+    for dtype in (torch.float16, torch.bfloat16, torch.float64):
+        path = _write(tmp_path / f"{dtype}.safetensors", torch.zeros(1, 3, 32, 36, dtype=dtype),
+                      torch.zeros(1, 3, 8, 9), frame_count=str(10**12))
+        back = StreamState.load(path)
+        assert back.prev_hq.dtype == dtype and back.frame_count == 10**12
+
+
+def test_load_to_a_bad_device_names_it(tmp_path: Path) -> None:
+    path = tmp_path / "s.safetensors"
+    _state().save(path)
+    with pytest.raises(ValueError, match="nonsense"):
+        StreamState.load(path, device="nonsense")

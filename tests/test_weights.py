@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -528,3 +529,308 @@ def test_download_that_left_a_partial_folder(ckpt_copy: Path, tmp_path: Path,
     msg = str(info.value)
     assert "incomplete or damaged" in msg and UNET_W in msg and "run the download again" in msg
     assert "fix: run" not in msg and "\n" not in msg
+
+
+# ------------------------------------------------------------------------------------------ issue 26
+
+def test_model_dir_must_be_a_path(tmp_path: Path) -> None:
+    for bad, kind in ((123, "int"), (b"/tmp", "bytes"), (1.5, "float"), (True, "bool")):
+        with pytest.raises(TypeError, match=rf"^model_dir must be a path \(str or os\.PathLike\), got {kind}$"):
+            weights.resolve_model_dir(bad)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"model_dir must be a path \(str or os\.PathLike\), got int"):
+        weights.validate_model_dir(123)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="model_dir is an empty string"):
+        weights.resolve_model_dir("")
+
+
+def test_symlink_loop_is_a_model_files_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    for call in (weights.resolve_model_dir, weights.validate_model_dir, weights.download):
+        with pytest.raises(ModelFilesError) as info:
+            call(loop)
+        msg = str(info.value)
+        assert str(loop) in msg and "symbolic link" in msg and "\n" not in msg, msg
+    monkeypatch.setenv(weights.ENV_MODEL_DIR, str(loop))
+    with pytest.raises(ModelFilesError, match=weights.ENV_MODEL_DIR):
+        weights.validate_model_dir()
+
+
+def test_validate_a_file_instead_of_a_folder(tmp_path: Path) -> None:
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(ModelFilesError, match="is not a folder"):
+        weights.validate_model_dir(f)
+
+
+# Absurd config values: each must be refused, naming file, key, value and range, before any model is built.
+ABSURD = [
+    ("unet/config.json", "layers_per_block", 3000, "1..8"),
+    ("unet/config.json", "layers_per_block", [1, 1, 1, 3000], "1..8"),
+    ("unet/config.json", "block_out_channels", [16] * 40, "1..6 entries"),
+    ("unet/config.json", "block_out_channels", [16, 16, 32, 100_000], "1..4096"),
+    ("unet/config.json", "attention_head_dim", 100_000, "1..512"),
+    ("unet/config.json", "cross_attention_dim", 10**6, "1..8192"),
+    ("unet/config.json", "transformer_layers_per_block", 500, "1..10"),
+    ("unet/config.json", "transformer_layers_per_block", [1, 1, [1, 500], 1], "1..10"),
+    ("unet/config.json", "norm_num_groups", 1.5, "an integer"),
+    ("unet/config.json", "in_channels", True, "an integer"),
+    ("unet/config.json", "down_block_types", ["DownBlock2D"] * 100, "1..6 entries"),
+    ("controlnet/config.json", "layers_per_block", 3000, "1..8"),
+    ("controlnet/config.json", "conditioning_embedding_out_channels", [16] * 40, "1..6 entries"),
+    ("controlnet/config.json", "conditioning_channels", 10**6, "1..16"),
+    ("vae/config.json", "num_decoder_blocks", [3, 3, 5000], "0..16"),
+    ("vae/config.json", "decoder_block_out_channels", [10**5] * 3, "1..1024"),
+    ("vae/config.json", "upsampling_scaling_factor", 1000, "1..8"),
+    ("vae/config.json", "scaling_factor", float("inf"), "a finite number"),
+    ("text_encoder/config.json", "num_hidden_layers", 10**5, "1..64"),
+    ("text_encoder/config.json", "vocab_size", 10**9, "1..1000000"),
+    ("text_encoder/config.json", "hidden_size", 10**6, "1..8192"),
+    ("scheduler/scheduler_config.json", "num_train_timesteps", 3e8, "an integer in 1..10000"),
+    ("scheduler/scheduler_config.json", "num_train_timesteps", 10**8, "1..10000"),
+    ("scheduler/scheduler_config.json", "beta_end", 5.0, "0..1"),
+    ("scheduler/scheduler_config.json", "trained_betas", [0.01] * 20000, "entries"),
+]
+
+
+@pytest.mark.parametrize(("rel", "key", "value", "allowed"), ABSURD,
+                         ids=[f"{r.split('/')[0]}-{k}-{i}" for i, (r, k, _, _) in enumerate(ABSURD)])
+def test_absurd_config_values_are_refused_before_building(ckpt_copy: Path, no_hub_raft: Path,
+                                                          monkeypatch: pytest.MonkeyPatch, rel: str, key: str,
+                                                          value: object, allowed: str) -> None:
+    import diffusers
+
+    (ckpt_copy / CACHE).unlink(missing_ok=True)  # so that the text encoder is checked too
+    path = ckpt_copy / rel
+    data = json.loads(path.read_text())
+    data[key] = value
+    path.write_text(json.dumps(data))  # inf is written as Infinity, which Python's json reads back
+
+    def guard(config: dict) -> None:
+        if config.get(key) == value:
+            raise AssertionError(f"{rel} was given to a model class with {key}={_short(value)}")
+
+    real_build = weights._meta_build
+
+    def guarded_build(model_dir, rel_config, build, config):  # noqa: ANN001, ANN202
+        if rel_config == rel:
+            guard(config)
+        return real_build(model_dir, rel_config, build, config)
+
+    real_from_config = diffusers.DDIMScheduler.from_config.__func__
+
+    def guarded_from_config(cls, config=None, **kw):  # noqa: ANN001, ANN202
+        guard(dict(config))
+        return real_from_config(cls, config, **kw)
+
+    monkeypatch.setattr(weights, "_meta_build", guarded_build)
+    monkeypatch.setattr(diffusers.DDIMScheduler, "from_config", classmethod(guarded_from_config))
+    with pytest.raises(ModelFilesError) as info:
+        weights.validate_model_dir(ckpt_copy)
+    msg = str(info.value)
+    shown = repr(value)[:20]
+    assert rel in msg and key in msg and allowed in msg, msg
+    assert (shown in msg or "entries" in msg), msg
+    assert "\n" not in msg
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) < 60 else text[:57] + "..."
+
+
+def _release_configs() -> dict[str, dict]:
+    """The configs of the real release (Jamichsu/Stream-DiffVSR) as diffusers / transformers write them."""
+    from diffusers import ControlNetModel, UNet2DConditionModel
+    from transformers import CLIPTextConfig
+
+    from vsstreamdiffvsr.testing import SCHEDULER_CONFIG, TINY_VAE
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(
+            in_channels=7, out_channels=4, block_out_channels=(256, 512, 512, 1024), layers_per_block=2,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            only_cross_attention=(True, True, True, False), attention_head_dim=8, cross_attention_dim=1024,
+            use_linear_projection=True, flip_sin_to_cos=True, freq_shift=0, num_class_embeds=None, norm_num_groups=32)
+        controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(64, 128, 256))
+    vae = {**TINY_VAE, "block_out_channels": [64] * 3, "encoder_block_out_channels": [64] * 3,
+           "decoder_block_out_channels": [64] * 3}
+    text = CLIPTextConfig(vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
+                          num_attention_heads=16, max_position_embeddings=77, hidden_act="gelu",
+                          projection_dim=512).to_dict()
+    as_json = lambda c: json.loads(json.dumps(dict(c), default=list))  # noqa: E731  (tuples become lists)
+    return {"unet/config.json": as_json(unet.config), "controlnet/config.json": as_json(controlnet.config),
+            "vae/config.json": vae, "text_encoder/config.json": as_json(text),
+            "scheduler/scheduler_config.json": dict(SCHEDULER_CONFIG)}
+
+
+def test_release_and_tiny_configs_are_within_the_ranges(tiny_ckpt: Path) -> None:
+    for rel, config in _release_configs().items():
+        assert weights._range_problems(rel, config) == [], rel
+        assert weights._range_problems(rel, json.loads((tiny_ckpt / rel).read_text())) == [], rel
+
+
+def _damage_many(root: Path) -> list[str]:
+    (root / UNET_W).unlink()
+    p = root / VAE_W
+    p.write_bytes(p.read_bytes()[:-7])
+    (root / "controlnet/config.json").write_text("{ nope")
+    _edit_json(root / "scheduler/scheduler_config.json", num_train_timesteps=3e8)
+    shutil.rmtree(root / "raft")
+    return [UNET_W, VAE_W, "controlnet/config.json", "scheduler/scheduler_config.json", RAFT_FILENAME]
+
+
+def test_validate_lists_every_problem(ckpt_copy: Path, no_hub_raft: Path) -> None:
+    names = _damage_many(ckpt_copy)
+    p = ckpt_copy / CN_W  # a second problem in the same component: its weights too
+    p.write_bytes(p.read_bytes()[:50])
+    names.append(CN_W)
+    with pytest.raises(ModelFilesError) as info:
+        weights.validate_model_dir(ckpt_copy)
+    msg = _assert_clear(info.value, *names)
+    assert f"has {len(names)} problems" in msg
+    assert len(info.value.problems) == len(names)
+    for name in names:
+        assert sum(name in p for p in info.value.problems) >= 1, (name, info.value.problems)
+    assert "\n" not in info.value.summary and str(ckpt_copy.resolve()) in info.value.summary
+
+
+def test_loader_still_fails_on_its_component(ckpt_copy: Path) -> None:
+    (ckpt_copy / "vae/config.json").write_text("{ nope")
+    with pytest.raises(ModelFilesError) as info:
+        weights.load_vae(ckpt_copy)
+    _assert_clear(info.value, "vae/config.json")
+
+
+def test_config_file_that_is_too_large(ckpt_copy: Path, no_hub_raft: Path) -> None:
+    data = json.loads((ckpt_copy / "unet/config.json").read_text())
+    data["_padding"] = "x" * (2 << 20)
+    (ckpt_copy / "unet/config.json").write_text(json.dumps(data))
+    (ckpt_copy / "vae/config.json").write_text("[" * 100_000)  # deep nesting: a RecursionError inside json
+    with pytest.raises(ModelFilesError) as info:
+        weights.validate_model_dir(ckpt_copy)
+    _assert_clear(info.value, "unet/config.json", "larger than", "vae/config.json")
+
+
+def _poison_cache(root: Path, value: float) -> None:
+    with safe_open(str(root / CACHE), framework="pt") as f:
+        meta = f.metadata()
+        emb = f.get_tensor("prompt_embeds")
+    emb[0, 3, 5] = value
+    save_file({"prompt_embeds": emb}, str(root / CACHE), metadata=meta)
+    st = (root / TE_W).stat()  # keep the fingerprint valid: only the values are wrong
+    os.utime(root / TE_W, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_nonfinite_prompt_cache_is_recomputed(ckpt_copy: Path, no_hub_raft: Path, value: float) -> None:
+    (ckpt_copy / CACHE).unlink(missing_ok=True)
+    good = weights.empty_prompt_embedding(ckpt_copy)
+    _poison_cache(ckpt_copy, value)
+    assert weights._cached_prompt(ckpt_copy) is None
+    again = weights.empty_prompt_embedding(ckpt_copy)
+    assert bool(torch.isfinite(again).all())
+    torch.testing.assert_close(again, good, atol=0, rtol=0)
+    assert bool(torch.isfinite(load_file(str(ckpt_copy / CACHE))["prompt_embeds"]).all())  # rewritten
+    weights.validate_model_dir(ckpt_copy)
+
+
+def test_nonfinite_prompt_cache_without_text_encoder(ckpt_copy: Path, no_hub_raft: Path) -> None:
+    (ckpt_copy / CACHE).unlink(missing_ok=True)
+    weights.empty_prompt_embedding(ckpt_copy)
+    _poison_cache(ckpt_copy, float("nan"))
+    shutil.rmtree(ckpt_copy / "text_encoder")
+    for call in (weights.empty_prompt_embedding, weights.validate_model_dir):
+        with pytest.raises(ModelFilesError) as info:
+            call(ckpt_copy)
+        _assert_clear(info.value, CACHE, "NaN", "text_encoder")
+
+
+def test_text_encoder_that_gives_nan(ckpt_copy: Path) -> None:
+    (ckpt_copy / CACHE).unlink(missing_ok=True)
+    p = ckpt_copy / TE_W
+    with safe_open(str(p), framework="pt") as f:
+        meta = f.metadata()
+    state = load_file(str(p))
+    key = next(k for k in state if k.endswith("final_layer_norm.weight"))
+    state[key][0] = float("nan")
+    save_file(state, str(p), metadata=meta)
+    with pytest.raises(ModelFilesError) as info:
+        weights.empty_prompt_embedding(ckpt_copy)
+    _assert_clear(info.value, TE_W, "NaN")
+    assert not (ckpt_copy / CACHE).exists()
+
+
+# A failed download leaves no folder it created, and keeps what was there before.
+
+def _offline_hub(monkeypatch: pytest.MonkeyPatch, action: Callable[[Path], None]) -> None:
+    import huggingface_hub
+
+    def fake(**kw):  # noqa: ANN003, ANN202
+        action(Path(kw["local_dir"]))
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
+
+
+def _partial_bookkeeping(root: Path) -> None:
+    d = root / ".cache" / "huggingface" / "download" / "unet"
+    d.mkdir(parents=True)
+    (d / "diffusion_pytorch_model.safetensors.incomplete").write_bytes(b"\0" * 100)
+    (root / ".cache" / "huggingface" / ".gitignore").write_text("*\n")
+
+
+@pytest.mark.parametrize("action", [lambda root: None, _partial_bookkeeping], ids=["nothing", "bookkeeping"])
+def test_failed_download_removes_the_folders_it_created(tmp_path: Path, no_hub_raft: Path,
+                                                        monkeypatch: pytest.MonkeyPatch,
+                                                        action: Callable[[Path], None]) -> None:
+    _offline_hub(monkeypatch, action)
+    target = tmp_path / "a" / "b" / "models"
+    with pytest.raises(ConnectionError):
+        weights.download(target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["emptyhub"]
+
+
+def test_failed_download_keeps_finished_files(tmp_path: Path, no_hub_raft: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    def one_file(root: Path) -> None:
+        (root / "model_index.json").write_text("{}")
+
+    _offline_hub(monkeypatch, one_file)
+    target = tmp_path / "models"
+    with pytest.raises(ConnectionError, match="files fetched so far are kept"):
+        weights.download(target)
+    assert [p.name for p in target.iterdir()] == ["model_index.json"]
+
+
+def test_failed_download_into_an_existing_folder(tmp_path: Path, no_hub_raft: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub
+
+    target = tmp_path / "models"
+    (target / "unet").mkdir(parents=True)
+    (target / "unet" / "config.json").write_text("{}")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda **kw: kw["local_dir"])
+
+    def no_network(url, dst, **kw):  # noqa: ANN001, ANN003, ANN202
+        Path(dst + ".partial").write_bytes(b"\0" * 10)  # torch hub's temporary file, removed by it
+        Path(dst + ".partial").unlink()
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    with pytest.raises(ConnectionError, match=RAFT_FILENAME):
+        weights.download(target)
+    assert sorted(str(p.relative_to(target)) for p in target.rglob("*")) == ["unet", "unet/config.json"]
+
+
+def test_interrupted_download_cleans_up(tmp_path: Path, no_hub_raft: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub
+
+    def interrupted(**kw):  # noqa: ANN003, ANN202
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        weights.download(tmp_path / "models")
+    assert not (tmp_path / "models").exists()

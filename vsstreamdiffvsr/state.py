@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+import secrets
+import stat
 from dataclasses import dataclass
 
 import torch
@@ -71,35 +75,139 @@ class StreamState:
         return StreamState(self.prev_hq.clone(), self.prev_lq.clone(), self.frame_count)
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write to a safetensors file (no pickle); tensors keep their dtype."""
+        """Write to a safetensors file (no pickle); tensors keep their dtype.
+
+        The file is written under a temporary name in the same folder and renamed over ``path``, so a reader
+        never sees half a file and a failed write leaves the previous file (and no temporary file) behind.
+        Raises ValueError if ``path`` exists and is not a regular file (a symbolic link, directory, FIFO or
+        device is never replaced), OSError if the folder cannot be written.
+        """
         from safetensors.torch import save_file
 
+        target = os.fspath(path)
+        try:
+            kind: str | None = _kind(os.lstat(target).st_mode)
+        except FileNotFoundError:
+            kind = None  # a new file (or a missing folder, which the temporary file's creation reports)
+        except OSError as exc:  # a parent that is a file, a path too long...
+            raise type(exc)(exc.errno, f"StreamState.save: cannot write {target} ({exc.strerror})") from None
+        if kind is not None and kind != "regular file":
+            raise ValueError(f"StreamState.save: {target} exists and is not a regular file (a {kind}); "
+                             "give the path of a new or regular file")
         tensors = {}
         if self.prev_hq is not None:
             assert self.prev_lq is not None
             tensors = {"prev_hq": self.prev_hq.detach().contiguous().cpu(),
                        "prev_lq": self.prev_lq.detach().contiguous().cpu()}
-        save_file(tensors, os.fspath(path), metadata={"format": _FORMAT, "frame_count": str(self.frame_count)})
+        folder, name = os.path.split(os.path.abspath(target))
+        tmp = os.path.join(folder, f".{name}.{secrets.token_hex(6)}.tmp")
+        try:  # O_EXCL: a name of our own; mode 0o666 minus the umask, as for any new file
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666))
+        except OSError as exc:
+            raise type(exc)(exc.errno, f"StreamState.save: cannot write into {folder} ({exc.strerror})") from None
+        try:
+            save_file(tensors, tmp, metadata={"format": _FORMAT, "frame_count": str(self.frame_count)})
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)  # the data is on disk before the name points at it
+            finally:
+                os.close(fd)
+            os.replace(tmp, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], device: torch.device | str = "cpu") -> "StreamState":
-        """Read a file written by :meth:`save`; ValueError if it is not one."""
+        """Read a file written by :meth:`save`; ValueError naming the file if it is not one.
+
+        Only a regular file (or a symbolic link to one) is opened: a FIFO, device or directory is refused
+        without being opened. The header is checked before any tensor is read (format, tensor names, float
+        dtypes, (1, 3, h, w) shapes with 1 <= h, w <= :data:`MAX_LR_SIDE`, a decimal ``frame_count`` in
+        0..:data:`MAX_FRAME_COUNT`); the values must be finite. The tensors are read on the CPU and moved
+        to ``device``.
+        """
         from safetensors import safe_open
 
+        name = os.fspath(path)
         try:
-            with safe_open(os.fspath(path), framework="pt", device=str(device)) as f:
+            kind = _kind(os.stat(name).st_mode)
+        except (OSError, ValueError) as exc:  # missing, unreadable folder, a NUL in the name
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else _first_line(exc)
+            raise ValueError(f"{name} is not a readable StreamState file ({why})") from None
+        if kind != "regular file":
+            raise ValueError(f"{name} is not a regular file (a {kind}); give the path of a file written by "
+                             "StreamState.save")
+        try:
+            with safe_open(name, framework="pt", device="cpu") as f:
                 meta = f.metadata() or {}
                 if meta.get("format") != _FORMAT:
-                    raise ValueError(f"{path} is not a saved StreamState")
-                keys = set(f.keys())
-                hq = f.get_tensor("prev_hq") if "prev_hq" in keys else None
-                lq = f.get_tensor("prev_lq") if "prev_lq" in keys else None
+                    raise ValueError(f"{name} is not a saved StreamState")
+                header = {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in f.keys()}
+                count = _check_header(name, meta, header)
+                tensors = {k: f.get_tensor(k) for k in header}
         except ValueError:
             raise
         except Exception as exc:
-            raise ValueError(f"{path} is not a readable StreamState file ({exc})") from None
+            raise ValueError(f"{name} is not a readable StreamState file ({_first_line(exc)})") from None
+        for key, t in tensors.items():
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{name} holds no valid StreamState: {key} holds NaN or infinite values")
         try:
-            count = int(meta.get("frame_count", "0"))
-            return cls(hq, lq, count)
+            tensors = {k: t.to(device) for k, t in tensors.items()}
+        except Exception as exc:  # an unknown or absent device
+            raise ValueError(f"cannot move the StreamState of {name} to device {device!r} "
+                             f"({_first_line(exc)})") from None
+        try:
+            return cls(tensors.get("prev_hq"), tensors.get("prev_lq"), count)
         except ValueError as exc:
-            raise ValueError(f"{path} holds no valid StreamState ({exc})") from None
+            raise ValueError(f"{name} holds no valid StreamState ({exc})") from None
+
+
+#: the largest LR height or width a saved state may have (a 4096x4096 LR frame is far beyond any real use)
+MAX_LR_SIDE = 4096
+#: the largest frame_count a saved state may have (60 fps for 500 000 years)
+MAX_FRAME_COUNT = 10**15
+_LOAD_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
+
+
+def _kind(mode: int) -> str:
+    for test, what in ((stat.S_ISREG, "regular file"), (stat.S_ISDIR, "directory"), (stat.S_ISLNK, "symbolic link"),
+                       (stat.S_ISFIFO, "FIFO"), (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"),
+                       (stat.S_ISSOCK, "socket")):
+        if test(mode):
+            return what
+    return "special file"
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0][:240] if lines else type(exc).__name__
+
+
+def _check_header(name: str, meta: dict[str, str], header: dict[str, tuple[str, tuple[int, ...]]]) -> int:
+    """The frame count, after checking the tensors' names, dtypes and shapes from the header alone."""
+    def bad(what: str) -> ValueError:
+        return ValueError(f"{name} holds no valid StreamState: {what}")
+
+    extra = sorted(set(header) - {"prev_hq", "prev_lq"})
+    if extra:
+        raise bad(f"unexpected tensors {extra[:3]}")
+    for key, (dtype, shape) in sorted(header.items()):
+        if dtype not in _LOAD_DTYPES:
+            raise bad(f"{key} is stored as {dtype}; a state holds {', '.join(sorted(_LOAD_DTYPES))}")
+        if len(shape) != 4 or shape[:2] != (1, 3):
+            raise bad(f"{key} has shape {shape}; a state holds (1, 3, h, w)")
+    if ("prev_hq" in header) != ("prev_lq" in header):
+        raise bad("it needs both prev_hq and prev_lq, or neither")
+    if "prev_lq" in header:
+        h, w = header["prev_lq"][1][2:]
+        if not (1 <= h <= MAX_LR_SIDE and 1 <= w <= MAX_LR_SIDE):
+            raise bad(f"prev_lq is {h}x{w}; LR frames are 1..{MAX_LR_SIDE} pixels a side")
+        if header["prev_hq"][1][2:] != (4 * h, 4 * w):
+            raise bad(f"prev_hq {header['prev_hq'][1]} is not 4x prev_lq {header['prev_lq'][1]}")
+    text = meta.get("frame_count")
+    if text is None or not re.fullmatch(r"[0-9]{1,16}", text) or int(text) > MAX_FRAME_COUNT:
+        raise bad(f"frame_count {text!r} is not a decimal integer in 0..{MAX_FRAME_COUNT}")
+    return int(text)
