@@ -108,16 +108,18 @@ def test_main_job_vspipe_to_ffmpeg(tiny_ckpt: Path, tmp_path: Path) -> None:
                     "6", "-pix_fmt", "yuv420p", "-c:v", "libx264", str(src)], check=True, timeout=120)
     out = tmp_path / "out.mkv"
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "PWD": str(tmp_path)}
+    # the README's line, with options passed by name
     cmd = (f"'{vspipe()}' -c y4m -a input=in.mkv -a model_dir='{tiny_ckpt}' -a device=cpu -a compile=0 "
-           f"-a raft_corr=half -a tile=32 -a raft_dtype=bfloat16 "
-           f"'{REPO / 'scripts' / 'upscale.vpy'}' - | ffmpeg -v error -y -i - -c:v libx265 -crf 18 '{out}'")
+           f"-a raft_corr=half -a tile=32 '{REPO / 'scripts' / 'upscale.vpy'}' - | ffmpeg -v error -y -i - "
+           f"-c:v libx265 -pix_fmt yuv420p10le -crf 16 -colorspace bt709 -color_primaries bt709 -color_trc bt709 "
+           f"-color_range tv '{out}'")
     res = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], cwd=tmp_path, env=env, capture_output=True,
                          timeout=600)
     assert res.returncode == 0, res.stderr.decode()[-3000:]
     probe = subprocess.run(["ffprobe", "-v", "error", "-count_frames", "-select_streams", "v:0", "-show_entries",
-                            "stream=width,height,nb_read_frames,pix_fmt", "-of", "csv=p=0", str(out)],
-                           capture_output=True, text=True, check=True)
-    assert probe.stdout.strip() == "256,192,yuv420p10le,6"
+                            "stream=width,height,nb_read_frames,pix_fmt,color_space,color_primaries,color_transfer,"
+                            "color_range", "-of", "csv=p=0", str(out)], capture_output=True, text=True, check=True)
+    assert probe.stdout.strip() == "256,192,yuv420p10le,tv,bt709,bt709,bt709,6"
 
 
 def test_main_job_takes_an_rgb_source(tiny_ckpt: Path, tmp_path: Path) -> None:
@@ -138,7 +140,9 @@ def test_main_job_takes_an_rgb_source(tiny_ckpt: Path, tmp_path: Path) -> None:
                                              ("tile=big", "tile must be an integer"),
                                              ("raft_corr=huge", "raft_corr must be one of"),
                                              ("compile_flow=maybe", "compile_flow must be 0 or 1"),
-                                             ("raft_dtype=fp8", "raft_dtype must be None (auto), float32")])
+                                             ("raft_dtype=fp8", "raft_dtype must be None, float32"),
+                                             ("tiles=32", "unknown argument 'tiles'"),
+                                             ("fps=fast", "fps must be a rate")])
 def test_main_job_rejects_bad_arguments(tiny_ckpt: Path, tmp_path: Path, arg: str, needle: str) -> None:
     src = tmp_path / "in.mkv"
     subprocess.run(["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i", "testsrc=size=64x48:rate=24", "-frames:v",

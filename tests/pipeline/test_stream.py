@@ -356,3 +356,45 @@ def test_float16_on_the_cpu_warns_once_per_load_and_names_the_option(tiny_ckpt: 
     assert not [w for w in quiet if issubclass(w.category, SlowPrecisionWarning)]
     with pytest.warns(SlowPrecisionWarning, match="raft_dtype=float16"):
         pipe.with_options(raft_dtype="float16")
+
+
+# ------------------------------------------------------------------------------------------------ batches
+
+def test_a_batch_of_streams_equals_each_stream_alone(pipe: StreamDiffVSR) -> None:
+    """process_batch advances B independent streams by one frame each: every stream's frames and states equal
+    its own process_frame run (float32 on the CPU: within rounding of batched kernels), cold and warm streams
+    mixed in one call, and the stages see the batch dimension (one U-Net call per step for the warm ones)."""
+    streams = [(_frames(3, seed=s), _noises(3, seed=100 + s)) for s in range(3)]
+    alone = []
+    for frames, noises in streams:
+        state, outs = StreamState(), []
+        for f, n in zip(frames, noises):
+            hq, state = pipe.process_frame(f, state, noise=n)
+            outs.append(hq)
+        alone.append(outs)
+    states: list[StreamState | None] = [None, None, None]
+    for i in range(3):
+        if i == 1:
+            states[2] = None  # stream 2 restarts (a cut): one cold stream beside two warm ones
+        lq = torch.cat([frames[i] for frames, _ in streams])
+        noise = torch.cat([noises[i] for _, noises in streams])
+        hq, states = pipe.process_batch(lq, states, noise=noise)
+        assert hq.shape == (3, 3, 4 * H, 4 * W) and [s.frame_count for s in states] == [i + 1, i + 1, i if i else 1]
+        for b in (0, 1):
+            assert float((hq[b:b + 1] - alone[b][i]).abs().max()) <= 1e-5, (i, b)
+    # stream 2 restarted at frame 1: its last frame is a two-frame run from there
+    frames, noises = streams[2]
+    _, s = pipe.process_frame(frames[1], noise=noises[1])
+    last, _ = pipe.process_frame(frames[2], s, noise=noises[2])
+    assert float((hq[2:3] - last).abs().max()) <= 1e-5
+
+
+def test_a_batch_is_checked_like_a_frame(pipe: StreamDiffVSR) -> None:
+    lq = torch.rand(2, 3, H, W)
+    with pytest.raises(ValueError, match="one StreamState"):
+        pipe.process_batch(lq, [None])
+    with pytest.raises(ValueError, match="noise must have shape"):
+        pipe.process_batch(lq, [None, None], noise=torch.zeros(1, 4, H, W))
+    _, (s, _) = pipe.process_batch(lq, [None, None], noise=torch.zeros(2, 4, H, W))
+    with pytest.raises(ValueError, match="differs from the previous frame"):
+        pipe.process_batch(torch.rand(2, 3, 32, 32), [s, None], noise=torch.zeros(2, 4, 32, 32))
