@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from .errors import SlowPrecisionWarning
-from .models.flow import CORR_MODES, corr_pyramid_bytes
+from .models.correlation import CORR_MODES, corr_pyramid_bytes
 
 __all__ = ["Options", "parse_dtype", "dtype_name", "parse_device", "raft_input_size", "resolve_corr",
            "resolve_raft_dtype", "FLOW_MODES", "COMPILE_MODES", "CUDA_GRAPH_MODES", "RAFT_CORR_MODES",

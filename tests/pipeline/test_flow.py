@@ -43,7 +43,7 @@ def test_flow_lr_is_upsampled_raft_at_lr(pipe: StreamDiffVSR) -> None:
 def test_lean_correlation_matches_torchvision() -> None:
     from torchvision.models.optical_flow.raft import CorrBlock
 
-    from vsstreamdiffvsr.models.flow import LeanCorrBlock
+    from vsstreamdiffvsr.models.correlation import LeanCorrBlock
 
     g = torch.Generator().manual_seed(0)
     f1, f2 = torch.randn(1, 64, 16, 20, generator=g), torch.randn(1, 64, 16, 20, generator=g)
@@ -63,7 +63,7 @@ def test_half_correlation_matches_torchvision() -> None:
     scaled by a power of two and scaled back in the lookup: the same numbers, never inf."""
     from torchvision.models.optical_flow.raft import CorrBlock
 
-    from vsstreamdiffvsr.models.flow import HalfCorrBlock
+    from vsstreamdiffvsr.models.correlation import HalfCorrBlock
 
     g = torch.Generator().manual_seed(0)
     f1, f2 = torch.randn(1, 64, 16, 20, generator=g), torch.randn(1, 64, 16, 20, generator=g)
@@ -93,7 +93,7 @@ def test_half_correlation_levels_are_products_with_the_pooled_second_features() 
     """Level l is f1/sqrt(C) times the 2^l-pooled f2 (pooling is linear): the reference's pooled volume up to
     float32 rounding, rounded once to float16. On CUDA's route (float16 matmul inputs) each stored value is the
     float32 product of the inputs rounded to float16's 11 significant bits (TF32's), rounded once more."""
-    from vsstreamdiffvsr.models.flow import HalfCorrBlock
+    from vsstreamdiffvsr.models.correlation import HalfCorrBlock
 
     g = torch.Generator().manual_seed(3)
     f1, f2 = (7 * torch.randn(1, 256, 24, 32, generator=g) for _ in range(2))
@@ -255,11 +255,11 @@ def test_prefetched_flow_equals_inline_flow(pipe: StreamDiffVSR) -> None:
 def test_device_corr_block_equals_torchvision() -> None:
     from torchvision.models.optical_flow.raft import CorrBlock
 
-    from vsstreamdiffvsr.models.flow import _full_corr_block
+    from vsstreamdiffvsr.models.correlation import full_corr_block
 
     g = torch.Generator().manual_seed(2)
     f1, f2 = torch.randn(1, 32, 16, 24, generator=g), torch.randn(1, 32, 16, 24, generator=g)
-    ref, ours = CorrBlock(num_levels=4, radius=4), _full_corr_block(4, 4)
+    ref, ours = CorrBlock(num_levels=4, radius=4), full_corr_block(4, 4)
     ref.build_pyramid(f1, f2)
     ours.build_pyramid(f1, f2)
     grid = torch.stack(torch.meshgrid(torch.arange(16.0), torch.arange(24.0), indexing="ij")[::-1])[None]
