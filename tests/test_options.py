@@ -35,6 +35,8 @@ def test_frozen_and_keyword_only() -> None:
     ({"vae_dtype": 16}, "vae_dtype must be None"),
     ({"raft_dtype": "fp8"}, "raft_dtype must be None"),
     ({"flow": "quarter"}, "flow must be one of ('hr', 'lr')"),
+    ({"flow": None}, "flow must be one of ('hr', 'lr'), got None"),  # never silently the default
+    ({"raft_corr": None}, "raft_corr must be one of"),
     ({"raft_corr": "huge"}, "raft_corr must be one of"),
     ({"compile_mode": "fast"}, "compile_mode must be one of"),
     ({"compile": "0"}, "compile must be None, True or False, got '0'"),

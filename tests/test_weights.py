@@ -359,7 +359,7 @@ def test_unwritable_prompt_cache_still_returns_embedding(ckpt_copy: Path, monkey
     unwritable location: the cache goes to a sub-folder that does not exist.
     """
     (ckpt_copy / CACHE).unlink(missing_ok=True)
-    monkeypatch.setattr(weights, "PROMPT_CACHE_NAME", "no_such_subfolder/" + CACHE)
+    monkeypatch.setattr(weights.prompt, "PROMPT_CACHE_NAME", "no_such_subfolder/" + CACHE)
     emb = weights.empty_prompt_embedding(ckpt_copy)
     torch.testing.assert_close(emb, _independent_embedding(ckpt_copy), atol=1e-5, rtol=1e-5)
     assert not (ckpt_copy / "no_such_subfolder").exists()
@@ -499,8 +499,8 @@ def test_copied_text_encoder_is_hashed_once(ckpt_copy: Path, monkeypatch: pytest
     st = p.stat()
     os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns + 3_000_000_000))
     hashed = []
-    real = weights._sha256
-    monkeypatch.setattr(weights, "_sha256", lambda path: hashed.append(Path(path).name) or real(path))
+    real = weights.prompt._sha256
+    monkeypatch.setattr(weights.prompt, "_sha256", lambda path: hashed.append(Path(path).name) or real(path))
     for _ in range(3):
         torch.testing.assert_close(weights.empty_prompt_embedding(ckpt_copy), emb, atol=0, rtol=0)
     assert hashed.count(Path(TE_W).name) == 1, hashed
@@ -610,7 +610,7 @@ def test_absurd_config_values_are_refused_before_building(ckpt_copy: Path, no_hu
         if config.get(key) == value:
             raise AssertionError(f"{rel} was given to a model class with {key}={_short(value)}")
 
-    real_build = weights._meta_build
+    real_build = weights.shapes._meta_build
 
     def guarded_build(model_dir, rel_config, build, config):  # noqa: ANN001, ANN202
         if rel_config == rel:
@@ -623,7 +623,7 @@ def test_absurd_config_values_are_refused_before_building(ckpt_copy: Path, no_hu
         guard(dict(config))
         return real_from_config(cls, config, **kw)
 
-    monkeypatch.setattr(weights, "_meta_build", guarded_build)
+    monkeypatch.setattr(weights.shapes, "_meta_build", guarded_build)
     monkeypatch.setattr(diffusers.DDIMScheduler, "from_config", classmethod(guarded_from_config))
     with pytest.raises(ModelFilesError) as info:
         weights.validate_model_dir(ckpt_copy)

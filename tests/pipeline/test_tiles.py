@@ -173,3 +173,25 @@ def test_hr_tiles_hold_one_tiles_features_at_a_time(pipe: StreamDiffVSR, monkeyp
     monkeypatch.setattr(tiled.denoiser, "features", features)
     run(tiled, frames, noises)
     assert len(alive_at_call) > 1 and not any(alive_at_call)
+
+
+def test_sizes_that_would_not_fit_start_tiled_on_cuda(pipe: StreamDiffVSR, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Planned, not discovered: on CUDA a frame size whose HR stages would not fit the free memory starts in
+    AUTO_TILE tiles; one that fits, or any with a tile given, a kept plan or the ladder turned off, as asked."""
+    from types import SimpleNamespace
+
+    from vsstreamdiffvsr.pipeline.tiled import AUTO_TILE, TiledRunner
+
+    model = SimpleNamespace(device=torch.device("cuda"), tile_plans={}, components=pipe.components)
+    free = {"bytes": 2 * 2**30}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free["bytes"], 80 * 2**30))
+    runner = TiledRunner(model, Options(device="cuda"), {})  # type: ignore[arg-type]
+    assert runner.plan_for(540, 960) == TilePlan(AUTO_TILE)   # 4K out: ~8 GiB of HR activations
+    assert runner.plan_for(180, 320) == TilePlan()            # 720p out: fits
+    free["bytes"] = 64 * 2**30
+    assert runner.plan_for(540, 960) == TilePlan()            # a large GPU runs 4K whole
+    free["bytes"] = 2**20
+    assert TiledRunner(model, Options(device="cuda", tile=64), {}).plan_for(540, 960) == TilePlan((64, 64))
+    assert TiledRunner(model, Options(device="cuda", oom_fallback=False), {}).plan_for(540, 960) == TilePlan()
+    model.tile_plans[((540, 960), None, False, 16)] = TilePlan((96, 160), True)
+    assert runner.plan_for(540, 960) == TilePlan((96, 160), True)  # what the ladder settled on wins
