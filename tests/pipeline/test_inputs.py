@@ -54,3 +54,18 @@ def test_any_size_is_padded_by_the_pipeline_and_cropped_back(pipe: StreamDiffVSR
         assert odd.shape == (1, 3, 132, 152)
         assert torch.equal(odd, padded[..., :132, :152])
     assert s_odd.lr_size == (36, 40)  # the state continues the padded size
+
+
+def test_the_memory_layout_of_the_input_does_not_change_the_frames(pipe: StreamDiffVSR) -> None:
+    """A (1,3,h,w) view of an (h,w,3) image (as ComfyUI's IMAGE gives) runs exactly as a contiguous copy."""
+    g = torch.Generator().manual_seed(6)
+    hwc = [torch.rand(32, 36, 3, generator=g) for _ in range(2)]
+    noises = [torch.randn(pipe.noise_shape(32, 36), generator=g) for _ in range(2)]
+    outs = []
+    for make in (lambda t: t.permute(2, 0, 1)[None], lambda t: t.permute(2, 0, 1)[None].contiguous()):
+        state, got = StreamState(), []
+        for img, z in zip(hwc, noises):
+            hq, state = pipe.process_frame(make(img), state, noise=z)
+            got.append(hq)
+        outs.append(got)
+    assert all(torch.equal(a, b) for a, b in zip(*outs))

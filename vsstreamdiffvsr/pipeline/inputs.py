@@ -71,12 +71,12 @@ def _pad(x: torch.Tensor) -> torch.Tensor:
 
 
 def prepare(lq: Any, device: torch.device, batch: int | None = 1) -> LRFrame:
-    """``lq`` checked (shape, then values in [0, 1] and finite: one device sync), copied to ``device`` in float32
-    and padded. The copy is never the caller's buffer, which a reader may refill for the next frame."""
+    """``lq`` checked (shape, then values in [0, 1] and finite: one device sync), copied to ``device`` in float32,
+    contiguous, and padded. The copy is never the caller's buffer, which a reader may refill for the next frame."""
     check_shape(lq, batch=batch)
     x = lq.to(device=device, dtype=torch.float32)
-    if x is lq:
-        x = x.clone()
+    # a copy, contiguous: kernels round differently for other memory layouts, and the state keeps this tensor
+    x = x.clone(memory_format=torch.contiguous_format) if x is lq else x.contiguous()
     lo, hi = (float(v) for v in torch.aminmax(x))
     if not (math.isfinite(lo) and math.isfinite(hi)):
         raise NonFiniteInputError("lq contains NaN or infinite values; fix the source frame")
