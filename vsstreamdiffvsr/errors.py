@@ -7,7 +7,7 @@ Warnings are :class:`RuntimeWarning` subclasses, so ``warnings.filterwarnings`` 
 from __future__ import annotations
 
 __all__ = ["NonFiniteInputError", "NonFiniteOutputError", "PrecisionFallbackWarning", "TilingFallbackWarning",
-           "FlowGraphWarning", "CompileFallbackWarning", "SlowPrecisionWarning"]
+           "CompileFallbackWarning", "SlowPrecisionWarning"]
 
 
 class NonFiniteInputError(ValueError):
@@ -24,10 +24,6 @@ class PrecisionFallbackWarning(RuntimeWarning):
 
 class TilingFallbackWarning(RuntimeWarning):
     """A frame ran out of GPU memory and was recomputed in tiles."""
-
-
-class FlowGraphWarning(RuntimeWarning):
-    """RAFT could not be recorded as a CUDA graph; its flow is computed eagerly (same numbers, slower)."""
 
 
 class CompileFallbackWarning(RuntimeWarning):

@@ -22,9 +22,17 @@ __all__ = ["compile_cache", "check_compiler", "CompileFallback", "is_compile_fai
 #: the torch.compile backend of every compiled function (tests set "aot_eager" to run compiled paths on the CPU)
 BACKEND: Any = "inductor"
 
-#: the user's own TORCHINDUCTOR_CACHE_DIR, read at import: torch writes its /tmp default into the environment
-#: the first time inductor runs, which must not pass for a choice of the user's
-_USER_INDUCTOR_CACHE = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+def _users_cache_setting() -> str | None:
+    """``$TORCHINDUCTOR_CACHE_DIR`` if the user set it: torch writes its own /tmp default into the environment
+    when dynamo is first imported (our RAFT wrapper's import does that), which must not pass for a choice."""
+    value = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if not value:
+        return None
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    except Exception:  # an inductor without the helper: take the value as the user's
+        return value
+    return None if os.path.normpath(value) == os.path.normpath(default_cache_dir()) else value
 
 
 def compile_cache(cache_dir: str | os.PathLike[str] | None = None) -> Path:
@@ -36,8 +44,9 @@ def compile_cache(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     """
     from ..weights import user_cache_dir
 
-    if cache_dir is None and _USER_INDUCTOR_CACHE:
-        return Path(_USER_INDUCTOR_CACHE)
+    users = _users_cache_setting()
+    if cache_dir is None and users:
+        return Path(users)
     root = Path(cache_dir) if cache_dir is not None else user_cache_dir() / "inductor"
     try:
         root.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -46,8 +55,9 @@ def compile_cache(cache_dir: str | os.PathLike[str] | None = None) -> Path:
         raise ValueError(f"compile cache folder {root}: {exc.strerror or exc}; pass compile_cache_dir= a "
                          "writable folder") from None
     uid = os.getuid() if hasattr(os, "getuid") else None
-    if uid is not None and info.st_uid != uid and info.st_mode & (stat.S_IWOTH | stat.S_IWGRP) \
-            and not info.st_mode & stat.S_ISVTX:
+    # (a sticky folder such as /tmp too: others cannot delete our files there, but can make the subfolders the
+    # caches read before we do)
+    if uid is not None and info.st_uid != uid and info.st_mode & (stat.S_IWOTH | stat.S_IWGRP):
         raise ValueError(f"compile cache folder {root} belongs to another user and others can write to it; "
                          "compiled kernels loaded from it would run as you: pass compile_cache_dir= a folder of "
                          "your own")
