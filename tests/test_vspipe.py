@@ -49,7 +49,7 @@ def script(tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_same_bytes_for_any_requests_and_threads(script: Path, pipe) -> None:
     length, h, w = 12, 32, 34
     outputs = {}
-    for requests, threads in ((1, 1), (8, 2), (8, 8), (3, 4)):
+    for requests, threads in ((1, 1), (8, 2), (3, 4)):
         res = run_vspipe(script, "-r", str(requests), "-a", f"threads={threads}", "-a", f"length={length}")
         assert res.returncode == 0, res.stderr.decode()[-2000:]
         outputs[(requests, threads)] = res.stdout
@@ -72,16 +72,16 @@ def test_same_bytes_for_any_requests_and_threads(script: Path, pipe) -> None:
 
 
 def test_same_bytes_with_the_gap_limit_and_cache_eviction_in_play(script: Path) -> None:
-    """max_gap=4 (a cache of 8) over 24 frames: requests run up against the gap and the cache evicts, and
+    """max_gap=4 (a cache of 8) over 16 frames: requests run up against the gap and the cache evicts, and
     the bytes still do not depend on the request depth (up to max_gap) or the thread count."""
     outputs = {}
     for requests, threads in ((1, 1), (4, 4), (3, 2)):
-        res = run_vspipe(script, "-r", str(requests), "-a", f"threads={threads}", "-a", "length=24",
+        res = run_vspipe(script, "-r", str(requests), "-a", f"threads={threads}", "-a", "length=16",
                          "-a", "max_gap=4")
         assert res.returncode == 0, res.stderr.decode()[-2000:]
         outputs[(requests, threads)] = res.stdout
     first = outputs[(1, 1)]
-    assert len(first) == 24 * 3 * (4 * 32) * (4 * 34) * 4
+    assert len(first) == 16 * 3 * (4 * 32) * (4 * 34) * 4
     for key, data in outputs.items():
         assert data == first, f"output differs for -r {key[0]} / {key[1]} threads"
 
