@@ -237,7 +237,8 @@ def test_requirements_txt_follows_pyproject() -> None:
     reqs = [line.strip() for line in (cs.REPO / "requirements.txt").read_text().splitlines()
             if line.strip() and not line.startswith("#")]
     name = re.compile(r"[A-Za-z0-9_.-]+")
-    left_out = {"torch", "torchvision", "vapoursynth", "vapoursynth-bestsource"}  # ComfyUI's own / the filter's
+    # ComfyUI's own, the filter's, and encode's (scene detection, progress bars)
+    left_out = {"torch", "torchvision", "vapoursynth", "vapoursynth-bestsource", "scenedetect-headless", "tqdm"}
     assert sorted(reqs) == sorted(d for d in deps if name.match(d).group(0) not in left_out)  # type: ignore[union-attr]
 
 
