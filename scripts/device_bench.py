@@ -1,628 +1,513 @@
 #!/usr/bin/env python3
-"""Every figure of the README's speed table in one process, for a short GPU lease (see device_bench.sh).
+"""Issue 25's measurements as one budgeted run for a short GPU lease (see device_bench.sh and docs/performance.md).
 
-Runs scripts/bench.py's paths in priority order and writes results.json and tables.md to --out after each
-step, so a run cut short still returns what it measured. A step whose estimated time no longer fits in
---budget-s is skipped (and listed as skipped). Random full-size weights are drawn once and shared.
+Each step is one ``scripts/bench.py`` process (so every figure has a command line that reproduces it), run in
+priority order, each bounded by the time left: a step whose minimum estimate no longer fits is skipped and
+listed; a step cut short keeps the rows it finished (bench.py rewrites its JSON after every row). Weights are
+drawn once into a scratch folder and read by every step; the reference outputs of each size are kept there
+for the PSNR of later steps. All steps share one compile cache, empty at the start: a size's first compiled
+step measures the cold compile, and a ``-warm`` step the same compile in a second process.
 
-    python scripts/device_bench.py --out bench-out --budget-s 520          # on a CUDA machine
-    python scripts/device_bench.py --tiny --device cpu --out /tmp/b        # dry run of the whole driver
+    python scripts/device_bench.py --out bench-out --budget-s 480            # on a CUDA machine
+    python scripts/device_bench.py --dry-run --out /tmp/b                    # the whole driver on a CPU, tiny sizes
+
+Writes to --out: results.json (every step's results, status and command), tables.md (the tables), and with
+--save-cache the compile cache as compile-cache.tar.gz[.N] (at most 3 files of 15 MiB) for a later lease's
+--cache-in. Progress goes to stdout; tables.md is printed last.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import gc
+import datetime as _dt
 import json
-import statistics
+import math
+import os
+import shutil
+import signal
 import subprocess
 import sys
+import tarfile
+import tempfile
 import time
-import traceback
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench import (  # noqa: E402
-    REFERENCE_OPTIONS, build, half_raft_label, load_components, make_frames, max_err, measure, picture_stats, psnr,
-    setup_device, sync, table,
-)
+from bench import batch_table, dump, finite, frame_table, write_atomic  # noqa: E402
 
-from vsstreamdiffvsr.options import default_dtype, dtype_name  # noqa: E402
+BENCH = Path(__file__).with_name("bench.py")
+SIZES = {"720p": (320, 180), "1080p": (480, 270), "4K": (960, 540)}
+DRY_SIZES = {"720p": (40, 32), "1080p": (46, 34), "4K": (72, 56)}
+#: seconds a bench.py process spends before its first row (interpreter, torch, weights from the scratch folder)
+START_S = 15.0
+#: the first compile of the default path at 720p with an empty cache (H100 runs 6-7: ~100 s for the denoising,
+#: ~25 s for RAFT), until a step measures it; 1080p is taken as 1.3 times that
+FIRST_COMPILE_S = 130.0
+#: a compile served from the cache (run 6: 14-16 s in a second process), for the estimates
+WARM_COMPILE_S = 25.0
+PART_BYTES = 15 * 2**20  # the device tool brings back files of at most 16 MiB
+MAX_PARTS = 3
 
-OPT = dict(channels_last=None, raft_corr="auto")  # the optimised path's defaults (cuDNN autotune on CUDA)
-HALF = default_dtype(torch.device("cuda"))  # the pipeline's CUDA default (float16); bf16 is measured as a variant
+
+@dataclass
+class Step:
+    """One bench.py process: its arguments, the size it measures, and what it should cost.
+
+    ``min_s``/``full_s``: seconds for its first useful row and for all of it, given the first compile's time c
+    (the step starts when ``min_s`` fits and is stopped when the budget ends); ``compile``: "cold" where it is
+    this run's first compile of its path at its size, "warm" for the same compile in a second process, "batch"
+    where each B compiles anew (new shapes: cold even with a preloaded cache);
+    ``needs_ref``: its PSNR needs the size's reference outputs (a ``<size>-ref`` step is run first if no step
+    of this run made them).
+    """
+
+    size: str
+    args: Callable[["Driver"], list[str]]
+    min_s: Callable[[float], float]
+    full_s: Callable[[float], float]
+    compile: str | None = None
+    needs_ref: bool = False
+    makes_ref: bool = False
+    #: its "ours" rows are the default path (Options() on the device; a dry run's stand-in is --compile 1)
+    default: bool = False
+    doc: str = ""
 
 
-def pipe_flags(pipe):
-    from vsstreamdiffvsr.accel import run_flags
+def _lr(d: "Driver", size: str) -> list[str]:
+    w, h = d.sizes[size]
+    return ["--lr", f"{w}x{h}"]
 
-    return run_flags(pipe.cudnn_benchmark, pipe.tf32)
+
+def _default(d: "Driver") -> list[str]:
+    """The default path: Options() as resolved on the device. A dry run stands in for CUDA's compiled default
+    with --compile 1 (eager under TORCHDYNAMO_DISABLE unless --dry-compile)."""
+    return ["--compile", "1"] if d.dry else []
+
+
+def _tile(d: "Driver") -> str:
+    return "32" if d.dry else "256"
+
+
+def steps() -> dict[str, Step]:
+    """Every step, by name (``--steps`` picks and orders them)."""
+    s0 = START_S
+
+    def frames(n: int, warm: int) -> Callable[["Driver"], list[str]]:
+        """n frames, the first ``warm`` left out of the median; a dry run: 3 and 1, or 5 and 3 where it really
+        compiles (the first warm frame compiles, the next ones record graphs)."""
+        def args(d: "Driver") -> list[str]:
+            if not d.dry:
+                return ["--frames", str(n), "--warmup", str(warm)]
+            return ["--frames", "5", "--warmup", "3"] if d.args.dry_compile else ["--frames", "3", "--warmup", "1"]
+        return args
+
+    out: dict[str, Step] = {
+        "weights": Step("", lambda d: ["--prepare"], lambda c: 60, lambda c: 60,
+                        doc="the weights (random full-size, calibrated; tiny in a dry run), into the scratch folder"),
+    }
+    for size, k in (("720p", 1.0), ("1080p", 1.3)):
+        out[f"{size}-ref"] = Step(size, lambda d, z=size: _lr(d, z) + frames(24, 4)(d) + ["--rows", "reference"],
+                                  lambda c, k=k: s0 + 15 * k, lambda c, k=k: s0 + 15 * k, makes_ref=True,
+                                  doc="the reference alone (for the PSNR of later steps)")
+    out["720p"] = Step("720p", lambda d: _lr(d, "720p") + frames(24, 4)(d) + _default(d) + [
+        "--rows", "reference,ours", "--also", "compile=0", "--also", "compile=0", "channels_last=0"],
+        lambda c: s0 + 15 + c, lambda c: s0 + 15 + c + 30, compile="cold", makes_ref=True, default=True,
+        doc="(a) reference and default side by side, cold compile; eager with and without channels_last")
+    out["1080p"] = Step("1080p", lambda d: _lr(d, "1080p") + frames(24, 4)(d) + _default(d) + [
+        "--rows", "reference,ours"], lambda c: s0 + 25 + 1.3 * c, lambda c: s0 + 25 + 1.3 * c, compile="cold",
+        makes_ref=True, default=True, doc="(a) reference and default side by side, cold compile")
+    for size, k in (("720p", 1.0), ("1080p", 1.3)):
+        out[f"{size}-warm"] = Step(size, lambda d, z=size: _lr(d, z) + frames(8, 4)(d) + _default(d) + [
+            "--rows", "ours"], lambda c, k=k: s0 + 30 * k, lambda c, k=k: s0 + 30 * k, compile="warm", default=True,
+            doc="(e) the default's compile again in a second process, cache warm")
+        # B=1 first (the baseline), then the largest B (the likeliest best): a step cut short keeps those
+        out[f"{size}-batch"] = Step(size, lambda d, z=size: _lr(d, z) + frames(10, 4)(d) + _default(d) + [
+            "--rows", "ours,batch", "--batch", "1,8,4,2"], lambda c, k=k: s0 + 30 * k + k * c + 20,
+            lambda c, k=k: s0 + 30 * k + 3 * k * c + 60 * k, compile="batch", default=True,
+            doc="(b) the default's single stream, then process_batch B=1,8,4,2 on the same pipeline (one compile "
+                "per B), each stream checked against its batch-1 run")
+    out["720p-batch-eager"] = Step("720p", lambda d: _lr(d, "720p") + frames(8, 2)(d) + [
+        "--compile", "0", "--rows", "ours,batch", "--batch", "1,8,4,2"], lambda c: s0 + 30, lambda c: s0 + 90,
+        doc="(b) the same eager: no compile, how far batching alone fills the GPU")
+    levers = {
+        "720p-bf16": (["--dtype", "bfloat16", "--rows", "ours"], 1.0, "(c) bf16, compiled"),
+        "720p-fp8": (["--rows", "fp8"], 1.0, "(c) fp8 matmuls (torch._scaled_mm), compiled"),
+        "720p-frame-graph": (["--compile-mode", "default", "--rows", "ours,frame-graph"], 1.0,
+                             "(c) compiled without CUDA graphs, then one CUDA graph per warm frame"),
+        "720p-tuned": (["--inductor-preset", "tuned", "--rows", "ours"], 1.5,
+                       "(c) inductor's conv_1x1_as_mm, coordinate descent, no epilogue fusion (CUDA graphs)"),
+        "720p-max-autotune": (["--compile-mode", "max-autotune", "--inductor-preset", "tuned", "--rows", "ours"],
+                              5.0, "(c) max-autotune templates with the tuned settings, cache cold"),
+        "720p-max-autotune-warm": (["--compile-mode", "max-autotune", "--inductor-preset", "tuned", "--rows",
+                                    "ours"], 1.6, "(c, e) the same in a second process: the persistent cache"),
+    }
+    for name, (extra, k, doc) in levers.items():
+        cold = "warm" if name.endswith("-warm") else "cold"
+        out[name] = Step("720p", lambda d, e=extra: _lr(d, "720p") + frames(24, 4)(d) + _default(d) + e,
+                         lambda c, k=k: s0 + min(k, 2.0) * c + 10, lambda c, k=k: s0 + k * c + 10, compile=cold,
+                         needs_ref=True, doc=doc)
+    out["1080p-eager"] = Step("1080p", lambda d: _lr(d, "1080p") + frames(24, 4)(d) + [
+        "--compile", "0", "--rows", "ours", "--also", "compile=0", "channels_last=0"], lambda c: s0 + 30,
+        lambda c: s0 + 60, needs_ref=True, doc="(a) eager with and without channels_last")
+    out["4K-ref"] = Step("4K", lambda d: _lr(d, "4K") + frames(6, 2)(d) + [
+        "--rows", "reference", "--reference-options", "raft_corr=lean"], lambda c: s0 + 60, lambda c: s0 + 60,
+        makes_ref=True, doc="(d) float32 reference with the lean correlation (the same flow; the full pyramid "
+                            "alone would need 89 GB)")
+    out["4K-eager"] = Step("4K", lambda d: _lr(d, "4K") + frames(6, 2)(d) + [
+        "--compile", "0", "--rows", "ours", "--also", "compile=0", f"tile={_tile(d)}", "--also", "compile=0",
+        "raft_corr=half"] + ([] if d.dry else ["--also", "compile=0", "flow=lr"]),  # RAFT at LR needs 128 px
+        lambda c: s0 + 45, lambda c: s0 + 200,
+        needs_ref=True, doc="(d) eager: whole frames, tiled, the float16 pyramid (44 GB), RAFT at LR (deviation)")
+    out["4K-default"] = Step("4K", lambda d: _lr(d, "4K") + frames(6, 2)(d) + _default(d) + ["--rows", "ours"],
+                             lambda c: s0 + 2 * c + 30, lambda c: s0 + 2 * c + 40, compile="cold", needs_ref=True,
+                             default=True, doc="(a, d) the default at 4K (compiled, whole frames where they fit)")
+    return out
+
+
+DEFAULT_STEPS = ("720p,1080p,720p-warm,1080p-warm,720p-batch,720p-bf16,720p-fp8,720p-frame-graph,720p-tuned,"
+                 "720p-batch-eager,1080p-eager,4K-ref,4K-eager,1080p-batch,4K-default,720p-max-autotune,"
+                 "720p-max-autotune-warm")
+
+
+@dataclass
+class Outcome:
+    status: str  # ok, failed (rows failed), error (no results), timeout, skipped
+    default: bool = False
+    compile: str | None = None
+    wall_s: float = 0.0
+    cmd: list[str] = field(default_factory=list)
+    rc: int | None = None
+    data: dict[str, Any] | None = None
+    note: str = ""
 
 
 class Driver:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
-        self.device = torch.device(args.device)
+        self.dry = bool(args.dry_run)
+        self.device = "cpu" if self.dry else args.device
+        self.sizes = DRY_SIZES if self.dry else SIZES
         self.t0 = time.perf_counter()
         self.out = Path(args.out)
         self.out.mkdir(parents=True, exist_ok=True)
-        self.gpu = setup_device(self.device)
-        self.load, self.weights_desc = load_components(self.device, tiny=args.tiny)
-        self.results: dict[str, dict] = {}   # section -> path -> result
+        self.scratch = Path(args.scratch) if args.scratch else Path(tempfile.mkdtemp(prefix="vsdvsr-bench-"))
+        self.own_scratch = not args.scratch
+        self.cache = self.scratch / "compile-cache"
+        self.cache.mkdir(parents=True, exist_ok=True)
+        self.first_compile = 5.0 if self.dry else FIRST_COMPILE_S
+        self.outcomes: dict[str, Outcome] = {}
+        self.refs: set[str] = set()
         self.notes: list[str] = []
-        self.raft: dict[str, dict] = {}  # size -> RAFT alone, eager against replayed from a CUDA graph
-        self.profiles: dict[str, dict[str, float]] = {}  # "<size>-<mode>" -> ms per frame by kernel category
-        self.pyramids: dict[str, dict] = {}  # "<size> <route>" -> RAFT correlation pyramid build timing
-        self.raft_precisions: dict[str, dict] = {}  # size -> RAFT alone compiled, networks float32 vs float16
-        self.refs: dict[str, list[torch.Tensor]] = {}  # "<section>/<path>" -> outputs kept for comparisons
-        self.log(f"setup done: {self.gpu}, {self.weights_desc} weights, torch {torch.__version__}")
+        self.preloaded = self.load_cache(Path(args.cache_in)) if args.cache_in else False
+        self.started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
-    # --------------------------------------------------------------------------------------- helpers
+    # -- time
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0
+
+    def left(self) -> float:
+        return self.args.budget_s - self.elapsed()
 
     def log(self, msg: str) -> None:
         print(f"[{self.elapsed():6.1f}s] {msg}", flush=True)
 
-    def size(self, name: str) -> tuple[int, int]:
-        """LR (w, h) of a named size; --tiny shrinks them to CPU-affordable ones."""
-        full = {"720p": (320, 180), "1080p": (480, 272), "4K": (960, 540)}
-        tiny = {"720p": (40, 32), "1080p": (48, 40), "4K": (64, 48)}
-        return (tiny if self.args.tiny else full)[name]
+    # -- one step
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ, PYTHONUNBUFFERED="1", TORCHINDUCTOR_CACHE_DIR=str(self.cache),
+                   TRITON_CACHE_DIR=str(self.cache / "triton"))
+        if self.dry and not self.args.dry_compile:
+            env["TORCHDYNAMO_DISABLE"] = "1"  # the compile code paths run, torch.compile returns the function
+        return env
 
-    def path(self, section: str, name: str, dtype: torch.dtype, options: dict, *, prefetch: bool,
-             frames: int | None = None, warmup: int | None = None, ref: str | None = None,
-             keep: bool = False, compare: str | None = None, views: dict[str, dict] | None = None) -> dict:
-        """Measure one path at ``section``'s size and record it (PSNR against ``ref``'s kept outputs).
+    def command(self, name: str, step: Step) -> list[str]:
+        cmd = [sys.executable, str(BENCH), "--device", self.device, "--scratch", str(self.scratch),
+               "--compile-cache-dir", str(self.cache), "--json", str(self.scratch / f"{name}.json"), "--step", name,
+               "--debug"]
+        if self.dry:
+            cmd.append("--tiny")
+        return cmd + step.args(self)
 
-        ``views``: more paths, each ``with_options(**kwargs)`` of the same pipeline (sharing its compiled
-        functions and CUDA graphs), measured after it and compared with it.
-        """
-        w, h = self.size(section.split()[0])
-        n, wu = frames or self.args.frames, warmup if warmup is not None else self.args.warmup
-        fr, nz = make_frames(n, h, w)
-        self.log(f"{section}: {name} ...")
-        pipe = build(self.load, self.device, dtype, **options)
-        try:
-            res = self.record(section, name, measure(pipe, fr, nz, wu, self.device, prefetch=prefetch), n, wu,
-                              prefetch, (w, h), ref, keep or bool(views), compare)
-            for view_name, kwargs in (views or {}).items():
-                self.log(f"{section}: {view_name} ...")
-                kwargs = dict(kwargs)
-                attrs = kwargs.pop("attrs", {})  # settings with_options does not take, set on the view
-                view = pipe.with_options(**kwargs)
-                for k, v in attrs.items():
-                    setattr(view, k, v)
-                self.record(section, view_name, measure(view, fr, nz, wu, self.device, prefetch=prefetch),
-                            n, wu, prefetch, (w, h), ref, False, f"{section}/{name}")
-        finally:
-            del pipe
-            gc.collect()
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-        return res
+    def estimate(self, step: Step) -> tuple[float, float]:
+        if self.dry:
+            return (5.0, 20.0) if step.size == "" else (20.0, 60.0)
+        cold = step.compile == "batch" or (step.compile == "cold" and not self.preloaded)
+        c = self.first_compile if cold else WARM_COMPILE_S
+        return step.min_s(c), step.full_s(c)
 
-    def record(self, section: str, name: str, res: dict, n: int, wu: int, prefetch: bool, size: tuple[int, int],
-               ref: str | None, keep: bool, compare: str | None) -> dict:
-        w, h = size
-        outs = res.pop("outs")
-        res["picture"] = picture_stats(outs)  # a PSNR is only telling on a picture with range
-        ref_outs = self.refs.get(ref) if ref else None
-        res["psnr_vs_fp32"] = psnr(outs, ref_outs[:n]) if ref_outs is not None else float("nan")
-        res["max_err_vs_fp32"] = max_err(outs, ref_outs[:n]) if ref_outs is not None else float("nan")
-        if compare and compare in self.refs:
-            res[f"max_err_vs {compare}"] = max_err(outs, self.refs[compare][:n])
-            res[f"psnr_vs {compare}"] = psnr(outs, self.refs[compare][:n])
-        if keep:
-            self.refs[f"{section}/{name}"] = outs
-        res["lr"], res["frames"], res["warmup"], res["prefetch"] = [w, h], n, wu, prefetch
-        self.results.setdefault(section, {})[name] = res
-        self.log(f"{section}: {name}: {res['ms']:.1f} ms/frame, first {res['first_ms']:.0f} ms, warm-up overhead "
-                 f"{res['warmup_overhead_s']:.1f} s, peak {res['peak_gib']:.2f} GiB, PSNR {res['psnr_vs_fp32']:.1f}")
-        self.save()
-        return res
-
-    def save(self) -> None:
-        (self.out / "results.json").write_text(json.dumps(
-            dict(gpu=self.gpu, torch=torch.__version__, weights=self.weights_desc, results=self.results,
-                 raft_alone=self.raft, raft_precision=self.raft_precisions, denoise_profiles=self.profiles,
-                 pyramids=self.pyramids, notes=self.notes),
-            indent=2, default=str))
-        parts = []
-        if self.pyramids:
-            rows = [f"| {key} | {r['build_ms']:.2f} | {r['peak_extra_gib']:.2f} | {r['lookup_rel_err_vs_full']:.2g} |"
-                    for key, r in self.pyramids.items()]
-            parts.append("\n".join([f"### RAFT correlation pyramid build alone ({self.gpu})",
-                                    "| size, route | build ms | peak GiB above the pyramid's inputs | lookup vs "
-                                    "float32 pyramid (max error / max value) |", "|---|---|---|---|", *rows]))
-        if self.raft:
-            nan = float("nan")
-            rows = [f"| {size} ({r['lr'][0]}x{r['lr'][1]} in), corr {r['corr']}, {r.get('raft_dtype', 'float32')} | "
-                    f"{r['eager_ms']:.1f} | "
-                    f"{r.get('graph_ms', nan):.1f} | {r.get('record_s', nan):.1f} | "
-                    f"{r.get('graph_max_abs_diff_px', nan):.2g} | {r.get('compiled_ms', nan):.1f} | "
-                    f"{r.get('compile_s', nan):.1f} | {r.get('compiled_max_abs_diff_px', nan):.2g} |"
-                    for size, r in self.raft.items()]
-            parts.append("\n".join([f"### RAFT alone: bicubic x4 + 12 updates at HR ({self.gpu})",
-                                    "| size | eager ms | CUDA graph ms | recording s | graph vs eager max px | "
-                                    "compiled ms | compile s | compiled vs eager max px |",
-                                    "|---|---|---|---|---|---|---|---|", *rows]))
-        if self.raft_precisions:
-            rows = [f"| {size} ({r['lr'][0]}x{r['lr'][1]} in), corr {r['corr']} | {r['float32_ms']:.1f} | "
-                    f"{r['float32_compile_s']:.1f} | {r['float16_ms']:.1f} | {r['float16_compile_s']:.1f} | "
-                    f"{r['max_abs_diff_px']:.2g} | {r['mean_abs_diff_px']:.2g} |"
-                    for size, r in self.raft_precisions.items()]
-            parts.append("\n".join([f"### RAFT alone, compiled: networks in float32 and float16 ({self.gpu})",
-                                    "| size | float32 ms | its compile s | float16 ms | its compile s | flow moved, "
-                                    "max px | mean px |", "|---|---|---|---|---|---|---|", *rows]))
-        for section, res in self.results.items():
-            w, h = next(iter(res.values()))["lr"]
-            parts.append(table(res, f"### {section}: {w}x{h} -> {4 * w}x{4 * h} ({self.gpu}, {self.weights_desc} "
-                                    f"weights, torch {torch.__version__})"))
-            extra = [f"- {name}: {k.removeprefix('max_err_vs ')}: max abs error {r[k]:.3g}, PSNR "
-                     f"{r['psnr_vs ' + k.removeprefix('max_err_vs ')]:.1f} dB"
-                     for name, r in res.items() for k in r if k.startswith("max_err_vs ")]
-            parts.extend(extra)
-        parts.extend(f"- {n}" for n in self.notes)
-        (self.out / "tables.md").write_text("\n\n".join(parts) + "\n")
-
-    def step(self, name: str, estimate_s: float, fn: Callable[[], None]) -> None:
-        left = self.args.budget_s - self.elapsed()
-        if estimate_s > left:
-            self.notes.append(f"skipped: {name} (needs ~{estimate_s:.0f} s, {left:.0f} s left)")
-            self.log(self.notes[-1])
+    def run_step(self, name: str, step: Step) -> None:
+        lo, hi = self.estimate(step)
+        left = self.left()
+        if lo > left:
+            self.outcomes[name] = Outcome("skipped", note=f"needs ~{lo:.0f} s, {left:.0f} s left")
+            self.log(f"skipped: {name} (needs ~{lo:.0f} s, {left:.0f} s left)")
             self.save()
             return
-        self.log(f"== {name} (estimate {estimate_s:.0f} s, {left:.0f} s left)")
-        try:
-            fn()
-        except Exception as exc:  # report and go on: the other steps' figures still count
-            traceback.print_exc()
-            first_line = (str(exc).splitlines() or [""])[0][:300]  # an AssertionError may have no message
-            self.notes.append(f"failed: {name}: {type(exc).__name__}: {first_line}")
-            self.save()
-        # outside the handler, whose traceback's frames hold the failed step's pipeline: free it before the next
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-
-    # ----------------------------------------------------------------------------------------- steps
-    REF = "reference (fp32/TF32, eager)"
-    EAGER = "optimised eager: fp16 + channels_last + cuDNN autotune + flow overlap"
-
-    def raft_inputs(self, size: str) -> tuple:
-        """The optimised pipeline and two [-1, 1] frames at ``size``, for the RAFT-alone steps."""
-        w, h = self.size(size)
-        fr, _ = make_frames(2, h, w)
-        x, xp = (f.to(self.device) * 2 - 1 for f in fr)
-        return build(self.load, self.device, HALF, **OPT), x, xp
-
-    def flow_graph(self, size: str, reps: int = 10, compiled: bool = False) -> None:
-        """RAFT alone at ``size``: eager against replayed from a CUDA graph (time and max difference); with
-        ``compiled``, against RAFT compiled as ``compile_flow`` compiles it (compile time, time, difference)."""
-        from vsstreamdiffvsr.accel import GraphedCall
-
-        pipe, x, xp = self.raft_inputs(size)
-        w, h = self.size(size)
-        stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        out: dict = dict(lr=[w, h], corr=pipe.corr_for(4 * h, 4 * w),
-                         raft_dtype=dtype_name(pipe.raft_dtype_for(4 * h, 4 * w)))
-
-        try:
-            with (torch.inference_mode(), torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext(),
-                  pipe_flags(pipe)):
-                out["eager_ms"], eager = self.timed(lambda: pipe.compute_flow(x, xp), reps)
-                if stream is not None:
-                    t = time.perf_counter()
-                    graphed = GraphedCall(pipe.compute_flow, x, xp)
-                    sync(self.device)
-                    out["record_s"] = round(time.perf_counter() - t, 2)
-                    out["graph_ms"], g = self.timed(lambda: graphed(x, xp), reps)
-                    out["graph_max_abs_diff_px"] = float((g - eager).abs().max())
-                    del graphed, g
-                if compiled:
-                    pipe.enable_flow_compile()
-                    t = time.perf_counter()
-                    pipe.compute_flow(x, xp)  # the compile
-                    sync(self.device)
-                    out["compile_s"] = round(time.perf_counter() - t, 1)
-                    out["compiled_ms"], c = self.timed(lambda: pipe.compute_flow(x, xp), reps)
-                    out["compiled_max_abs_diff_px"] = float((c - eager).abs().max())
-        finally:
-            pipe = None  # drop the weights before the next step
-            gc.collect()
-        self.raft[f"{size}, compiled too" if compiled else size] = out
-        self.log(f"flow graph {size}: {out}")
-        self.save()
-
-    def timed(self, fn: Callable[[], torch.Tensor], reps: int) -> tuple[float, torch.Tensor]:
-        """Median ms of ``reps`` synchronised calls of ``fn``, and its last result."""
-        times = []
-        for _ in range(reps):
-            sync(self.device)
-            t = time.perf_counter()
-            y = fn()
-            sync(self.device)
-            times.append(1000 * (time.perf_counter() - t))
-        return statistics.median(times), y
-
-    def raft_precision(self, size: str, reps: int = 10) -> None:
-        """RAFT alone at ``size``, compiled as ``compile_flow`` compiles it, with its networks in float32 (the
-        reference) and in float16 (``raft_dtype``): compile time, ms per flow, and how far float16 moves the
-        flow (random weights: a trained RAFT's flow may move differently)."""
-        pipe, x, xp = self.raft_inputs(size)
-        w, h = self.size(size)
-        out: dict = dict(lr=[w, h], corr=pipe.corr_for(4 * h, 4 * w))
-        flows = {}
-        try:
-            with torch.inference_mode(), pipe_flags(pipe):
-                pipe.enable_flow_compile()
-                for dtype in (torch.float32, torch.float16):
-                    view, name = pipe.with_options(raft_dtype=dtype), dtype_name(dtype)
-                    t = time.perf_counter()
-                    view.compute_flow(x, xp)  # the compile
-                    sync(self.device)
-                    out[f"{name}_compile_s"] = round(time.perf_counter() - t, 1)
-                    out[f"{name}_ms"], flows[name] = self.timed(lambda v=view: v.compute_flow(x, xp), reps)
-                moved = (flows["float16"] - flows["float32"]).abs()
-                out["max_abs_diff_px"], out["mean_abs_diff_px"] = float(moved.max()), float(moved.mean())
-        finally:
-            pipe = view = None
-            gc.collect()
-        self.raft_precisions[size] = out
-        self.log(f"RAFT precision {size}: {out}")
-        self.save()
-
-    def ref(self, size: str) -> None:
-        self.path(size, self.REF, torch.float32, REFERENCE_OPTIONS, prefetch=False, keep=True)
-
-    def eager_name(self, size: str) -> str:
-        """The optimised eager path's name at ``size`` (a key for the rows compared with it)."""
-        return self.EAGER + self.auto_raft(size)
-
-    def eager(self, size: str) -> None:
-        self.path(size, self.eager_name(size), HALF, OPT, prefetch=True, ref=f"{size}/{self.REF}", keep=True,
-                  views=self.graph_flow_view(f"eager{self.auto_raft(size)}"))
-
-    def eager_nchw(self, size: str) -> None:
-        """The optimised eager path with NCHW activations: run 7's eager profile put 55 ms of a 720p frame's
-        179 ms of GPU time in GroupNorm on channels_last tensors and 33 ms in copies; compile fuses them."""
-        self.path(size, f"optimised eager, NCHW (channels_last=False){self.auto_raft(size)}", HALF,
-                  dict(OPT, channels_last=False), prefetch=True, ref=f"{size}/{self.REF}",
-                  compare=f"{size}/{self.eager_name(size)}")
-
-    def levers(self, size: str) -> None:
-        r = f"{size}/{self.REF}"
-        self.path(size, "fp16 + channels_last (eager)", HALF, dict(OPT, cudnn_benchmark=False),
-                  prefetch=False, ref=r)
-        self.path(size, "optimised eager, bf16", torch.bfloat16, OPT, prefetch=True, ref=r)
-        self.path(size, "optimised eager, lean RAFT correlation", HALF, dict(OPT, raft_corr="lean"),
-                  prefetch=True, ref=r)
-        self.path(size, "optimised eager, VAE fp16", HALF, dict(OPT, vae_dtype=HALF),
-                  prefetch=True, ref=r)
-        if min(self.size(size)) >= 128:  # RAFT at LR needs 128 px (not at --tiny sizes)
-            self.path(size, 'optimised eager, flow="lr" (deviation)', HALF, dict(OPT, flow="lr"),
-                      prefetch=True, ref=r)
-
-    def auto_raft(self, size: str, dtype: torch.dtype = HALF) -> str:
-        """", RAFT float16 (auto)" where the pipeline's default runs RAFT's networks in half precision at
-        ``size`` (raft_dtype auto: from 1080p on CUDA), so that a row names what it ran."""
-        label = half_raft_label(None, "hr", dtype, self.device, *self.size(size))
-        return f", {label}" if label else ""
-
-    def compiled(self, size: str, mode: str) -> dict:
-        auto = self.auto_raft(size)
-        return self.path(size, f"optimised + torch.compile ({mode}){auto}", HALF,
-                         dict(OPT, compile=True, compile_mode=mode), prefetch=True, ref=f"{size}/{self.REF}",
-                         compare=f"{size}/{self.eager_name(size)}",
-                         views=self.graph_flow_view(f"compile ({mode}){auto}"))
-
-    def graph_flow_view(self, name: str) -> dict[str, dict]:
-        """The same pipeline with the flow replayed from a CUDA graph on the side stream: what that buys."""
-        if not self.cuda:
-            return {}
-        return {f"{name}, flow graphed (a view: graph_flow=True)": dict(graph_flow=True)}
-
-    def variant(self, size: str, label: str, dtype: torch.dtype = HALF, **options) -> dict:
-        """The compiled (CUDA graphs) path built afresh with other options (kernels cached in-process)."""
-        auto = "" if "raft_dtype" in options else self.auto_raft(size, dtype)
-        return self.path(size, f"optimised + torch.compile (reduce-overhead), {label}{auto}", dtype,
-                         dict(OPT, compile=True, compile_mode="reduce-overhead", **options), prefetch=True,
-                         ref=f"{size}/{self.REF}")
-
-    #: inductor settings diffusers' speed guide uses for U-Nets (not product defaults: a bench experiment)
-    INDUCTOR_TUNED = dict(conv_1x1_as_mm=True, coordinate_descent_tuning=True, epilogue_fusion=False,
-                          coordinate_descent_check_all_directions=True)
-
-    def inductor_tuned(self, size: str) -> dict:
-        """The compiled path with :attr:`INDUCTOR_TUNED` (a full recompile; settings restored afterwards)."""
-        import torch._inductor.config as cfg
-
-        saved = {k: getattr(cfg, k) for k in self.INDUCTOR_TUNED}
-        # dynamo's guards do not cover inductor's settings: without a reset the new pipeline would reuse the
-        # code compiled for the earlier ones (their modules pass the same guards)
-        torch._dynamo.reset()
-        try:
-            for k, v in self.INDUCTOR_TUNED.items():
-                setattr(cfg, k, v)
-            return self.variant(size, "inductor tuned (conv_1x1_as_mm, coordinate descent)")
-        finally:
-            for k, v in saved.items():
-                setattr(cfg, k, v)
-            torch._dynamo.reset()
-
-    def pyramid(self, size: str, reps: int = 10) -> None:
-        """RAFT's correlation pyramid built alone at ``size`` (random 256-channel feature maps): torchvision's
-        float32 pyramid (720p's), the float16 pyramid's CUDA route (float16 matmuls into the store, 1080p's
-        default) and its float32-matmul route (row chunks), with the lookup's error against the float32 one."""
-        from vsstreamdiffvsr.accel import run_flags
-        from vsstreamdiffvsr.models.flow import HalfCorrBlock, _full_corr_block
-
-        w, h = self.size(size)
-        g = torch.Generator(device="cpu").manual_seed(0)
-        f1, f2 = (torch.randn(1, 256, h // 2, w // 2, generator=g).to(self.device) for _ in range(2))
-        coords = torch.stack(torch.meshgrid(torch.arange(w // 2.0), torch.arange(h // 2.0), indexing="xy"))[None]
-        coords = (coords + 4 * torch.randn(coords.shape, generator=g)).to(self.device)
-        blocks = {"float32 pyramid (torchvision)": _full_corr_block(4, 4),
-                  "float16 pyramid, float16 matmuls": HalfCorrBlock(matmul_dtype=torch.float16),
-                  "float16 pyramid, float32 matmuls in chunks": HalfCorrBlock(matmul_dtype=torch.float32)}
-        want = None
-        with torch.inference_mode(), run_flags(False, True):
-            for route, block in blocks.items():
-                times = []
-                for _ in range(reps):
-                    block.release()
-                    sync(self.device)
-                    if self.device.type == "cuda":
-                        torch.cuda.reset_peak_memory_stats(self.device)
-                    base = torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0
-                    t = time.perf_counter()
-                    block.build_pyramid(f1, f2)
-                    sync(self.device)
-                    times.append(1000 * (time.perf_counter() - t))
-                peak = (torch.cuda.max_memory_allocated(self.device) - base) / 2**30 if self.device.type == "cuda" \
-                    else float("nan")
-                got = block.index_pyramid(coords)
-                block.release()
-                want = got if want is None else want
-                err = float((got - want).abs().max() / want.abs().max())
-                self.pyramids[f"{size} ({4 * w}x{4 * h} out), {route}"] = dict(
-                    build_ms=statistics.median(times), peak_extra_gib=peak, lookup_rel_err_vs_full=err)
-                self.log(f"pyramid {size}, {route}: {statistics.median(times):.2f} ms, peak +{peak:.2f} GiB, "
-                         f"lookup error {err:.2g}")
-        self.save()
-
-    def raft_profile(self, size: str) -> None:
-        """Where RAFT's GPU time goes at ``size``: the top CUDA kernels of three eager flows."""
-        from torch.profiler import ProfilerActivity, profile
-
-        pipe, x, xp = self.raft_inputs(size)
-        hr = x.shape[-2] * 4, x.shape[-1] * 4
-        pipe_corr, raft_dtype = pipe.corr_for(*hr), dtype_name(pipe.raft_dtype_for(*hr))
-        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
-        try:
-            with torch.inference_mode(), pipe_flags(pipe):
-                pipe.compute_flow(x, xp)
-                sync(self.device)
-                with profile(activities=acts) as prof:
-                    for _ in range(3):
-                        pipe.compute_flow(x, xp)
-                    sync(self.device)
-        finally:
-            pipe = None
-            gc.collect()
-        key = "self_device_time_total" if self.cuda else "self_cpu_time_total"
-        w, h = self.size(size)
-        text = (f"RAFT at {size} ({w}x{h} in), corr {pipe_corr}, networks {raft_dtype}\n"
-                + prof.key_averages().table(sort_by=key, row_limit=14, max_name_column_width=60))
-        (self.out / f"raft-profile-{size}.txt").write_text(text)
-        print(text, flush=True)
-
-    #: kernel-name patterns -> category, first match wins (cuDNN, cuBLAS, flash attention, aten; CPU op names
-    #: in a dry run). Inductor's kernels are named after the ops they fuse, so they get categories of their own.
-    KERNEL_CATEGORIES = (
-        ("attention", ("flash", "fmha", "attention", "sdpa", "softmax")),
-        ("layout conversion", ("nchwtonhwc", "nhwctonchw")),  # cuDNN's own, around NCHW inputs
-        ("convolution", ("conv", "fprop", "dgrad", "implicit", "winograd", "cudnn")),
-        ("matmul", ("gemm", "matmul", "addmm", "aten::mm", "aten::bmm", "cutlass", "nvjet", "linear")),
-        ("norm", ("norm", "welford", "moments", "fusedparams")),
-        ("layout/copy", ("transpose", "copy", "cat", "memcpy", "memset", "pad")),
-        ("elementwise", ("elementwise", "vectorized", "unrolled", "silu", "add", "mul")),
-    )
-
-    @classmethod
-    def kernel_category(cls, name: str) -> str:
-        low = name.lower()
-        if low.startswith("triton_"):  # e.g. triton_per_fused_native_group_norm_silu_3
-            return "inductor: norm fused" if "norm" in low else "inductor: pointwise fused"
-        return next((cat for cat, keys in cls.KERNEL_CATEGORIES if any(k in low for k in keys)), "other")
-
-    def denoise_profile(self, size: str, compile_mode: str | None = None, frames: int = 2) -> None:
-        """Where a warm frame's denoise + decode GPU time goes at ``size`` (its flow made beforehand, so RAFT
-        is not in it): the time by kernel category and the top kernels, for the pipeline eager (fp16,
-        channels_last) or compiled in ``compile_mode``. Guides the work on the ~80 ms that RAFT's overlap
-        cannot hide."""
-        from torch.profiler import ProfilerActivity, profile
-
-        from vsstreamdiffvsr.state import StreamState
-
-        w, h = self.size(size)
-        fr, nz = make_frames(3 + frames, h, w)
-        fr = [f.to(self.device) for f in fr]
-        # RAFT stays eager: it is not in the profile, and compiling it would only lengthen the step
-        options = dict(OPT, compile=True, compile_mode=compile_mode, compile_flow=False) if compile_mode else dict(OPT)
-        pipe = build(self.load, self.device, HALF, **options)
-        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
-        label = f"{size}-{compile_mode or 'eager'}"
-        try:
-            with torch.inference_mode():
-                state = StreamState()
-                for i in range(3):  # a cold frame, then warm frames (compiled, graphs recorded)
-                    _, state = pipe.process_frame(fr[i], state, noise=nz[i])
-                tickets = [pipe.prefetch_flow(fr[i], fr[i - 1]) for i in range(3, 3 + frames)]
-                sync(self.device)
-
-                def profiled(state=state):
-                    with torch.inference_mode(), profile(activities=acts) as prof:
-                        for i, ticket in zip(range(3, 3 + frames), tickets):
-                            _, state = pipe.process_frame(fr[i], state, noise=nz[i], flow=ticket)
-                        sync(self.device)
-                    return prof
-
-                # a compiled pipeline runs on its device's worker thread: profile there, where its ops are
-                prof = pipe._worker.run(profiled) if pipe._worker is not None else profiled()
-        finally:
-            pipe = None
-            gc.collect()
-        key = "self_device_time_total" if self.cuda else "self_cpu_time_total"
-        events = [e for e in prof.key_averages() if getattr(e, key) > 0]
-        if self.cuda:  # kernels only: CPU-side ops also carry device time (their kernels' sum)
-            events = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
-        total = sum(getattr(e, key) for e in events) or 1.0
-        by_cat: dict[str, float] = {}
-        for e in events:
-            cat = self.kernel_category(e.key)
-            by_cat[cat] = by_cat.get(cat, 0.0) + getattr(e, key)
-        rows = [f"| {cat} | {us / 1000 / frames:.2f} | {100 * us / total:.1f}% |"
-                for cat, us in sorted(by_cat.items(), key=lambda kv: -kv[1])]
-        text = "\n".join([f"### denoise + decode of a warm frame, {label} ({self.gpu}): time by kernel category",
-                          "| category | ms per frame | share |", "|---|---|---|", *rows, "",
-                          prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=80)])
-        (self.out / f"denoise-profile-{label}.txt").write_text(text)
-        self.profiles[label] = {cat: round(us / 1000 / frames, 3) for cat, us in by_cat.items()}
-        self.log(f"denoise profile {label}: " + ", ".join(f"{c} {v:.1f} ms" for c, v in
-                                                          sorted(self.profiles[label].items(), key=lambda kv: -kv[1])))
-        self.save()
-
-    @property
-    def cuda(self) -> bool:
-        return self.device.type == "cuda"
-
-    def tiled(self, size: str, frames: int | None = None, warmup: int | None = None) -> None:
-        tile = (32, 32) if self.args.tiny else (192, 320)
-        # the HR stages in cropped tiles around the whole-latent denoising (tile=), then the denoising in
-        # feathered tiles too (tile_denoise=True, run 1's tiling): memory and picture of each
-        name = f"optimised eager, tiled {tile[0]}x{tile[1]} LR{self.auto_raft(size)}"
-        self.path(size, name, HALF, dict(OPT, tile=tile), prefetch=True, ref=f"{size}/{self.REF}",
-                  compare=f"{size}/{self.eager_name(size)}", frames=frames, warmup=warmup,
-                  views={f"{name}, denoising tiled too": dict(tile_denoise=True)})
-
-    def cached(self, size: str, mode: str) -> None:
-        """A second process compiles the same path again: what a user's second run pays."""
-        w, h = self.size(size)
-        out = self.out / f"{size}-compiled-cached.json"
-        cmd = [sys.executable, str(Path(__file__).with_name("bench.py")), "--device", self.args.device,
-               "--lr", f"{w}x{h}", "--compile", "--compile-mode", mode, "--skip-reference", "--frames", "8",
-               "--warmup", "4", "--json", str(out)] + (["--tiny"] if self.args.tiny else [])
+        cmd = self.command(name, step)
+        self.log(f"== {name} (estimate {lo:.0f}-{hi:.0f} s, {left:.0f} s left): {step.doc}")
+        self.log("$ " + " ".join(cmd))
         t = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        proc = subprocess.Popen(cmd, env=self.env(), start_new_session=True)
+        try:
+            rc: int | None = proc.wait(timeout=max(1.0, left))
+            status = {0: "ok", 1: "failed"}.get(rc, "error")  # 1: some rows failed; 2: refused; <0: a signal
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # the step's own process group: bench.py and its compile workers
+            proc.wait()
+            rc, status = None, "timeout"
         wall = time.perf_counter() - t
-        print(proc.stdout[-2000:], proc.stderr[-3000:], flush=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"bench.py exited {proc.returncode}")
-        (name, res), = json.loads(out.read_text())["results"].items()
-        res.update(lr=[w, h], frames=8, warmup=4, prefetch=True, process_wall_s=round(wall, 1))
-        self.results.setdefault(f"{size}, second process (compile cache warm)", {})[name] = res
+        path = self.scratch / f"{name}.json"
+        data = json.loads(path.read_text()) if path.exists() else None
+        if data is None and status != "timeout":
+            status = "error"
+        outcome = Outcome(status, step.default, step.compile, round(wall, 1), cmd, rc, data)
+        if status == "timeout":
+            outcome.note = f"stopped at the budget after {wall:.0f} s; rows finished before are kept"
+        elif rc is not None and rc < 0:
+            outcome.note = (f"killed by signal {-rc}" + (" after writing all its rows" if data and data.get("complete")
+                                                         else "; rows finished before are kept"))
+        self.outcomes[name] = outcome
+        self.learn(step, data)
+        if step.makes_ref and data and any(r.get("role") == "reference" for r in data["rows"].values()):
+            self.refs.add(step.size)
+        self.log(f"{name}: {status} in {wall:.0f} s" + (f" (exit {rc})" if rc not in (0, None) else ""))
         self.save()
 
+    def learn(self, step: Step, data: dict[str, Any] | None) -> None:
+        """The first compile's time (as at 720p), from a cold step's default row."""
+        if step.compile != "cold" or self.preloaded or not data:
+            return
+        for r in data["rows"].values():
+            if r.get("role") == "ours" and step.default and r.get("warmup_overhead_s") is not None:
+                scale = {"1080p": 1.3, "4K": 2.0}.get(step.size, 1.0)
+                self.first_compile = max(1.0, r["warmup_overhead_s"] / scale)
+                return
 
-#: every step: name -> (estimated seconds, given the first compile's measured time c; action)
-def plan(d: Driver, c: float) -> dict[str, tuple[float, Callable[[], None]]]:
-    return {
-        "flow-graph": (25, lambda: (d.flow_graph("720p"), d.flow_graph("1080p"))),
-        "flow-compiled": (0.8 * c + 30, lambda: (d.flow_graph("720p", compiled=True),
-                                                 d.flow_graph("1080p", compiled=True))),
-        "720p-ref": (15, lambda: d.ref("720p")),
-        "720p-eager": (25, lambda: d.eager("720p")),
-        "720p-eager-nchw": (25, lambda: d.eager_nchw("720p")),
-        "720p-graphs": (c + 30, lambda: d.compiled("720p", "reduce-overhead")),
-        "720p-compiled": (c + 20, lambda: d.compiled("720p", "default")),
-        "1080p-ref": (20, lambda: d.ref("1080p")),
-        "1080p-eager": (40, lambda: d.eager("1080p")),
-        "1080p-graphs": (c + 45, lambda: d.compiled("1080p", "reduce-overhead")),
-        "1080p-compiled": (c + 30, lambda: d.compiled("1080p", "default")),
-        "1080p-tiled": (70, lambda: d.tiled("1080p")),  # two tilings
-        "4K-tiled": (100, lambda: d.tiled("4K", frames=6, warmup=2)),
-        "720p-levers": (60, lambda: d.levers("720p")),
-        "raft-profile": (15, lambda: (d.raft_profile("720p"), d.raft_profile("1080p"))),
-        "pyramid": (15, lambda: (d.pyramid("720p"), d.pyramid("1080p"))),
-        "denoise-profile": (20, lambda: d.denoise_profile("720p")),
-        "denoise-profile-graphs": (0.3 * c + 25, lambda: d.denoise_profile("720p", "reduce-overhead")),
-        "denoise-profile-graphs-1080p": (0.3 * c + 35, lambda: d.denoise_profile("1080p", "reduce-overhead")),
-        "720p-graphs-no-cudnn-benchmark": (0.25 * c + 25, lambda: d.variant("720p", "cuDNN autotune off",
-                                                                             cudnn_benchmark=False)),
-        "720p-graphs-vae-fp16": (0.4 * c + 25, lambda: d.variant("720p", "VAE fp16", vae_dtype=HALF)),
-        "1080p-graphs-vae-fp16": (0.4 * c + 35, lambda: d.variant("1080p", "VAE fp16", vae_dtype=HALF)),
-        "raft-fp16": (0.6 * c + 30, lambda: (d.raft_precision("1080p"), d.raft_precision("720p"))),
-        # from 1080p the default RAFT is float16 (raft_dtype auto): this is the float32 RAFT it replaced
-        "1080p-graphs-raft-fp32": (0.4 * c + 35, lambda: d.variant("1080p", "RAFT fp32 (raft_dtype=float32)",
-                                                                    raft_dtype=torch.float32)),
-        "720p-graphs-raft-fp16": (0.4 * c + 25, lambda: d.variant("720p", "RAFT fp16", raft_dtype=HALF)),
-        "720p-graphs-bf16": (0.9 * c + 30, lambda: d.variant("720p", "bf16", dtype=torch.bfloat16)),
-        "1080p-graphs-bf16": (0.9 * c + 40, lambda: d.variant("1080p", "bf16", dtype=torch.bfloat16)),
-        "720p-graphs-inductor-tuned": (1.5 * c + 30, lambda: d.inductor_tuned("720p")),
-        "720p-graphs-eager-flow": (0.5 * c + 30, lambda: d.variant("720p", "RAFT eager (compile_flow=False)",
-                                                                    compile_flow=False)),
-        "1080p-graphs-eager-flow": (0.5 * c + 40, lambda: d.variant("1080p", "RAFT eager (compile_flow=False)",
-                                                                     compile_flow=False)),
-        "1080p-graphs-cudnn-autotune": (0.25 * c + 35, lambda: d.variant("1080p", "cuDNN autotune on",
-                                                                         cudnn_benchmark=True)),
-        "720p-graphs-flow-graphed": (0.25 * c + 25, lambda: d.variant("720p", "flow graphed (fresh)",
-                                                                       graph_flow=True)),
-        "720p-cached": (0.5 * c + 30, lambda: d.cached("720p", "reduce-overhead")),
-    }
+    def run(self, names: list[str]) -> None:
+        """The weights first, then ``names`` in order; a step whose PSNR needs a size's reference outputs gets
+        that size's ``-ref`` step first where no earlier step made them."""
+        table = steps()
+        for name in ["weights"] + [n for n in names if n != "weights"]:
+            if name in self.outcomes:
+                continue
+            step = table[name]
+            if step.needs_ref and step.size not in self.refs and f"{step.size}-ref" not in self.outcomes:
+                self.run_step(f"{step.size}-ref", table[f"{step.size}-ref"])
+            if name == "weights" and (self.scratch / "weights" / "meta.json").exists():
+                self.outcomes[name] = Outcome("ok", note="weights already in the scratch folder")
+                continue
+            self.run_step(name, step)
+            if name == "weights" and self.outcomes[name].status != "ok":
+                self.notes.append("the weights could not be made: no step can run")
+                break
+
+    # -- the compile cache between leases
+    def load_cache(self, folder: Path) -> bool:
+        parts = sorted(folder.glob("compile-cache.tar.gz*"), key=lambda p: (len(p.name), p.name))
+        if not parts:
+            self.notes.append(f"--cache-in {folder}: no compile-cache.tar.gz there; the cache starts empty")
+            return False
+        joined = self.scratch / "cache-in.tar.gz"
+        with open(joined, "wb") as out:
+            for part in parts:
+                with open(part, "rb") as f:
+                    shutil.copyfileobj(f, out)
+        with tarfile.open(joined, "r:gz") as tar:
+            tar.extractall(self.cache, filter="data")
+        joined.unlink()
+        self.notes.append(f"compile cache preloaded from {folder} ({len(parts)} file(s)): compile times of this run "
+                          "are warm-cache figures, and 'cold' steps are not cold")
+        return True
+
+    def save_cache(self) -> None:
+        packed = self.scratch / "compile-cache.tar.gz"
+        with tarfile.open(packed, "w:gz", compresslevel=1) as tar:  # seconds, not a minute, for ~100 MB
+            tar.add(self.cache, arcname=".")
+        size = packed.stat().st_size
+        if size > MAX_PARTS * PART_BYTES:
+            self.notes.append(f"compile cache not saved: {size / 2**20:.0f} MiB packed, more than {MAX_PARTS} files "
+                              f"of {PART_BYTES // 2**20} MiB")
+            packed.unlink()
+            return
+        for old in self.out.glob("compile-cache.tar.gz*"):
+            old.unlink()
+        with open(packed, "rb") as f:
+            if size <= PART_BYTES:
+                (self.out / "compile-cache.tar.gz").write_bytes(f.read())
+            else:
+                for i in range(math.ceil(size / PART_BYTES)):
+                    (self.out / f"compile-cache.tar.gz.{i}").write_bytes(f.read(PART_BYTES))
+        packed.unlink()
+        self.notes.append(f"compile cache saved to {self.out} ({size / 2**20:.1f} MiB packed)")
+
+    # -- results
+    def results(self) -> dict[str, Any]:
+        first = next((o.data for o in self.outcomes.values() if o.data), None) or {}
+        return dict(schema="vsstreamdiffvsr-device-bench/2", started=self.started, dry_run=self.dry,
+                    budget_s=self.args.budget_s, elapsed_s=round(self.elapsed(), 1), gpu=first.get("gpu"),
+                    torch=first.get("torch"), diffusers=first.get("diffusers"), weights=first.get("weights"),
+                    commit=_commit(), cache_preloaded=self.preloaded, notes=self.notes,
+                    steps={n: dict(status=o.status, wall_s=o.wall_s, rc=o.rc, note=o.note, default_path=o.default,
+                                   compile=o.compile, cmd=o.cmd[1:], results=o.data) for n, o in self.outcomes.items()})
+
+    def save(self) -> None:
+        data = self.results()
+        write_atomic(self.out / "results.json", dump(data))
+        write_atomic(self.out / "tables.md", tables(data) + "\n")
 
 
-def _step_names() -> list[str]:
-    """The names plan() knows (it needs no driver to list them)."""
-    return list(plan(None, 0.0))  # type: ignore[arg-type]  # the lambdas are not called
+def step_table(known: dict[str, Step]) -> str:
+    """Every step: name, estimated seconds on an H100/H200 with an empty cache (first useful row - all of it),
+    what it measures and its bench.py arguments (beside the scratch, cache and JSON ones the driver adds)."""
+
+    class Sizes:  # what the step arguments read from a driver
+        dry = False
+        sizes = SIZES
+
+    lines = ["| step | seconds | measures | bench.py arguments |", "|---|---|---|---|"]
+    for name, step in known.items():
+        c = FIRST_COMPILE_S if step.compile in ("cold", "batch") else WARM_COMPILE_S
+        args = " ".join(step.args(Sizes()))  # type: ignore[arg-type]
+        lines.append(f"| {name} | {step.min_s(c):.0f}-{step.full_s(c):.0f} | {step.doc} | `{args}` |")
+    return "\n".join(lines)
 
 
-def main() -> None:
+def _commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=Path(__file__).resolve().parents[1], check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def tables(data: dict[str, Any]) -> str:
+    """tables.md: per size the single-frame rows of every step (the step named beside each row), the batched
+    rows, the compile times, then each step's status and notes."""
+    data = finite(data)
+    head = (f"# {data.get('gpu') or 'no GPU result yet'}, torch {data.get('torch')}, "
+            f"diffusers {data.get('diffusers')}, "
+            f"{data.get('weights')} weights, commit {data.get('commit')}, started {data['started']}"
+            + (" (DRY RUN: CPU, tiny model)" if data.get("dry_run") else ""))
+    parts = [head]
+    by_size: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+    for name, s in data["steps"].items():
+        if s.get("results") and s["results"].get("rows"):
+            lr = "x".join(map(str, s["results"]["lr"]))
+            by_size.setdefault(lr, []).append((name, s["results"]))
+    default_steps = {n for n, s in data["steps"].items() if s.get("default_path")}
+    compile_rows = []
+    for lr, runs in by_size.items():
+        w, h = map(int, lr.split("x"))
+        single: dict[str, dict[str, Any]] = {}
+        batched: dict[str, dict[str, Any]] = {}
+        for step, res in runs:
+            for row, r in res["rows"].items():
+                key = f"{row} [{step}]" + (" (the default path)" if step in default_steps and
+                                           r.get("role") == "ours" and data.get("dry_run") else "")
+                (batched if r.get("kind") == "batch" else single)[key] = r | {"default_path": step in default_steps}
+                if r.get("role") == "ours" and step in default_steps:
+                    compile_rows.append((lr, step, r, res))
+        title = f"## {w}x{h} -> {4 * w}x{4 * h}: single stream (rows from several processes; [step])"
+        if single:
+            ref = next((k for k, r in single.items() if r.get("role") == "reference"), None)
+            ordered = {ref: single[ref]} | single if ref else single
+            parts.append(frame_table(ordered, title))
+        if batched:
+            default = next((r for r in single.values() if r.get("role") == "ours" and r["default_path"]
+                            and r.get("ms")), None)
+            parts.append(batch_table(batched, f"## {w}x{h} -> {4 * w}x{4 * h}: B streams per call (process_batch)",
+                                     1000 / default["ms"] if default else None))
+        seen: set[str] = set()
+        notes = []
+        for k, r in single.items():  # what each row ran, once per row name (batched rows run the default's)
+            base = k.split(" [")[0]
+            if r.get("resolved") and base not in seen:
+                seen.add(base)
+                notes.append(f"- {base}: {r['resolved']}")
+        notes += [f"- {k}: fallbacks {r['fallbacks']}" for k, r in {**single, **batched}.items() if r.get("fallbacks")]
+        notes += [f"- {k}: {w}" for k, r in {**single, **batched}.items() for w in r.get("warnings") or []]
+        on_gpu = data.get("gpu") not in (None, "CPU")
+        notes += [f"- {k}: CUDA graphs skipped {r['compile_counts']['cudagraph_skips']} time(s): the row ran without "
+                  "them" for k, r in {**single, **batched}.items()
+                  if on_gpu and (r.get("compile_counts") or {}).get("cudagraph_skips")
+                  and any(m in (r.get("resolved") or "") for m in ("(reduce-overhead)", "(max-autotune)"))]
+        if notes:
+            parts.append("\n".join(notes))
+    if compile_rows:
+        lines = ["## Compile time of the default path (warm-up frames above the steady median; the process from "
+                 "its start)", "| size | step | cache | warm-up overhead s | warm-up frames s | process s at the row's "
+                 "end | ms/frame |", "|---|---|---|---|---|---|---|"]
+        for lr, step, r, _res in compile_rows:
+            kind = {"cold": "cold (this size's first compile in the run)", "warm": "warm (a second process)"}.get(
+                data["steps"][step].get("compile"), "as earlier steps left it")
+            if data.get("cache_preloaded"):
+                kind = f"preloaded from an earlier lease; {kind}"
+            if not _compiled(r):
+                kind = "eager (no compile)"
+            lines.append(f"| {lr} | {step} | {kind} | {_f(r.get('warmup_overhead_s'))} | {_f(r.get('to_steady_s'))} "
+                         f"| {_f(r.get('process_s'))} | {_f(r.get('ms'))} |")
+        parts.append("\n".join(lines))
+    status = ["## Steps", "| step | status | wall s | note |", "|---|---|---|---|"]
+    for name, s in data["steps"].items():
+        notes = "; ".join(filter(None, [s.get("note")] + ((s.get("results") or {}).get("notes") or [])))
+        status.append(f"| {name} | {s['status']} | {_f(s.get('wall_s'))} | {notes} |")
+    parts.append("\n".join(status))
+    if data.get("notes"):
+        parts.append("\n".join(f"- {n}" for n in data["notes"]))
+    return "\n\n".join(parts)
+
+
+def _compiled(row: dict[str, Any]) -> bool:
+    return "compiled" in (row.get("resolved") or "")
+
+
+def _f(value: Any) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--tiny", action="store_true", help="tiny random model at tiny sizes (dry run on CPU)")
-    ap.add_argument("--frames", type=int, default=24)
-    ap.add_argument("--warmup", type=int, default=4)
-    ap.add_argument("--budget-s", type=float, default=520.0, help="skip steps that would end after this")
+    ap.add_argument("--dry-run", action="store_true", help="CPU, tiny model and sizes, 3 frames: the driver end to end")
+    ap.add_argument("--dry-compile", action="store_true",
+                    help="with --dry-run: really compile (inductor on the CPU, minutes per compile)")
+    ap.add_argument("--budget-s", type=float, default=480.0,
+                    help="no step starts, and a running one is stopped, after this many seconds (default %(default)s)")
+    ap.add_argument("--steps", default=DEFAULT_STEPS, help="comma-separated steps in priority order (default: "
+                                                           "%(default)s)")
     ap.add_argument("--out", default="bench-out")
-    # runs 7 and 8 measured the defaults at 720p, 1080p (191.3 ms: the 200 ms target met) and 4K tiled. Open
-    # now: eager before any compiled pipeline has run in the process (run 7's eager row ran last, at 359 ms,
-    # and its profile blamed GroupNorm on channels_last tensors: "720p-eager-nchw"), inductor's tuning knobs
-    # toward 60 ms at 720p, the warm-cache compile time, and bf16 against fp16 compiled
-    ap.add_argument("--steps", default="720p-ref,720p-eager,720p-eager-nchw,720p-graphs,"
-                    "720p-graphs-inductor-tuned,720p-cached,720p-graphs-bf16,720p-graphs-raft-fp16,"
-                    "1080p-ref,1080p-graphs,1080p-graphs-bf16,720p-graphs-vae-fp16,pyramid,raft-fp16,"
-                    "denoise-profile-graphs,4K-tiled,flow-compiled,1080p-graphs-eager-flow,"
-                    "720p-graphs-eager-flow,denoise-profile,flow-graph,720p-levers,1080p-tiled,"
-                    "1080p-graphs-raft-fp32,1080p-graphs-vae-fp16,denoise-profile-graphs-1080p",
-                    help="comma-separated steps, run in this order (see plan())")
-    args = ap.parse_args()
-    unknown = [n for n in args.steps.split(",") if n not in _step_names()]
-    if unknown:
-        ap.error(f"unknown steps {unknown}; known: {', '.join(_step_names())}")
+    ap.add_argument("--scratch", help="folder for weights, reference outputs and the compile cache (default: a new "
+                                      "temporary folder, removed at the end)")
+    ap.add_argument("--cache-in", help="a folder with compile-cache.tar.gz[.N] from an earlier run's --save-cache")
+    ap.add_argument("--save-cache", action="store_true", help="write the compile cache to --out at the end")
+    ap.add_argument("--list", action="store_true", help="print every step as a markdown table (name, seconds, what "
+                                                         "it measures, its bench.py arguments) and exit")
+    args = ap.parse_args(argv)
+    known = steps()
+    if args.list:
+        print(step_table(known))
+        return
+    names = [n.strip() for n in args.steps.split(",") if n.strip()]
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        ap.exit(2, f"device_bench.py: error: unknown steps {unknown}; known: {', '.join(known)}\n")
     d = Driver(args)
-    first_compile = 110.0  # s, an H100's first compile of the warm step + TPM + decoder; updated once seen
-    graphs_failed = False
-    for name in args.steps.split(","):
-        if graphs_failed and name.endswith("-graphs"):  # CUDA graphs failed once: measure plain compile instead
-            name = name.replace("-graphs", "-compiled")
-        estimate, action = plan(d, first_compile)[name]
-        notes = len(d.notes)
-        d.step(name, estimate, action)
-        graphs_failed |= name.endswith("-graphs") and any(n.startswith("failed") for n in d.notes[notes:])
-        compiled = [r["warmup_overhead_s"] for sec in d.results.values() for k, r in sec.items()
-                    if "torch.compile" in k]
-        if compiled:
-            first_compile = max(compiled)
-    d.save()
+    d.log(f"device_bench: {len(names)} steps, budget {args.budget_s:.0f} s, scratch {d.scratch}"
+          + (", DRY RUN (CPU, tiny)" if d.dry else ""))
+    try:
+        d.run(names)
+        if args.save_cache:
+            d.save_cache()
+    finally:
+        d.save()
+        if d.own_scratch:
+            shutil.rmtree(d.scratch, ignore_errors=True)
     d.log("done")
-    print((d.out / "tables.md").read_text())
+    print((d.out / "tables.md").read_text(), flush=True)
 
 
 if __name__ == "__main__":

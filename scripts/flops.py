@@ -25,10 +25,10 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import FULL_UNET, FULL_VAE, parse_lr  # noqa: E402
+from bench import FULL_UNET, FULL_VAE, BenchError, parse_lr  # noqa: E402
 
 from vsstreamdiffvsr.models.flow import RaftFlow, bicubic_x4  # noqa: E402
-from vsstreamdiffvsr.pipeline import _split_cond_embedding  # noqa: E402
+from vsstreamdiffvsr.pipeline.components import split_cond_embedding  # noqa: E402
 
 
 def tflop(fn) -> float:
@@ -49,7 +49,7 @@ def count(w: int, h: int) -> dict[str, float]:
         controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(64, 128, 256)).eval()
         vae = TemporalTinyVAE(**FULL_VAE).eval()
         raft = RaftFlow(raft_large(weights=None).eval())
-        embedding = _split_cond_embedding(controlnet)
+        embedding = split_cond_embedding(controlnet)
         inp, t, prompt = torch.empty(1, 7, h, w), torch.tensor(999), torch.empty(1, 77, 1024)
         warped, latent, lq = torch.empty(1, 3, 4 * h, 4 * w), torch.empty(1, 4, h, w), torch.empty(1, 3, h, w)
     assert embedding is not None
@@ -97,7 +97,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lr", default="320x180", help="LR input WxH (output is 4x)")
     args = ap.parse_args()
-    w, h = parse_lr(args.lr)
+    try:
+        w, h = parse_lr(args.lr)
+    except BenchError as exc:
+        ap.exit(2, f"flops.py: error: {exc}\n")
+    w, h = w + -w % 4, h + -h % 4  # as the pipeline pads
     c = count(w, h)
     print(f"# {w}x{h} -> {4 * w}x{4 * h}: TFLOP per warm frame (FlopCounterMode, meta device)")
     print("| component | TFLOP per call | calls per frame (ours / reference) | TFLOP per frame (ours) |")

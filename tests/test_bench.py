@@ -1,167 +1,272 @@
-"""scripts/bench.py runs end to end (CPU, tiny model). No timing is asserted: only that it measures."""
+"""scripts/bench.py, device_bench.py and flops.py on the CPU with the tiny model (no timing is asserted).
+
+About 2-4 minutes on a 2-core machine, most of it the two end-to-end runs (bench.py's rows, device_bench.py's
+dry run) and flops.py, each in its own process.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import pytest
+import torch
+
+from vsstreamdiffvsr import Options, StreamDiffVSR
 
 REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = REPO / "scripts"
 
 
-def test_bench_smoke(tmp_path: Path) -> None:
-    out = tmp_path / "bench.json"
-    res = subprocess.run([sys.executable, str(REPO / "scripts" / "bench.py"), "--tiny", "--device", "cpu",
-                          "--frames", "3", "--warmup", "1", "--lr", "32x32", "--dtype", "float16,bfloat16",
-                          "--json", str(out)],
-                         capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    lines = [line for line in res.stdout.splitlines() if line.startswith("| ")]
-    assert lines[0].startswith("| path | ms/frame")
-    assert any(line.startswith("| reference |") for line in lines)
-    assert any(line.startswith("| optimized (float16)") for line in lines)     # one path per --dtype
-    assert any(line.startswith("| optimized (bfloat16)") for line in lines)
-    assert "float32 picture: mean" in res.stdout
-    data = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
-    ref, fp16, bf16 = (data["results"][k] for k in ("reference", "optimized (float16)", "optimized (bfloat16)"))
-    assert data["settings"]["frames"] == 3 and data["settings"]["warmup"] == 1 and "torch" in data
-    assert ref["ms"] > 0 and fp16["ms"] > 0 and bf16["ms"] > 0
-    assert ref["psnr_vs_fp32"] is None                    # the reference is the float32 output itself (inf)
-    assert 35.0 < bf16["psnr_vs_fp32"] < float("inf")     # bf16: close, not identical
-    assert bf16["psnr_vs_fp32"] < fp16["psnr_vs_fp32"] < float("inf")  # fp16: 3 more mantissa bits, closer
-    assert ref["picture"]["std"] > 0.1                     # ... on a picture with range (calibrated weights)
+def _script(name: str) -> ModuleType:
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.remove(str(SCRIPTS))
 
 
-@pytest.mark.parametrize(("args", "needle"), [
+@pytest.fixture(scope="module")
+def bench() -> ModuleType:
+    return _script("bench")
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One torch thread for the in-process runs (a busy 2-core machine ran tiny frames ~10x slower with two)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _plan(bench: ModuleType, *argv: str) -> Any:
+    return bench.plan(bench.parser().parse_args(list(argv)))
+
+
+# --------------------------------------------------------------------------------------------- flags -> Options
+
+def test_every_options_field_is_a_flag_and_the_flags_build_options(bench: ModuleType) -> None:
+    """One definition of each option: every Options field is a flag, read by Options.from_strings."""
+    flags = {s for a in bench.parser()._actions for s in a.option_strings}
+    for f in dataclasses.fields(Options):
+        assert "--" + f.name.replace("_", "-") in flags, f.name
+    p = _plan(bench, "--device", "cpu", "--dtype", "bf16", "--compile", "0", "--raft-corr", "half", "--tile", "64",
+              "--no-prefetch-flow", "--compile-mode", "default", "--tile-denoise", "--also", "dtype=float32",
+              "compile=1", "--also", "channels_last=1")
+    want = Options(device="cpu", dtype=torch.bfloat16, compile=False, raft_corr="half", tile=64, prefetch_flow=False,
+                   compile_mode="default", tile_denoise=True)
+    assert p.ours == want
+    assert p.also == [dataclasses.replace(want, dtype=torch.float32, compile=True),
+                      dataclasses.replace(want, channels_last=True)]
+    assert bench.row_name(p.ours).startswith("Options(dtype=bfloat16, raft_corr=half, compile=False")
+    assert bench.row_name(Options(device="cpu")) == "default: Options()"
+    ref = _plan(bench, "--device", "cpu", "--reference-options", "raft_corr=lean").reference
+    assert ref == bench.reference_options("cpu", raft_corr="lean") and ref.unet_dtype == torch.float32
+
+
+def test_the_cpu_default_is_float32_eager_and_small(bench: ModuleType) -> None:
+    """`--tiny --device cpu` must finish quickly: float32 (not float16, ~300x slower on a CPU), tiny frames."""
+    p = _plan(bench, "--tiny", "--device", "cpu")
+    assert p.ours == Options(device="cpu") and p.ours.unet_dtype == torch.float32 and not p.ours.compiled
+    assert (p.w, p.h, p.frames, p.warmup) == (48, 32, 3, 1)
+    assert p.rows == ["reference", "ours"]
+
+
+@pytest.mark.parametrize(("argv", "needle"), [
     (["--frames", "2", "--warmup", "4"], "--frames (2) must be larger than --warmup"),
     (["--tile", "100"], "multiples of 8"),
-    (["--flow", "lr", "--lr", "64x64"], "at least 128 px with --flow lr"),
-    (["--graph-flow"], "--graph-flow needs a CUDA device"),
+    (["--flow", "lr", "--lr", "64x64"], "flow=lr needs LR sides of at least 128 px"),
     (["--lr", "320"], "WIDTHxHEIGHT"),
     (["--dtype", "int8"], "dtype must be"),
-    (["--dtype", "float16,fp16"], "lists a precision twice"),
-    (["--raft-dtype", "fp8"], "raft_dtype must be None (auto), float32, float16 or bfloat16"),
-    (["--vae-dtype", "fp8"], "vae_dtype must be None, float32, float16 or bfloat16"),
+    (["--raft-dtype", "fp8"], "raft_dtype must be"),
+    (["--compile", "maybe"], "compile must be 0 or 1"),
+    (["--rows", "reference,nope"], "--rows: unknown ['nope']"),
+    (["--also", "dtype"], "--also takes FIELD=VALUE"),
+    (["--also", "colour=red"], "unknown option 'colour'"),
+    (["--inductor", "no_such_knob=1"], "has no setting 'no_such_knob'"),
+    (["--inductor", "coordinate_descent_tuning=maybe"], "coordinate_descent_tuning takes a bool"),
+    (["--batch", "1,x", "--rows", "batch"], "--batch must be comma-separated integers"),
+    (["--model-dir", "m"], "--tiny and --model-dir exclude each other"),
 ])
-def test_bench_rejects_bad_options_before_loading(args: list[str], needle: str) -> None:
-    """One line naming the option, at once: not a traceback after minutes of loading and a reference run."""
-    res = subprocess.run([sys.executable, str(REPO / "scripts" / "bench.py"), "--tiny", "--device", "cpu", *args],
-                         capture_output=True, text=True, timeout=120)
-    assert res.returncode == 2 and needle in res.stderr and "Traceback" not in res.stderr, res.stderr[-2000:]
+def test_bad_flags_fail_with_one_line_before_any_weights_load(bench: ModuleType, capsys: pytest.CaptureFixture[str],
+                                                             argv: list[str], needle: str) -> None:
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--tiny", "--device", "cpu", *argv])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and needle in err, err
+    assert err.count("\n") == 1 and err.startswith("bench.py: error: ") and "Traceback" not in err
 
 
-def test_device_bench_driver_smoke(tmp_path: Path) -> None:
-    """The one-shot GPU driver runs its steps in order, saves after each, and lists what did not fit."""
-    res = subprocess.run([sys.executable, str(REPO / "scripts" / "device_bench.py"), "--tiny", "--device", "cpu",
-                          "--frames", "3", "--warmup", "1",
-                          "--steps", "pyramid,720p-ref,720p-eager,denoise-profile,720p-graphs",
-                          # the budget leaves minutes of slack for the 3 small steps on a loaded machine, and is
-                          # below 720p-graphs's own estimate (first compile 110 s + 30), which is always skipped
-                          "--budget-s", "135", "--out", str(tmp_path)],
-                         capture_output=True, text=True, timeout=600)
+# --------------------------------------------------------------------------------------------- rows end to end
+
+def test_rows_run_side_by_side_and_the_json_round_trips(bench: ModuleType, tmp_path: Path) -> None:
+    """The reference, ours, an --also row and batched rows in one process; the JSON is strict and renders the
+    same tables as printed (the step that merges them reads only the JSON)."""
+    out = tmp_path / "b.json"
+    res = subprocess.run([sys.executable, str(SCRIPTS / "bench.py"), "--tiny", "--device", "cpu", "--lr", "32x36",
+                          "--frames", "2", "--warmup", "1", "--rows", "reference,ours,batch", "--batch", "1,2",
+                          "--also", "dtype=bfloat16", "--json", str(out)], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
-    data = json.loads((tmp_path / "results.json").read_text())
-    paths = data["results"]["720p"]
-    assert list(paths) == ["reference (fp32/TF32, eager)",
-                           "optimised eager: fp16 + channels_last + cuDNN autotune + flow overlap"]
-    assert 35.0 < paths["optimised eager: fp16 + channels_last + cuDNN autotune + flow overlap"]["psnr_vs_fp32"]
-    assert data["notes"] == [data["notes"][0]] and data["notes"][0].startswith("skipped: 720p-graphs")
-    assert "| reference (fp32/TF32, eager) |" in (tmp_path / "tables.md").read_text()
-    profile = data["denoise_profiles"]["720p-eager"]  # the warm frame's denoise + decode, by op category
-    assert profile["convolution"] > 0 and profile["attention"] > 0
-    assert "| convolution |" in (tmp_path / "denoise-profile-720p-eager.txt").read_text()
-    pyramids = data["pyramids"]  # the correlation pyramid's three builds, 720p and 1080p, and their lookups
-    assert len(pyramids) == 6 and all(r["build_ms"] > 0 for r in pyramids.values())
-    assert all(r["lookup_rel_err_vs_full"] <= 2e-3 for r in pyramids.values())
-    assert "float16 pyramid, float16 matmuls |" in (tmp_path / "tables.md").read_text()
+    data = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+    assert res.stdout.strip() == bench.render(data).strip()
+    assert data["complete"] and data["gpu"] == "CPU" and data["lr"] == [32, 36] and "torch" in data
+    rows = data["rows"]
+    assert list(rows) == ["reference", "default: Options()", "default: Options(), B=1 streams",
+                          "default: Options(), B=2 streams", "Options(dtype=bfloat16)"]
+    ref, ours, b1, b2, bf16 = rows.values()
+    assert ref["max_err_vs_fp32"] == 0 and ours["max_err_vs_fp32"] == 0  # float32 on the CPU: the same numbers
+    assert 30.0 < bf16["psnr_vs_fp32"] < 200.0 and bf16["max_err_vs_fp32"] > 0
+    assert ref["picture"]["std"] > 0.1  # a picture with range (calibrated weights)
+    assert all(r["ms"] > 0 for r in rows.values())
+    for r, b in ((b1, 1), (b2, 2)):
+        assert r["kind"] == "batch" and r["b"] == b and r["fps"] > 0 and r["checked_frames"] == 2 * b
+        assert r["within_tolerance"] and r["max_abs_diff_vs_single"] < 1e-4  # float32: rounding only
+    assert "| row | B | ms per call | fps per GPU |" in res.stdout and "| reference | " in res.stdout
+    assert "identical" in res.stdout  # the float32 rows' PSNR cell
 
 
-def test_device_bench_kernel_categories() -> None:
-    """CUDA kernel names (cuDNN, cuBLAS, flash attention, inductor) land in the right profile category."""
-    sys.path.insert(0, str(REPO / "scripts"))
-    try:
-        from device_bench import Driver
-    finally:
-        sys.path.remove(str(REPO / "scripts"))
-    cat = Driver.kernel_category
-    assert cat("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc") == "convolution"
-    assert cat("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64") == "matmul"
-    assert cat("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NNT") == "matmul"
-    assert cat("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64>>") == "attention"
-    assert cat("void at::native::(anonymous namespace)::RowwiseMomentsCUDAKernel<c10::BFloat16>") == "norm"
-    assert cat("void cudnn::engines_precompiled::nchwToNhwcKernel<float>") == "layout conversion"
-    assert cat("triton_per_fused_native_group_norm_silu_3") == "inductor: norm fused"
-    assert cat("triton_poi_fused_add_convolution_silu_0") == "inductor: pointwise fused"
-    assert cat("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add>") == "elementwise"
+def test_the_batch_check_catches_streams_that_differ(bench: ModuleType, pipe: StreamDiffVSR, one_thread: None
+                                                     ) -> None:
+    """measure_batch compares each stream with its own process_frame run: streams served in the wrong order
+    must fail the check."""
+    good = bench.measure_batch(pipe, 2, 2, 1, 32, 32, 2)
+    assert good["within_tolerance"] and good["max_abs_diff_vs_single"] < 1e-4
+
+    class Swapped:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(pipe, name)
+
+        def process_batch(self, lq: torch.Tensor, states: list[Any], noise: torch.Tensor) -> Any:
+            hq, new = pipe.process_batch(lq, states, noise=noise)
+            return hq.flip(0), new
+
+    bad = bench.measure_batch(Swapped(), 2, 2, 1, 32, 32, 2)
+    assert not bad["within_tolerance"] and bad["max_abs_diff_vs_single"] > 1e-2
 
 
-def _bench():
-    sys.path.insert(0, str(REPO / "scripts"))
-    try:
-        import bench
-    finally:
-        sys.path.remove(str(REPO / "scripts"))
-    return bench
+def test_reference_path_embeds_the_condition_at_every_step_with_the_same_output(
+        bench: ModuleType, tiny_ckpt: Path, one_thread: None) -> None:
+    """The reference row executes like upstream (the ControlNet embeds inside every step): the same numbers."""
+    load = bench.load_folder(tiny_ckpt)
+    frames, noises = bench.make_frames(3, 32, 32)
+    cpu = bench.reference_options("cpu")
+    ref, ours = bench.build(load, cpu, upstream=True), bench.build(load, cpu)
+    assert ref.components.cond_embedding is None and ours.components.cond_embedding is not None
+    calls: list[int] = []
+    ref.components.controlnet.controlnet_cond_embedding.register_forward_hook(lambda *a: calls.append(1))
+    a = bench.measure(ref, frames, noises, 1)["outs"]
+    b = bench.measure(ours, frames, noises, 1)["outs"]
+    assert len(calls) == 2 * 4  # two warm frames, four steps each
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
-def test_table_renders_results_read_back_from_json() -> None:
-    """A second process's results come back through JSON, where nan and inf were written as null: the table
-    shows "-" for them (run 7's dry run crashed on its 720p-cached step here)."""
-    bench = _bench()
-    measured = dict(ms=90.0, first_ms=900.0, warmup_overhead_s=1.0, peak_gib=float("nan"), warmup=1,
-                    peak_by_frame_gib=[float("nan")] * 3, psnr_vs_fp32=float("inf"))
-    read_back = json.loads(json.dumps(bench._finite(measured)))
-    assert read_back["peak_gib"] is None and read_back["psnr_vs_fp32"] is None
-    text = bench.table({"first": measured, "read back": read_back}, "### t")
-    assert "| first | 90.0 | 900 | 1.0 | - | - | - | 1.00x |" in text
-    assert "| read back | 90.0 | 900 | 1.0 | - | - | - | 1.00x |" in text
-
-
-def test_random_weights_are_calibrated_to_a_picture_with_range() -> None:
-    """Random full-size weights decode to a nearly black frame; the bench calibrates them so that its PSNR
-    compares pictures (the release's architecture at 32x32 LR on the CPU: ~20 s)."""
-    import torch
-
-    bench = _bench()
-    cpu = torch.device("cpu")
+def test_calibration_gives_the_picture_a_real_range(bench: ModuleType, tiny_ckpt: Path, one_thread: None) -> None:
+    """Random weights decode to a nearly black frame, where a PSNR compares nothing: calibrate_random rescales
+    the output layers to a mean of 0.5 and a spread of 0.2 (here on a darkened tiny model)."""
+    load = bench.load_folder(tiny_ckpt)
+    with torch.no_grad():
+        load["vae"].decoder.layers[-1].bias.fill_(-3.0)  # the decoder's output far below 0: clamped black
     frames, noises = bench.make_frames(2, 32, 32)
+    cpu = Options(device="cpu", prefetch_flow=False)
 
-    def picture(load: dict) -> dict:
-        return bench.picture_stats(bench.measure(bench.build(load, cpu, torch.float32), frames, noises, 1, cpu)["outs"])
+    def picture() -> dict[str, float]:
+        return bench.picture_stats(bench.measure(bench.build(load, cpu), frames, noises, 1)["outs"])
 
-    load = bench.random_full_components()
-    before = picture(load)
-    assert before["std"] < 0.05 and before["clamped"] > 0.3, before  # what the PSNR would otherwise be taken on
+    before = picture()
+    assert before["clamped"] > 0.5, before
     bench.calibrate_random(load, 32, 32)
-    after = picture(load)
+    after = picture()
     assert 0.35 < after["mean"] < 0.65 and 0.12 < after["std"] < 0.3 and after["clamped"] < 0.05, after
 
 
-def test_reference_path_embeds_the_condition_at_every_step_with_the_same_output() -> None:
-    """The bench's reference executes like upstream (ControlNet embedding inside every step): same numbers."""
-    bench = _bench()
-    import torch
+def test_fp8_linear_is_close_to_the_float_layer(bench: ModuleType) -> None:
+    """The fp8 lever's layer: e4m3 operands with per-tensor scales, ~2 significant digits; where this torch or
+    device cannot run it, the reason is one plain line."""
+    reason = bench.fp8_unsupported(torch.device("cpu"))
+    if reason is not None:  # a torch without float8 on the CPU: the row is skipped with this line
+        assert "\n" not in reason and ("_scaled_mm" in reason or "float8" in reason)
+        return
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 48)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(60, 48, bias=False))
+    assert bench.to_fp8(model) == 1 and isinstance(model[0], bench.Fp8Linear)  # 60 is no multiple of 16
+    x = torch.randn(3, 5, 64)
+    with torch.no_grad():
+        want, got = layer(x), bench.Fp8Linear(layer)(x)
+    assert got.shape == want.shape
+    assert float((got - want).norm() / want.norm()) < 0.08
 
-    load, _ = bench.load_components(torch.device("cpu"), tiny=True)
-    frames, noises = bench.make_frames(3, 32, 32)
-    ref = bench.build(load, torch.device("cpu"), torch.float32, upstream_execution=True)
-    ours = bench.build(load, torch.device("cpu"), torch.float32)
-    assert ref.cond_embedding is None and ours.cond_embedding is not None
-    calls = []
-    ref.controlnet.controlnet_cond_embedding.register_forward_hook(lambda *a: calls.append(1))
-    a = bench.measure(ref, frames, noises, 1, torch.device("cpu"))["outs"]
-    b = bench.measure(ours, frames, noises, 1, torch.device("cpu"))["outs"]
-    assert len(calls) == 2 * 4  # two warm frames, four steps each
-    for x, y in zip(a, b):
-        assert torch.equal(x, y)
+
+# --------------------------------------------------------------------------------------------- reports
+
+def test_saved_results_never_replace_history(bench: ModuleType, tmp_path: Path) -> None:
+    data = dict(gpu="NVIDIA H200", lr=[320, 180], date="2026-12-04")
+    first = bench.saved_path(data, tmp_path)
+    assert first.name == "2026-12-04-nvidia-h200-320x180.json"
+    first.write_text("{}")
+    assert bench.saved_path(data, tmp_path).name == "2026-12-04-nvidia-h200-320x180-2.json"
+    assert bench.saved_path(data, tmp_path, "levers").name == "2026-12-04-nvidia-h200-320x180-levers.json"
+
+
+def test_tables_show_a_dash_for_what_was_not_measured(bench: ModuleType) -> None:
+    """nan/inf are written to JSON as null; the tables show "-" for them, the same before and after."""
+    row = dict(kind="frame", ms=90.0, first_ms=900.0, warmup_overhead_s=1.0, peak_gib=float("nan"),
+               peak_steady_gib=float("nan"), psnr_vs_fp32=float("nan"), max_err_vs_fp32=float("nan"))
+    back = json.loads(bench.dump(dict(r=row)))["r"]
+    assert back["peak_gib"] is None
+    for r in (row, back):
+        assert "| x | 90.0 | 11.11 | 1.00x | 900 | 1.0 | - | - | - |" in bench.frame_table({"x": r}, "t")
+
+
+# --------------------------------------------------------------------------------------------- device_bench
+
+def test_device_bench_dry_run_runs_each_step_as_a_bench_process(tmp_path: Path) -> None:
+    """The GPU driver end to end on the CPU: the weights first, a missing reference made before the step whose
+    PSNR needs it, results.json and tables.md with the steps' rows, and the commands that reproduce them."""
+    out = tmp_path / "out"
+    res = subprocess.run([sys.executable, str(SCRIPTS / "device_bench.py"), "--dry-run", "--budget-s", "900",
+                          "--steps", "720p-warm,1080p-eager", "--out", str(out)],
+                         capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+    data = json.loads((out / "results.json").read_text())
+    steps = data["steps"]
+    assert list(steps) == ["weights", "720p-warm", "1080p-ref", "1080p-eager"]
+    assert all(s["status"] == "ok" for s in steps.values()), {n: s["status"] for n, s in steps.items()}
+    assert data["dry_run"] and data["gpu"] == "CPU"
+    assert "--rows" in steps["1080p-eager"]["cmd"] and "--lr" in steps["1080p-eager"]["cmd"]
+    eager = steps["1080p-eager"]["results"]["rows"]
+    assert list(eager) == ["Options(compile=False)", "Options(compile=False, channels_last=False)"]
+    assert all(r["max_err_vs_fp32"] == 0 for r in eager.values())  # PSNR against 1080p-ref's saved outputs
+    tables = (out / "tables.md").read_text()
+    assert "| reference [1080p-ref] |" in tables and "## Compile time of the default path" in tables
+    assert "| 720p-warm | ok |" in tables
+    assert sorted(p.name for p in out.iterdir()) == ["results.json", "tables.md"]
+
+
+def test_device_bench_lists_what_does_not_fit_and_refuses_unknown_steps(tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    device_bench = _script("device_bench")
+    with pytest.raises(SystemExit) as exc:
+        device_bench.main(["--dry-run", "--steps", "720p,nope", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "unknown steps ['nope']" in err and err.count("\n") == 1
+    device_bench.main(["--dry-run", "--budget-s", "0", "--steps", "720p,4K-default", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert {n: s["status"] for n, s in data["steps"].items()} == {"weights": "skipped"}
+    assert "the weights could not be made: no step can run" in data["notes"]
+    assert "| weights | skipped |" in (tmp_path / "tables.md").read_text()
 
 
 def test_flops_counts_every_component_of_a_frame() -> None:
     """scripts/flops.py counts the full-size architecture on the meta device (shapes only, seconds)."""
-    res = subprocess.run([sys.executable, str(REPO / "scripts" / "flops.py"), "--lr", "64x48"],
+    res = subprocess.run([sys.executable, str(SCRIPTS / "flops.py"), "--lr", "64x48"],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in res.stdout.splitlines()
@@ -175,43 +280,46 @@ def test_flops_counts_every_component_of_a_frame() -> None:
     assert abs(ref - ours - saved) < 0.02 and ref > ours
 
 
-def test_the_optimized_path_label_says_where_raft_is_compiled() -> None:
-    """RAFT is compiled with --compile on CUDA by default, never with the lean correlation (4K), which runs
-    eagerly: the row's label must not claim a compiled RAFT there."""
+def test_the_plan_in_docs_names_every_step() -> None:
+    """docs/performance.md's plan for the next GPU session lists every step the driver knows, with its arguments."""
+    device_bench = _script("device_bench")
+    text = (REPO / "docs" / "performance.md").read_text()
+    plan = text[text.index("## Plan for the next GPU session"):]
+    listed = device_bench.step_table(device_bench.steps())
+    for name in device_bench.steps():
+        if name in ("weights", "720p-ref", "1080p-ref"):  # made by the driver where a step needs them
+            continue
+        assert f"`{name}`" in plan, name
+        args = next(line for line in listed.splitlines() if line.startswith(f"| {name} |")).split("`")[1]
+        assert f"`{args}`" in plan, (name, args)
+
+
+def test_the_compile_cache_goes_to_the_next_lease_in_parts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--save-cache packs the run's compile cache into at most MAX_PARTS files the device tool brings back, and
+    --cache-in restores it; a cache too large for that is left out with a note, not cut short."""
     import argparse
+    import os
 
-    import torch
+    device_bench = _script("device_bench")
+    monkeypatch.setattr(device_bench, "PART_BYTES", 1000)
 
-    bench = _bench()
-    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    def driver(name: str, **kw: Any) -> Any:
+        args = argparse.Namespace(dry_run=True, dry_compile=False, device="cpu", budget_s=60.0, out=str(tmp_path / name),
+                                  scratch=str(tmp_path / f"scratch-{name}"), cache_in=None, save_cache=True)
+        for k, v in kw.items():
+            setattr(args, k, v)
+        return device_bench.Driver(args)
 
-    def label(device, w, h, **kw) -> str:
-        args = argparse.Namespace(**{"compile_flow": None, "compile": True, "flow": "hr", "raft_corr": "auto", **kw})
-        return bench.raft_label(args, device, w, h)
-
-    assert label(cuda, 320, 180) == "RAFT compiled" and label(cuda, 480, 272) == "RAFT compiled"
-    assert label(cuda, 960, 540) == "RAFT eager (lean correlation)"
-    assert label(cuda, 960, 540, flow="lr") == "RAFT compiled"  # RAFT at LR: a small pyramid
-    assert label(cuda, 320, 180, raft_corr="lean") == "RAFT eager (lean correlation)"
-    assert label(cuda, 320, 180, compile_flow=False) == "" and label(cpu, 320, 180) == ""
-    assert label(cpu, 320, 180, compile=False, compile_flow=True) == "RAFT compiled"
-
-
-def test_the_optimized_path_label_says_when_raft_runs_in_half_precision() -> None:
-    """The pipeline runs RAFT's networks in float16 from 1080p on CUDA for a float16 path (raft_dtype auto):
-    the row must say so, and say when --raft-dtype chose it; the float32 reference path never does."""
-    import torch
-
-    bench = _bench()
-    cuda, cpu, f16 = torch.device("cuda"), torch.device("cpu"), torch.float16
-
-    def label(device, dtype, w, h, flow="hr", raft_dtype=None) -> str:  # --flow, --raft-dtype
-        return bench.half_raft_label(raft_dtype, flow, dtype, device, w, h)
-
-    assert label(cuda, f16, 320, 180) == "" and label(cuda, f16, 480, 272) == "RAFT float16 (auto)"
-    assert label(cuda, f16, 480, 272, flow="lr") == ""  # RAFT at LR: 720p-sized work
-    assert label(cuda, torch.float32, 480, 272) == "" and label(cpu, f16, 480, 272) == ""
-    assert label(cuda, f16, 480, 272, raft_dtype="float32") == ""
-    assert label(cuda, f16, 320, 180, raft_dtype="fp16") == "RAFT float16"
-    assert label(cuda, f16, 480, 272, raft_dtype="auto") == "RAFT float16 (auto)"
-    assert bench.REFERENCE_OPTIONS["raft_dtype"] == "float32"
+    first = driver("a")
+    blob = os.urandom(2500)  # incompressible: three parts of 1000 bytes
+    (first.cache / "fxgraph").mkdir()
+    (first.cache / "fxgraph" / "entry").write_bytes(blob)
+    first.save_cache()
+    parts = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert parts == ["compile-cache.tar.gz.0", "compile-cache.tar.gz.1", "compile-cache.tar.gz.2"]
+    second = driver("b", cache_in=str(tmp_path / "a"))
+    assert second.preloaded and (second.cache / "fxgraph" / "entry").read_bytes() == blob
+    assert any("preloaded" in n for n in second.notes)
+    (second.cache / "big").write_bytes(os.urandom(5000))
+    second.save_cache()
+    assert not list((tmp_path / "b").glob("compile-cache*")) and any("not saved" in n for n in second.notes)
