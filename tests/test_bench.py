@@ -304,8 +304,9 @@ def test_the_compile_cache_goes_to_the_next_lease_in_parts(tmp_path: Path, monke
     monkeypatch.setattr(device_bench, "PART_BYTES", 1000)
 
     def driver(name: str, **kw: Any) -> Any:
-        args = argparse.Namespace(dry_run=True, dry_compile=False, device="cpu", budget_s=60.0, out=str(tmp_path / name),
-                                  scratch=str(tmp_path / f"scratch-{name}"), cache_in=None, save_cache=True)
+        args = argparse.Namespace(dry_run=True, dry_compile=False, device="cpu", budget_s=60.0,
+                                  out=str(tmp_path / name), scratch=str(tmp_path / f"scratch-{name}"), cache_in=None,
+                                  save_cache=True)
         for k, v in kw.items():
             setattr(args, k, v)
         return device_bench.Driver(args)
